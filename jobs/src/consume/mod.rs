@@ -1,0 +1,455 @@
+//! Kafka → lake, exactly once.
+//!
+//! - [`offsets`]: where each partition resumes, read from the lake's manifests.
+//! - [`writer`]: the open batch, buffered per partition, and its Parquet encoding.
+//! - [`commit`]: writing a batch's files and creating its manifest, safe against other writers.
+//! - this module: the poll loop and the rebalance handling that tie them to a Kafka consumer.
+//!
+//! The loop runs on its own thread around a `BaseConsumer`, because librdkafka calls the
+//! rebalance callback from inside `poll`, and the callback must read the lake (to tell Kafka
+//! where a newly assigned partition resumes) before the first message of that partition is
+//! fetched. Per message: parse it (a bad one becomes a dead letter), skip it if the lake already
+//! holds its offset, buffer it. A batch closes on `batch_rows`, on `batch_interval`, and on
+//! shutdown; closing commits it ([`commit::commit_batch`]) and then, for Kafka tools' sake only,
+//! commits the group offsets. On revocation a partition's buffered messages are dropped unwritten:
+//! its new owner resumes from the lake.
+
+pub mod commit;
+pub mod offsets;
+pub mod writer;
+
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use lensflow_core::{DeadLetter, RatingError, RatingEvent};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use serde::Serialize;
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+
+use self::offsets::LakeOffsets;
+use self::writer::Batch;
+use crate::kafka::KafkaOptions;
+use crate::lake::{Lake, StorageOptions};
+use crate::{JobError, Result};
+
+/// What to consume, and where to land it.
+#[derive(Debug, Clone)]
+pub struct ConsumeOptions {
+    /// Broker and client settings.
+    pub kafka: KafkaOptions,
+    /// Topic to read.
+    pub topic: String,
+    /// Consumer group; consumers in one group split the partitions.
+    pub group: String,
+    /// The lake: `file:///abs/path`, a local path, or `s3://bucket/prefix`.
+    pub lake: String,
+    /// Object-store settings for an `s3://` lake.
+    pub storage: StorageOptions,
+    /// A batch closes once it holds this many messages.
+    pub batch_rows: usize,
+    /// A batch closes once its first message is this old.
+    pub batch_interval: Duration,
+    /// Stop (after committing) when no message arrived for this long.
+    pub exit_when_idle: Option<Duration>,
+    /// Show a progress line.
+    pub progress: bool,
+}
+
+impl ConsumeOptions {
+    /// Options for landing `topic` into `lake` with every other setting at its default.
+    pub fn new(kafka: KafkaOptions, lake: impl Into<String>) -> Self {
+        ConsumeOptions {
+            kafka,
+            topic: "ratings".into(),
+            group: "lensflow-consumer".into(),
+            lake: lake.into(),
+            storage: StorageOptions::default(),
+            batch_rows: 100_000,
+            batch_interval: Duration::from_secs(30),
+            exit_when_idle: None,
+            progress: false,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |option, reason: &str| Err(JobError::Config { option, reason: reason.to_string() });
+        if self.batch_rows == 0 {
+            return bad("batch-rows", "must be at least 1");
+        }
+        if self.batch_interval.is_zero() {
+            return bad("batch-interval", "must be longer than zero");
+        }
+        if self.topic.is_empty() {
+            return bad("topic", "is empty");
+        }
+        if self.group.is_empty() {
+            return bad("group", "is empty");
+        }
+        Ok(())
+    }
+}
+
+/// What a consume run did.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ConsumeSummary {
+    /// This consumer's writer id (it appears in its file names and manifests).
+    pub writer: String,
+    /// Batches this consumer committed.
+    pub batches: u64,
+    /// Ratings this consumer landed.
+    pub rows: u64,
+    /// Messages this consumer dead-lettered.
+    pub dead_letters: u64,
+    /// Messages dropped unwritten because their partition was revoked or taken over.
+    pub dropped_on_rebalance: u64,
+    /// The newest batch number in the lake when the run ended.
+    pub last_batch: u64,
+    /// Wall time in seconds.
+    pub seconds: f64,
+    /// Ratings landed per second.
+    pub rows_per_sec: f64,
+}
+
+/// Lands `opts.topic` into the lake until `shutdown` fires (or it is idle for
+/// `exit_when_idle`), committing the open batch before it returns.
+pub async fn consume(opts: ConsumeOptions, shutdown: CancellationToken) -> Result<ConsumeSummary> {
+    opts.validate()?;
+    let lake = Lake::open(&opts.lake, &opts.storage)?;
+    // Read the lake before joining the group: a lake that cannot be read fails here, not
+    // halfway through a rebalance.
+    let mut offsets = LakeOffsets::new(&opts.topic);
+    offsets.refresh(&lake).await?;
+    tracing::info!(lake = lake.url(), batches = offsets.last_batch(), "lake opened");
+    let handle = Handle::current();
+    tokio::task::spawn_blocking(move || Ingest::start(opts, lake, offsets, handle)?.run(&shutdown))
+        .await
+        .map_err(|e| JobError::Internal(format!("consumer thread: {e}")))?
+}
+
+/// A change of assignment seen by the rebalance callback, for the loop to act on.
+#[derive(Debug)]
+enum Reassigned {
+    /// Partitions now ours, with the offset each resumes from (`None`: from the beginning).
+    Assigned(Vec<(i32, Option<i64>)>),
+    /// Partitions no longer ours.
+    Revoked(Vec<i32>),
+}
+
+/// State the rebalance callback and the loop share. Both run on the loop's thread (librdkafka
+/// calls back from inside `poll`), so the lock is never contended; it only satisfies `Sync`.
+struct Shared {
+    offsets: LakeOffsets,
+    events: Vec<Reassigned>,
+    fatal: Option<JobError>,
+}
+
+struct IngestContext {
+    lake: Lake,
+    handle: Handle,
+    shared: Arc<Mutex<Shared>>,
+}
+
+fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    // A panic elsewhere cannot leave `Shared` half-updated in a way that matters here.
+    shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl ClientContext for IngestContext {}
+
+impl ConsumerContext for IngestContext {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let partitions: Vec<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+        let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let mut shared = lock(&self.shared);
+                // Resume where the lake says, not where the group's committed offset says.
+                if let Err(e) = self.handle.block_on(shared.offsets.refresh(&self.lake)) {
+                    tracing::error!(error = %e, "cannot read the lake's offsets during a rebalance");
+                    shared.fatal.get_or_insert(e);
+                }
+                let mut assigned = Vec::new();
+                for (topic, p) in &partitions {
+                    let next = shared.offsets.next_offset(*p);
+                    let offset = next.map(Offset::Offset).unwrap_or(Offset::Beginning);
+                    if let Err(e) = tpl.set_partition_offset(topic, *p, offset) {
+                        shared.fatal.get_or_insert(JobError::kafka(format!("seek partition {p}"))(e));
+                    }
+                    assigned.push((*p, next));
+                }
+                tracing::info!(?assigned, "partitions assigned (partition, lake offset)");
+                shared.events.push(Reassigned::Assigned(assigned));
+                drop(shared);
+                if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let revoked: Vec<i32> = partitions.iter().map(|(_, p)| *p).collect();
+                tracing::info!(?revoked, "partitions revoked");
+                lock(&self.shared).events.push(Reassigned::Revoked(revoked));
+                if cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() }
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance failed");
+                lock(&self.shared).events.push(Reassigned::Revoked(partitions.iter().map(|(_, p)| *p).collect()));
+                consumer.unassign()
+            }
+        };
+        if let Err(e) = result {
+            lock(&self.shared).fatal.get_or_insert(JobError::kafka("apply a rebalance")(e));
+        }
+    }
+}
+
+/// One incoming message, judged, with nothing borrowed from the consumer.
+struct Incoming {
+    partition: i32,
+    offset: i64,
+    parsed: std::result::Result<RatingEvent, DeadLetter>,
+}
+
+impl Incoming {
+    fn judge(m: &BorrowedMessage<'_>) -> Incoming {
+        let (partition, offset) = (m.partition(), m.offset());
+        let payload = m.payload().unwrap_or_default();
+        let parsed = match m.payload() {
+            None => Err(RatingError::NotJson("empty message".into())),
+            Some(bytes) => RatingEvent::from_json(bytes),
+        }
+        .map_err(|reason| {
+            let (raw, raw_encoding) = match std::str::from_utf8(payload) {
+                Ok(text) => (text.to_string(), "utf8"),
+                Err(_) => (payload.iter().map(|b| format!("{b:02x}")).collect(), "hex"),
+            };
+            DeadLetter {
+                partition,
+                offset,
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                raw,
+                raw_encoding: raw_encoding.into(),
+                field: reason.field().map(str::to_string),
+                reason: reason.to_string(),
+            }
+        });
+        Incoming { partition, offset, parsed }
+    }
+}
+
+struct Ingest {
+    opts: ConsumeOptions,
+    lake: Lake,
+    handle: Handle,
+    consumer: BaseConsumer<IngestContext>,
+    shared: Arc<Mutex<Shared>>,
+    writer: String,
+    batch: Batch,
+    /// Partitions we own, with the next offset we expect (`None`: whatever comes first).
+    expected: BTreeMap<i32, Option<i64>>,
+    summary: ConsumeSummary,
+    bar: indicatif::ProgressBar,
+}
+
+impl Ingest {
+    fn start(opts: ConsumeOptions, lake: Lake, offsets: LakeOffsets, handle: Handle) -> Result<Ingest> {
+        let shared = Arc::new(Mutex::new(Shared { offsets, events: Vec::new(), fatal: None }));
+        let context = IngestContext { lake: lake.clone(), handle: handle.clone(), shared: shared.clone() };
+        let consumer: BaseConsumer<IngestContext> = opts
+            .kafka
+            .client_config(&[
+                ("group.id", opts.group.as_str()),
+                ("enable.auto.commit", "false"),
+                ("enable.auto.offset.store", "false"),
+                ("auto.offset.reset", "earliest"),
+                // Eager assignment: every rebalance is a clean revoke-all then assign.
+                ("partition.assignment.strategy", "range,roundrobin"),
+                // A consumer killed without leaving is noticed in seconds, not the default 45.
+                ("session.timeout.ms", "6000"),
+                ("heartbeat.interval.ms", "1500"),
+            ])
+            .create_with_context(context)
+            .map_err(JobError::kafka("create consumer"))?;
+        consumer.subscribe(&[&opts.topic]).map_err(JobError::kafka(format!("subscribe to {}", opts.topic)))?;
+        let writer = format!("{:08x}", std::collections::hash_map::RandomState::new().build_hasher().finish() as u32);
+        let bar = if opts.progress {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        tracing::info!(writer, topic = opts.topic, group = opts.group, "consumer started");
+        let summary = ConsumeSummary { writer: writer.clone(), ..Default::default() };
+        Ok(Ingest { opts, lake, handle, consumer, shared, writer, batch: Batch::default(), expected: BTreeMap::new(), summary, bar })
+    }
+
+    fn run(mut self, shutdown: &CancellationToken) -> Result<ConsumeSummary> {
+        let start = Instant::now();
+        let mut last_activity = Instant::now();
+        while !shutdown.is_cancelled() {
+            let incoming = match self.consumer.poll(Duration::from_millis(100)) {
+                None => None,
+                Some(Ok(m)) => Some(Incoming::judge(&m)),
+                Some(Err(e)) => {
+                    self.on_kafka_error(e)?;
+                    None
+                }
+            };
+            if self.apply_reassignments()? {
+                last_activity = Instant::now();
+            }
+            if let Some(incoming) = incoming {
+                last_activity = Instant::now();
+                self.accept(incoming);
+            }
+            let full = self.batch.messages() >= self.opts.batch_rows;
+            let old = self.batch.opened_at().is_some_and(|t| t.elapsed() >= self.opts.batch_interval);
+            if full || old {
+                self.flush()?;
+            }
+            if self.opts.exit_when_idle.is_some_and(|idle| last_activity.elapsed() >= idle) {
+                tracing::info!("idle; stopping");
+                break;
+            }
+        }
+        // Ctrl-C or idle: what is buffered is committed before we leave the group.
+        self.flush()?;
+        self.consumer.unsubscribe();
+        self.bar.finish_and_clear();
+        self.summary.last_batch = lock(&self.shared).offsets.last_batch();
+        self.summary.seconds = start.elapsed().as_secs_f64();
+        self.summary.rows_per_sec = self.summary.rows as f64 / self.summary.seconds.max(1e-9);
+        Ok(self.summary)
+    }
+
+    fn on_kafka_error(&self, e: KafkaError) -> Result<()> {
+        if let Some((code, reason)) = self.consumer.client().fatal_error() {
+            return Err(JobError::Kafka { operation: format!("consume ({reason})"), source: KafkaError::MessageConsumption(code) });
+        }
+        // Transient: a broker restarting, a topic not created yet. librdkafka retries on its own.
+        tracing::warn!(error = %e, "kafka");
+        Ok(())
+    }
+
+    /// Acts on what the rebalance callback saw; returns whether anything changed.
+    fn apply_reassignments(&mut self) -> Result<bool> {
+        let (events, fatal) = {
+            let mut shared = lock(&self.shared);
+            (std::mem::take(&mut shared.events), shared.fatal.take())
+        };
+        if let Some(e) = fatal {
+            return Err(e);
+        }
+        let changed = !events.is_empty();
+        for event in events {
+            match event {
+                Reassigned::Revoked(partitions) => {
+                    for p in partitions {
+                        self.expected.remove(&p);
+                        let dropped = self.batch.drop_partition(p);
+                        if dropped > 0 {
+                            tracing::info!(partition = p, dropped, "revoked: dropping what was buffered, unwritten");
+                        }
+                        self.summary.dropped_on_rebalance += dropped as u64;
+                    }
+                }
+                Reassigned::Assigned(partitions) => {
+                    for (p, next) in partitions {
+                        // Anything still buffered for it predates the lake's newest offsets.
+                        self.summary.dropped_on_rebalance += self.batch.drop_partition(p) as u64;
+                        self.expected.insert(p, next);
+                    }
+                }
+            }
+        }
+        Ok(changed)
+    }
+
+    fn accept(&mut self, m: Incoming) {
+        let Some(expected) = self.expected.get_mut(&m.partition) else {
+            tracing::debug!(partition = m.partition, offset = m.offset, "message of a partition we do not own");
+            return;
+        };
+        if expected.is_some_and(|next| m.offset < next) {
+            // Already in the lake (a fetch from before the seek took effect).
+            return;
+        }
+        *expected = Some(m.offset + 1);
+        let buf = self.batch.partition(m.partition);
+        match m.parsed {
+            Ok(event) => buf.push_rating(m.offset, &event),
+            Err(dead) => {
+                tracing::warn!(partition = dead.partition, offset = dead.offset, reason = dead.reason, "dead letter");
+                buf.push_dead(dead)
+            }
+        }
+    }
+
+    /// Commits the open batch, retrying storage failures with backoff; the batch stays in
+    /// memory until it is committed, so a slow store delays ingest but loses nothing.
+    fn flush(&mut self) -> Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let mut delay = Duration::from_millis(500);
+        let outcome = loop {
+            let result = {
+                let mut shared = lock(&self.shared);
+                self.handle.block_on(commit::commit_batch(
+                    &self.lake,
+                    &mut shared.offsets,
+                    &self.batch,
+                    &self.opts.topic,
+                    &self.writer,
+                ))
+            };
+            match result {
+                Ok(outcome) => break outcome,
+                Err(e) if e.is_retryable() && delay < Duration::from_secs(30) => {
+                    tracing::warn!(error = %e, retry_in = ?delay, "batch commit failed; retrying");
+                    std::thread::sleep(delay);
+                    delay *= 2;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let batch = std::mem::take(&mut self.batch);
+        for p in &outcome.dropped {
+            self.summary.dropped_on_rebalance += batch.partitions.get(p).map(|b| b.rows() + b.dead.len()).unwrap_or(0) as u64;
+            // Still ours (a zombie moment)? Resume where the lake now says.
+            if self.expected.contains_key(p) {
+                let next = lock(&self.shared).offsets.next_offset(*p);
+                self.expected.insert(*p, next);
+                if let Some(next) = next
+                    && let Err(e) = self.consumer.seek(&self.opts.topic, *p, Offset::Offset(next), Duration::from_secs(10))
+                {
+                    tracing::warn!(partition = p, error = %e, "seek after losing a commit race failed");
+                }
+            }
+        }
+        let Some(manifest) = outcome.manifest else { return Ok(()) };
+        self.summary.batches += 1;
+        self.summary.rows += manifest.rows;
+        self.summary.dead_letters += manifest.dead_letter_count;
+        tracing::info!(batch = manifest.batch, rows = manifest.rows, dead_letters = manifest.dead_letter_count, "batch committed");
+        self.bar.set_message(format!("landed {} ratings in {} batches", self.summary.rows, self.summary.batches));
+        // Only so that Kafka tools show the lag: the lake is what a restart resumes from.
+        let mut tpl = TopicPartitionList::new();
+        for (p, range) in &manifest.partitions {
+            if self.expected.contains_key(p) {
+                let _ = tpl.add_partition_offset(&self.opts.topic, *p, Offset::Offset(range.next()));
+            }
+        }
+        if tpl.count() > 0
+            && let Err(e) = self.consumer.commit(&tpl, CommitMode::Async)
+        {
+            tracing::debug!(error = %e, "group offset commit failed (informational only)");
+        }
+        Ok(())
+    }
+}

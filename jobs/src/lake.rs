@@ -1,0 +1,259 @@
+//! The lake on an object store: open it from a URL, list and read manifests, commit a batch by
+//! creating its manifest, and read batch files back.
+//!
+//! `file:///abs/path` (or a plain local path) is a folder; `s3://bucket/prefix` is an S3 bucket
+//! configured by the `AWS_*` settings the caller passes in ([`StorageOptions`]), which is also
+//! how a MinIO-style endpoint over plain http is reached.
+
+use std::sync::Arc;
+
+use arrow_array::{Array, Float64Array, Int32Array, Int64Array, RecordBatch};
+use bytes::Bytes;
+use futures::TryStreamExt;
+use lensflow_core::lake::{columns, manifest_path, parse_manifest_path, BATCHES_DIR};
+use lensflow_core::{BatchFile, BatchManifest, RatingEvent};
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::prefix::PrefixStore;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use crate::{JobError, Result};
+
+/// Object-store settings as `(key, value)` pairs, e.g. the process's `AWS_*` variables
+/// (`AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, …).
+#[derive(Debug, Clone, Default)]
+pub struct StorageOptions(pub Vec<(String, String)>);
+
+/// A lake: an object store plus the URL it was opened from.
+#[derive(Debug, Clone)]
+pub struct Lake {
+    store: Arc<dyn ObjectStore>,
+    url: String,
+}
+
+/// One rating as stored in the lake, with where it came from in Kafka.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LakeRow {
+    /// The rating.
+    pub event: RatingEvent,
+    /// The Kafka partition it was read from.
+    pub partition: i32,
+    /// Its offset in that partition.
+    pub offset: i64,
+}
+
+impl Lake {
+    /// Opens the lake at `url`: `file:///abs/path`, a plain local path, or `s3://bucket/prefix`.
+    /// A local folder is created if it does not exist yet.
+    pub fn open(url: &str, storage: &StorageOptions) -> Result<Lake> {
+        let bad = |reason: String| JobError::Config { option: "lake", reason: format!("{url}: {reason}") };
+        let store: Arc<dyn ObjectStore> = if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(bad("no bucket name".into()));
+            }
+            let mut builder = AmazonS3Builder::new().with_bucket_name(bucket);
+            for (key, value) in &storage.0 {
+                // Unknown AWS_* variables (profiles, SDK switches) are not object-store settings.
+                if let Ok(key) = key.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() {
+                    builder = builder.with_config(key, value);
+                }
+            }
+            let s3 = builder.build().map_err(|e| bad(e.to_string()))?;
+            let prefix = prefix.trim_matches('/');
+            if prefix.is_empty() { Arc::new(s3) } else { Arc::new(PrefixStore::new(s3, prefix)) }
+        } else {
+            let dir = match url.strip_prefix("file://") {
+                Some(path) if path.starts_with('/') => std::path::PathBuf::from(path),
+                Some(_) => return Err(bad("a file:// URL needs an absolute path, e.g. file:///srv/lake".into())),
+                None if url.contains("://") => return Err(bad("only file:// and s3:// lakes are supported".into())),
+                None => std::path::PathBuf::from(url),
+            };
+            std::fs::create_dir_all(&dir).map_err(JobError::io(&dir))?;
+            Arc::new(LocalFileSystem::new_with_prefix(&dir).map_err(|e| bad(e.to_string()))?)
+        };
+        Ok(Lake { store, url: url.to_string() })
+    }
+
+    /// The URL this lake was opened from.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The object store behind the lake, rooted at the lake.
+    pub fn store(&self) -> Arc<dyn ObjectStore> {
+        self.store.clone()
+    }
+
+    /// Every committed batch, in batch order.
+    pub async fn manifests(&self) -> Result<Vec<BatchManifest>> {
+        self.manifests_after(0).await
+    }
+
+    /// The committed batches numbered above `after`, in order. Batch numbers are dense, so a
+    /// hole means someone removed a manifest: that is reported, never skipped over.
+    pub async fn manifests_after(&self, after: u64) -> Result<Vec<BatchManifest>> {
+        let prefix = Path::from(BATCHES_DIR);
+        let offset = Path::from(manifest_path(after));
+        let metas: Vec<_> = self
+            .store
+            .list_with_offset(Some(&prefix), &offset)
+            .try_collect()
+            .await
+            .map_err(JobError::store(BATCHES_DIR))?;
+        let mut numbered: Vec<(u64, Path)> = metas
+            .into_iter()
+            .filter_map(|m| parse_manifest_path(m.location.as_ref()).map(|n| (n, m.location)))
+            .filter(|(n, _)| *n > after)
+            .collect();
+        numbered.sort_by_key(|(n, _)| *n);
+        let mut manifests = Vec::with_capacity(numbered.len());
+        let mut expected = after + 1;
+        for (n, path) in numbered {
+            if n != expected {
+                return Err(JobError::LakeContent(format!(
+                    "batch {expected} is missing while batch {n} exists ({})",
+                    manifest_path(expected)
+                )));
+            }
+            let bytes = self.get(&path).await?;
+            manifests.push(BatchManifest::from_json(path.as_ref(), &bytes)?);
+            expected += 1;
+        }
+        Ok(manifests)
+    }
+
+    /// Writes an object, replacing any earlier one at the same path.
+    pub async fn put(&self, path: &str, bytes: Bytes) -> Result<()> {
+        self.store.put(&Path::from(path), PutPayload::from(bytes)).await.map_err(JobError::store(path))?;
+        Ok(())
+    }
+
+    /// Commits a batch by creating its manifest, only if no manifest with its number exists.
+    /// Returns `false` when another writer took the number first.
+    pub async fn try_commit(&self, manifest: &BatchManifest) -> Result<bool> {
+        let path = manifest_path(manifest.batch);
+        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+        match self.store.put_opts(&Path::from(path.as_str()), manifest.to_json().into(), opts).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) | Err(object_store::Error::Precondition { .. }) => Ok(false),
+            Err(e) => Err(JobError::store(path)(e)),
+        }
+    }
+
+    /// Removes an object; one already gone is fine.
+    pub async fn delete(&self, path: &str) -> Result<()> {
+        match self.store.delete(&Path::from(path)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(JobError::store(path)(e)),
+        }
+    }
+
+    /// Reads an object whole.
+    pub async fn get(&self, path: &Path) -> Result<Bytes> {
+        let result = self.store.get(path).await.map_err(JobError::store(path))?;
+        result.bytes().await.map_err(JobError::store(path))
+    }
+
+    /// Reads the ratings of one batch file, checking them against what its manifest says.
+    pub async fn read_batch_file(&self, file: &BatchFile) -> Result<Vec<LakeRow>> {
+        let bytes = self.get(&Path::from(file.path.as_str())).await?;
+        let bad = |reason: String| JobError::BatchFile { path: file.path.clone(), reason };
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .and_then(|b| b.build())
+            .map_err(|e| bad(e.to_string()))?;
+        let mut rows = Vec::with_capacity(file.rows as usize);
+        for batch in reader {
+            rows.extend(rows_of(&batch.map_err(|e| bad(e.to_string()))?).map_err(bad)?);
+        }
+        if rows.len() as u64 != file.rows {
+            return Err(bad(format!("holds {} rows, its manifest says {}", rows.len(), file.rows)));
+        }
+        Ok(rows)
+    }
+
+    /// Every rating of every committed batch, in batch order.
+    pub async fn read_all_rows(&self) -> Result<Vec<LakeRow>> {
+        let mut rows = Vec::new();
+        for manifest in self.manifests().await? {
+            for file in &manifest.files {
+                rows.extend(self.read_batch_file(file).await?);
+            }
+        }
+        Ok(rows)
+    }
+}
+
+fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T, String> {
+    batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<T>())
+        .ok_or_else(|| format!("column `{name}` is missing or has the wrong type"))
+}
+
+fn rows_of(batch: &RecordBatch) -> Result<Vec<LakeRow>, String> {
+    let user = column::<Int64Array>(batch, columns::USER_ID)?;
+    let movie = column::<Int64Array>(batch, columns::MOVIE_ID)?;
+    let rating = column::<Float64Array>(batch, columns::RATING)?;
+    let ts = column::<Int64Array>(batch, columns::TS)?;
+    let partition = column::<Int32Array>(batch, columns::KAFKA_PARTITION)?;
+    let offset = column::<Int64Array>(batch, columns::KAFKA_OFFSET)?;
+    (0..batch.num_rows())
+        .map(|i| {
+            let event = RatingEvent::new(user.value(i), movie.value(i), rating.value(i), ts.value(i))
+                .map_err(|e| format!("row {i}: {e}"))?;
+            Ok(LakeRow { event, partition: partition.value(i), offset: offset.value(i) })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use lensflow_core::lake::MANIFEST_FORMAT_VERSION;
+
+    use super::*;
+
+    fn manifest(batch: u64) -> BatchManifest {
+        BatchManifest {
+            format_version: MANIFEST_FORMAT_VERSION,
+            batch,
+            topic: "t".into(),
+            writer: "w".into(),
+            created_at_ms: 0,
+            partitions: BTreeMap::new(),
+            files: vec![],
+            dead_letters: vec![],
+            rows: 0,
+            dead_letter_count: 0,
+            min_ts: None,
+            max_ts: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_number_is_committed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::open(&format!("file://{}", dir.path().display()), &StorageOptions::default()).unwrap();
+        assert!(lake.try_commit(&manifest(1)).await.unwrap());
+        assert!(!lake.try_commit(&manifest(1)).await.unwrap(), "second create of batch 1 must lose");
+        assert!(lake.try_commit(&manifest(2)).await.unwrap());
+        let all = lake.manifests().await.unwrap();
+        assert_eq!(all.iter().map(|m| m.batch).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(lake.manifests_after(1).await.unwrap().len(), 1);
+        assert!(lake.try_commit(&manifest(4)).await.unwrap());
+        let err = lake.manifests().await.unwrap_err().to_string();
+        assert!(err.contains("batch 3 is missing"), "{err}");
+    }
+
+    #[test]
+    fn refuses_urls_it_cannot_serve() {
+        let opts = StorageOptions::default();
+        assert!(Lake::open("file://relative/path", &opts).unwrap_err().to_string().contains("absolute"));
+        assert!(Lake::open("gs://bucket/x", &opts).unwrap_err().to_string().contains("only file:// and s3://"));
+        assert!(Lake::open("s3:///x", &opts).unwrap_err().to_string().contains("bucket"));
+    }
+}

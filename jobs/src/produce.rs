@@ -1,0 +1,245 @@
+//! CSV → Kafka. Each good line becomes one JSON message keyed by its user id (so one user's
+//! ratings stay in order on one partition); bad lines go to the rejects file. Every message's
+//! delivery report is awaited: the run fails if any message was not acknowledged.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::DeliveryResult;
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::kafka::{KafkaOptions, ensure_topic};
+use crate::ratings_csv::{CsvLine, RatingsCsv, RejectsFile};
+use crate::{JobError, Result};
+
+/// How fast to send.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Pace {
+    /// As fast as the broker takes them.
+    #[default]
+    Unlimited,
+    /// A fixed number of messages per second.
+    Rate(f64),
+    /// Replay the file's own timeline, `x` times faster than real time.
+    Replay(f64),
+}
+
+/// What to produce, and where.
+#[derive(Debug, Clone)]
+pub struct ProduceOptions {
+    /// The ratings CSV.
+    pub input: PathBuf,
+    /// Broker and client settings.
+    pub kafka: KafkaOptions,
+    /// Topic to send to.
+    pub topic: String,
+    /// Partitions of the topic if it has to be created.
+    pub partitions: i32,
+    /// Replication factor of the topic if it has to be created.
+    pub replication: i32,
+    /// Sending pace.
+    pub pace: Pace,
+    /// Where rejected lines go; default `<input>.rejects.csv`.
+    pub rejects: Option<PathBuf>,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+impl ProduceOptions {
+    /// Options for `input` with every other setting at its default.
+    pub fn new(input: impl Into<PathBuf>, kafka: KafkaOptions) -> Self {
+        ProduceOptions {
+            input: input.into(),
+            kafka,
+            topic: "ratings".into(),
+            partitions: 3,
+            replication: 1,
+            pace: Pace::Unlimited,
+            rejects: None,
+            progress: false,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |option, reason: String| Err(JobError::Config { option, reason });
+        match self.pace {
+            Pace::Rate(r) if !(r.is_finite() && r > 0.0) => return bad("rate", format!("{r} is not a positive number")),
+            Pace::Replay(x) if !(x.is_finite() && x > 0.0) => {
+                return bad("replay-speed", format!("{x} is not a positive number"));
+            }
+            _ => {}
+        }
+        if self.topic.is_empty() {
+            return bad("topic", "is empty".into());
+        }
+        if !self.input.is_file() {
+            return bad("input", format!("{} is not a readable file", self.input.display()));
+        }
+        Ok(())
+    }
+}
+
+/// What a produce run did.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ProduceSummary {
+    /// Lines read, header and rejects included.
+    pub lines: u64,
+    /// Messages handed to the producer.
+    pub sent: u64,
+    /// Messages the broker acknowledged.
+    pub delivered: u64,
+    /// Messages that failed delivery.
+    pub failed: u64,
+    /// Lines rejected as malformed.
+    pub rejected: u64,
+    /// The rejects file, if any line was rejected.
+    pub rejects_file: Option<PathBuf>,
+    /// Whether the run was stopped early (Ctrl-C).
+    pub interrupted: bool,
+    /// Wall time in seconds.
+    pub seconds: f64,
+    /// Delivered messages per second.
+    pub messages_per_sec: f64,
+}
+
+/// Counts delivery reports and keeps the first failure with its CSV line.
+#[derive(Default)]
+struct DeliveryCounter {
+    delivered: AtomicU64,
+    failed: AtomicU64,
+    first_failure: Mutex<Option<String>>,
+}
+
+impl ClientContext for DeliveryCounter {}
+
+impl ProducerContext for DeliveryCounter {
+    /// The CSV line number, so a failure can be traced to its input.
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, line: usize) {
+        match result {
+            Ok(_) => {
+                self.delivered.fetch_add(1, Ordering::Relaxed);
+            }
+            Err((err, _)) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut first) = self.first_failure.lock() {
+                    first.get_or_insert_with(|| format!("line {line}: {err}"));
+                }
+            }
+        }
+    }
+}
+
+/// Sends the ratings of `opts.input` to Kafka; stops early (after flushing) when `shutdown` fires.
+pub async fn produce(opts: ProduceOptions, shutdown: CancellationToken) -> Result<ProduceSummary> {
+    opts.validate()?;
+    ensure_topic(&opts.kafka, &opts.topic, opts.partitions, opts.replication).await?;
+    tokio::task::spawn_blocking(move || produce_blocking(&opts, &shutdown))
+        .await
+        .map_err(|e| JobError::Internal(format!("producer thread: {e}")))?
+}
+
+fn produce_blocking(opts: &ProduceOptions, shutdown: &CancellationToken) -> Result<ProduceSummary> {
+    let start = Instant::now();
+    let producer: ThreadedProducer<DeliveryCounter> = opts
+        .kafka
+        .client_config(&[
+            // Idempotence: a retried send can never land twice in the topic.
+            ("enable.idempotence", "true"),
+            ("linger.ms", "5"),
+            ("batch.num.messages", "10000"),
+            ("queue.buffering.max.messages", "200000"),
+            ("message.timeout.ms", "120000"),
+        ])
+        .create_with_context(DeliveryCounter::default())
+        .map_err(JobError::kafka("create producer"))?;
+
+    let mut csv = RatingsCsv::open(&opts.input)?;
+    let total_bytes = std::fs::metadata(&opts.input).map(|m| m.len()).unwrap_or(0);
+    let mut rejects = RejectsFile::new(opts.rejects.clone().unwrap_or_else(|| RejectsFile::beside(&opts.input)));
+    let bar = if opts.progress { crate::progress_bar(total_bytes, "produce") } else { indicatif::ProgressBar::hidden() };
+    let (mut lines, mut sent) = (0u64, 0u64);
+    let mut first_ts: Option<i64> = None;
+    let mut interrupted = false;
+
+    while let Some(line) = csv.next_line()? {
+        lines += 1;
+        let (line_no, event) = match line {
+            CsvLine::Rating { line, event } => (line, event),
+            CsvLine::Reject(reject) => {
+                tracing::warn!(line = reject.line, reason = %reject.reason, "rejected CSV line");
+                rejects.write(&reject)?;
+                continue;
+            }
+        };
+        if shutdown.is_cancelled() {
+            interrupted = true;
+            break;
+        }
+        // Pacing: sleep until this message's slot on the chosen timeline.
+        let due = match opts.pace {
+            Pace::Unlimited => None,
+            Pace::Rate(r) => Some(Duration::from_secs_f64(sent as f64 / r)),
+            Pace::Replay(x) => {
+                let t0 = *first_ts.get_or_insert(event.timestamp);
+                Some(Duration::from_secs_f64((event.timestamp - t0).max(0) as f64 / x))
+            }
+        };
+        if let Some(wait) = due.and_then(|d| d.checked_sub(start.elapsed())) {
+            std::thread::sleep(wait.min(Duration::from_secs(1)));
+        }
+        let key = event.user_id.to_string();
+        let payload = event.to_json();
+        let mut record = BaseRecord::with_opaque_to(&opts.topic, line_no as usize).key(&key).payload(&payload);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                // The local queue is full: let deliveries drain, then try the same record again.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err((e, _)) => return Err(JobError::kafka(format!("send line {line_no}"))(e)),
+            }
+        }
+        sent += 1;
+        if sent % 4096 == 0 {
+            bar.set_position(csv.bytes_read());
+        }
+    }
+    bar.finish_and_clear();
+    // Wait for every delivery report; a broker that stops answering fails the run, not hangs it.
+    producer.flush(Duration::from_secs(300)).map_err(JobError::kafka("flush producer"))?;
+    let ctx = producer.context();
+    let delivered = ctx.delivered.load(Ordering::Relaxed);
+    let failed = ctx.failed.load(Ordering::Relaxed) + sent.saturating_sub(delivered + ctx.failed.load(Ordering::Relaxed));
+    let first_failure = ctx.first_failure.lock().ok().and_then(|f| f.clone());
+    let rejected = rejects.count();
+    let rejects_file = rejects.finish()?;
+    let seconds = start.elapsed().as_secs_f64();
+    if failed > 0 {
+        return Err(JobError::Undelivered {
+            failed,
+            sent,
+            first: first_failure.unwrap_or_else(|| "no delivery report before the flush timeout".into()),
+        });
+    }
+    Ok(ProduceSummary {
+        lines,
+        sent,
+        delivered,
+        failed,
+        rejected,
+        rejects_file,
+        interrupted,
+        seconds,
+        messages_per_sec: if seconds > 0.0 { delivered as f64 / seconds } else { 0.0 },
+    })
+}

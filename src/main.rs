@@ -1,0 +1,274 @@
+//! The one `lensflow` binary: parses the command line, sets up logging and Ctrl-C, and calls the
+//! library. Every flag also reads an environment variable (shown in `--help`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use lensflow_jobs::consume::{ConsumeOptions, ConsumeSummary, consume};
+use lensflow_jobs::generate::{GenerateOptions, generate};
+use lensflow_jobs::kafka::KafkaOptions;
+use lensflow_jobs::lake::StorageOptions;
+use lensflow_jobs::produce::{Pace, ProduceOptions, ProduceSummary, produce};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "lensflow", version, about = "Ratings from Kafka into a Parquet lake, models trained on Ballista, served over REST")]
+struct Cli {
+    /// Log filter, e.g. `info`, `lensflow_jobs=debug`.
+    #[arg(long, global = true, env = "LENSFLOW_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a MovieLens-like ratings CSV (deterministic for a seed).
+    Generate(GenerateArgs),
+    /// Send a ratings CSV to Kafka, one JSON message per rating, keyed by user.
+    Produce(ProduceArgs),
+    /// Land ratings from Kafka in the Parquet lake, exactly once.
+    Consume(ConsumeArgs),
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Number of ratings.
+    #[arg(long, env = "LENSFLOW_RATINGS", default_value_t = 100_000)]
+    ratings: u64,
+    /// Random seed; the same seed gives the same file.
+    #[arg(long, env = "LENSFLOW_SEED", default_value_t = 42)]
+    seed: u64,
+    /// Output CSV file.
+    #[arg(long, env = "LENSFLOW_OUT")]
+    out: PathBuf,
+    /// Number of users [default: ratings / 150].
+    #[arg(long, env = "LENSFLOW_USERS")]
+    users: Option<u32>,
+    /// Number of movies [default: ratings / 11, at most 30,000].
+    #[arg(long, env = "LENSFLOW_MOVIES")]
+    movies: Option<u32>,
+}
+
+#[derive(Args, Clone)]
+struct KafkaArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "LENSFLOW_BROKERS", default_value = "127.0.0.1:9092")]
+    brokers: String,
+    /// Topic of the rating events.
+    #[arg(long, env = "LENSFLOW_TOPIC", default_value = "ratings")]
+    topic: String,
+    /// Extra librdkafka setting, KEY=VALUE (repeatable), e.g. `-X security.protocol=ssl`.
+    #[arg(short = 'X', long = "kafka-config", value_parser = parse_key_value, env = "LENSFLOW_KAFKA_CONFIG", value_delimiter = ';')]
+    kafka_config: Vec<(String, String)>,
+}
+
+impl KafkaArgs {
+    fn options(&self) -> KafkaOptions {
+        KafkaOptions { brokers: self.brokers.clone(), extra: self.kafka_config.clone() }
+    }
+}
+
+#[derive(Args)]
+struct ProduceArgs {
+    /// Ratings CSV with the header `userId,movieId,rating,timestamp`.
+    #[arg(long, env = "LENSFLOW_INPUT")]
+    input: PathBuf,
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    /// Partitions of the topic when it has to be created.
+    #[arg(long, env = "LENSFLOW_PARTITIONS", default_value_t = 3)]
+    partitions: i32,
+    /// Replication factor of the topic when it has to be created.
+    #[arg(long, env = "LENSFLOW_REPLICATION_FACTOR", default_value_t = 1)]
+    replication_factor: i32,
+    /// Send at most this many messages per second [default: as fast as the broker takes them].
+    #[arg(long, env = "LENSFLOW_RATE", conflicts_with = "replay_speed")]
+    rate: Option<f64>,
+    /// Replay the ratings' own timeline this many times faster than real time.
+    #[arg(long, env = "LENSFLOW_REPLAY_SPEED")]
+    replay_speed: Option<f64>,
+    /// Where rejected lines go [default: <input>.rejects.csv].
+    #[arg(long, env = "LENSFLOW_REJECTS")]
+    rejects: Option<PathBuf>,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ConsumeArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    /// Consumer group; consumers in one group split the partitions.
+    #[arg(long, env = "LENSFLOW_GROUP", default_value = "lensflow-consumer")]
+    group: String,
+    /// The lake: file:///abs/path, a local path, or s3://bucket/prefix (S3 settings from AWS_*).
+    #[arg(long, env = "LENSFLOW_LAKE", default_value = "data/lake")]
+    lake: String,
+    /// Close a batch once it holds this many messages.
+    #[arg(long, env = "LENSFLOW_BATCH_ROWS", default_value_t = 100_000)]
+    batch_rows: usize,
+    /// Close a batch once its first message is this old (e.g. 30s, 5m).
+    #[arg(long, env = "LENSFLOW_BATCH_INTERVAL", value_parser = humantime::parse_duration, default_value = "30s")]
+    batch_interval: Duration,
+    /// Commit and exit when no message arrived for this long (e.g. 10s).
+    #[arg(long, env = "LENSFLOW_EXIT_WHEN_IDLE", value_parser = humantime::parse_duration)]
+    exit_when_idle: Option<Duration>,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
+}
+
+/// The process's `AWS_*` variables: the standard way to configure S3 access and endpoints.
+fn storage_from_env() -> StorageOptions {
+    StorageOptions(std::env::vars().filter(|(k, _)| k.starts_with("AWS_")).collect())
+}
+
+/// A token cancelled by Ctrl-C or SIGTERM, so every command can finish what is durable first.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        #[cfg(unix)]
+        let term = async move {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term => {}
+        }
+        tracing::info!("shutting down: finishing what is in flight");
+        cancel.cancel();
+    });
+    token
+}
+
+fn is_terminal() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
+}
+
+fn print_produce(s: &ProduceSummary, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(s)?);
+    } else {
+        println!(
+            "produced {} of {} lines in {:.1}s ({:.0} msg/s); {} delivered, {} rejected{}{}",
+            s.sent,
+            s.lines,
+            s.seconds,
+            s.messages_per_sec,
+            s.delivered,
+            s.rejected,
+            s.rejects_file.as_ref().map(|p| format!(" (see {})", p.display())).unwrap_or_default(),
+            if s.interrupted { "; interrupted" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+fn print_consume(s: &ConsumeSummary, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(s)?);
+    } else {
+        println!(
+            "landed {} ratings in {} batches in {:.1}s ({:.0}/s); {} dead letters; {} dropped on rebalance; lake at batch {}",
+            s.rows, s.batches, s.seconds, s.rows_per_sec, s.dead_letters, s.dropped_on_rebalance, s.last_batch
+        );
+    }
+    Ok(())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let shutdown = shutdown_on_signal();
+    match cli.command {
+        Command::Generate(a) => {
+            let opts = GenerateOptions {
+                ratings: a.ratings,
+                seed: a.seed,
+                users: a.users,
+                movies: a.movies,
+                progress: is_terminal(),
+                ..Default::default()
+            };
+            let file = std::fs::File::create(&a.out).with_context(|| format!("create {}", a.out.display()))?;
+            let s = tokio::task::spawn_blocking(move || generate(&opts, file)).await??;
+            println!(
+                "wrote {} ratings by {} users of {} movies (mean {:.2}) to {}",
+                s.ratings,
+                s.users,
+                s.movies,
+                s.mean_rating,
+                a.out.display()
+            );
+        }
+        Command::Produce(a) => {
+            let mut opts = ProduceOptions::new(a.input, a.kafka.options());
+            opts.topic = a.kafka.topic.clone();
+            opts.partitions = a.partitions;
+            opts.replication = a.replication_factor;
+            opts.pace = match (a.rate, a.replay_speed) {
+                (Some(r), _) => Pace::Rate(r),
+                (None, Some(x)) => Pace::Replay(x),
+                (None, None) => Pace::Unlimited,
+            };
+            opts.rejects = a.rejects;
+            opts.progress = is_terminal();
+            let s = produce(opts, shutdown).await?;
+            print_produce(&s, a.json)?;
+            if s.interrupted {
+                return Ok(ExitCode::from(130));
+            }
+        }
+        Command::Consume(a) => {
+            let mut opts = ConsumeOptions::new(a.kafka.options(), a.lake);
+            opts.topic = a.kafka.topic.clone();
+            opts.group = a.group;
+            opts.storage = storage_from_env();
+            opts.batch_rows = a.batch_rows;
+            opts.batch_interval = a.batch_interval;
+            opts.exit_when_idle = a.exit_when_idle;
+            opts.progress = is_terminal();
+            let s = consume(opts, shutdown).await?;
+            print_consume(&s, a.json)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

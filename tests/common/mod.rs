@@ -1,0 +1,246 @@
+//! Helpers for the end-to-end tests: real services started as separate processes on loopback
+//! (a tansu Kafka broker on sqlite storage, a moto S3 server), the `lensflow` binary driven as a
+//! user drives it, and checks over what landed in the lake.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use lensflow_core::RatingEvent;
+use lensflow_jobs::lake::{Lake, LakeRow, StorageOptions};
+
+/// Tests that start brokers and move a million messages run one at a time on this 2-core
+/// machine, so that their timing-sensitive parts (session timeouts, kill points) stay meaningful.
+static HEAVY: Mutex<()> = Mutex::new(());
+
+/// Holds the heavy-test lock for the duration of a test.
+pub fn heavy() -> MutexGuard<'static, ()> {
+    HEAVY.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_for_port(port: u16, what: &str, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited before listening on {port}: {status}");
+        }
+        assert!(Instant::now() < deadline, "{what} did not listen on {port} within 60s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Finds a tool on PATH (or at the path in `env_var`), failing the test with how to install it:
+/// these tests exist to talk to real services, so a missing one is a failure, never a skip.
+fn tool(name: &str, env_var: &str, install: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(env_var) {
+        return PathBuf::from(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let home_cargo = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin"));
+    std::env::split_paths(&path)
+        .chain(home_cargo)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("`{name}` not found on PATH (or ${env_var}); install it with: {install} (bash .ci/run does)"))
+}
+
+/// A tansu Kafka-protocol broker on sqlite storage, killed when dropped.
+pub struct Broker {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        let bin = tool("tansu", "TANSU_BIN", "cargo install tansu --locked --features dynostore,libsql");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let log = std::fs::File::create(dir.path().join("broker.log")).unwrap();
+        let mut child = Command::new(bin)
+            .current_dir(dir.path())
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .env("RUST_LOG", "warn")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start tansu");
+        wait_for_port(port, "tansu", &mut child);
+        Broker { child, port, _dir: dir }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A moto S3 server with one bucket, killed when dropped.
+pub struct S3 {
+    child: Child,
+    pub port: u16,
+}
+
+impl S3 {
+    pub fn start(bucket: &str) -> S3 {
+        let bin = tool("moto_server", "MOTO_SERVER_BIN", "pip install 'moto[server]'");
+        let port = free_port();
+        let mut child = Command::new(bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto_server");
+        wait_for_port(port, "moto_server", &mut child);
+        let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(conn, "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "create bucket: {answer}");
+        S3 { child, port }
+    }
+
+    /// The `AWS_*` settings a client needs to reach this server.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", self.port)),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `lensflow` binary, as a user would run it.
+pub fn lensflow<I, S>(args: I) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lensflow"));
+    cmd.args(args).env("LENSFLOW_LOG", "warn");
+    cmd
+}
+
+/// Runs a command to completion, failing the test (with its output) unless it succeeds.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out: Output = cmd.output().expect("run lensflow");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{cmd:?} failed: {}\nstdout: {stdout}\nstderr: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+/// Waits for a spawned command to exit, killing it and failing the test after `limit`.
+pub fn wait_exit(child: &mut Child, limit: Duration, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what} did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Sends SIGINT (what Ctrl-C sends) to a child.
+pub fn interrupt(child: &Child) {
+    let ok = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success();
+    assert!(ok, "kill -INT failed");
+}
+
+/// Generates `n` ratings with the binary and returns the file.
+pub fn generate(dir: &Path, n: u64, seed: u64) -> PathBuf {
+    let out = dir.join(format!("gen-{n}-{seed}.csv"));
+    run_ok(lensflow(["generate", "--ratings", &n.to_string(), "--seed", &seed.to_string(), "--out"]).arg(&out));
+    out
+}
+
+/// The real MovieLens file shipped beside the repository (never inside it).
+pub fn ratings_small() -> PathBuf {
+    let path = std::env::var("LENSFLOW_RATINGS_SMALL").map(PathBuf::from).unwrap_or_else(|_| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/ratings_small.csv")
+    });
+    assert!(path.is_file(), "{} not found (set LENSFLOW_RATINGS_SMALL)", path.display());
+    path
+}
+
+/// The valid ratings of a CSV file, in file order.
+pub fn csv_ratings(path: &Path) -> Vec<RatingEvent> {
+    let mut reader = csv::ReaderBuilder::new().flexible(true).from_path(path).unwrap();
+    reader
+        .byte_records()
+        .filter_map(|r| RatingEvent::from_csv_fields(r.unwrap().iter()).ok())
+        .collect()
+}
+
+/// Everything the lake's manifests commit, read back through the library's own reader.
+pub fn lake_rows(url: &str, storage: &[(String, String)]) -> Vec<LakeRow> {
+    let lake = Lake::open(url, &StorageOptions(storage.to_vec())).unwrap();
+    tokio::runtime::Runtime::new().unwrap().block_on(lake.read_all_rows()).unwrap()
+}
+
+/// Number of batches committed in the lake.
+pub fn lake_batches(url: &str, storage: &[(String, String)]) -> usize {
+    let lake = Lake::open(url, &StorageOptions(storage.to_vec())).unwrap();
+    tokio::runtime::Runtime::new().unwrap().block_on(lake.manifests()).unwrap().len()
+}
+
+fn sort_key(e: &RatingEvent) -> (i64, i64, i64, i64) {
+    (e.user_id, e.movie_id, e.timestamp, (e.rating * 2.0) as i64)
+}
+
+/// Asserts that the lake holds each expected rating exactly once: the same multiset of ratings,
+/// every (partition, offset) once, and per partition the offsets `0..n` without a hole.
+pub fn assert_exactly_once(rows: &[LakeRow], expected: &[RatingEvent]) {
+    let mut seen = HashSet::new();
+    let dupes: Vec<_> = rows.iter().filter(|r| !seen.insert((r.partition, r.offset))).take(5).collect();
+    assert!(dupes.is_empty(), "duplicated (partition, offset): {dupes:?}");
+    let mut per_partition: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
+    for r in rows {
+        per_partition.entry(r.partition).or_default().push(r.offset);
+    }
+    for (p, offsets) in &mut per_partition {
+        offsets.sort_unstable();
+        let holes = offsets.iter().enumerate().find(|(i, o)| **o != *i as i64);
+        assert!(holes.is_none(), "partition {p}: offset {:?} is missing", holes.map(|(i, _)| i));
+    }
+    assert_eq!(rows.len(), expected.len(), "lake holds {} ratings, expected {}", rows.len(), expected.len());
+    let mut got: Vec<_> = rows.iter().map(|r| sort_key(&r.event)).collect();
+    let mut want: Vec<_> = expected.iter().map(sort_key).collect();
+    got.sort_unstable();
+    want.sort_unstable();
+    let first_diff = got.iter().zip(&want).position(|(a, b)| a != b);
+    assert!(first_diff.is_none(), "lake content differs from the CSV at sorted row {first_diff:?}");
+}

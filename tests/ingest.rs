@@ -1,0 +1,234 @@
+//! End to end: CSV → a real Kafka-protocol broker (tansu) → the lake, with the `lensflow`
+//! binary as a user runs it. Exactly once through crashes, rebalances, bad input and S3.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use lensflow_core::{BatchManifest, DeadLetter};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+fn produce(broker: &Broker, topic: &str, input: &std::path::Path, partitions: u32) -> serde_json::Value {
+    let out = run_ok(
+        lensflow(["produce", "--brokers", &broker.addr(), "--topic", topic, "--partitions", &partitions.to_string(), "--json", "--input"])
+            .arg(input),
+    );
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("summary {out:?}: {e}"))
+}
+
+fn consumer(broker: &Broker, topic: &str, group: &str, lake: &str, extra: &[&str]) -> std::process::Command {
+    let mut cmd = lensflow(["consume", "--brokers", &broker.addr(), "--topic", topic, "--group", group, "--lake", lake, "--json"]);
+    cmd.args(extra);
+    cmd
+}
+
+fn lake_url(dir: &std::path::Path) -> String {
+    format!("file://{}", dir.join("lake").display())
+}
+
+#[test]
+fn ratings_small_round_trips_exactly() {
+    let _heavy = heavy();
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let input = ratings_small();
+    let summary = produce(&broker, "ratings", &input, 3);
+    assert_eq!(summary["delivered"], 100_004, "{summary}");
+    assert_eq!(summary["rejected"], 0);
+
+    let lake = lake_url(dir.path());
+    let out = run_ok(&mut consumer(&broker, "ratings", "g1", &lake, &["--batch-rows", "40000", "--exit-when-idle", "5s"]));
+    let consumed: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(consumed["rows"], 100_004, "{consumed}");
+
+    let rows = lake_rows(&lake, &[]);
+    assert_exactly_once(&rows, &csv_ratings(&input));
+    assert_eq!(lake_batches(&lake, &[]), 3, "40,000-message batches over 100,004 ratings");
+
+    // The group's committed offsets follow the manifests, so Kafka tools show no lag.
+    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+    for r in &rows {
+        let n = next.entry(r.partition).or_default();
+        *n = (*n).max(r.offset + 1);
+    }
+    let kafka: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker.addr())
+        .set("group.id", "g1")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in next.keys() {
+        tpl.add_partition("ratings", *p);
+    }
+    let committed = kafka.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    let committed: BTreeMap<i32, Offset> = committed.elements().iter().map(|e| (e.partition(), e.offset())).collect();
+    drop(kafka);
+    for (p, n) in next {
+        assert_eq!(committed[&p], Offset::Offset(n), "group offset of partition {p}");
+    }
+}
+
+#[test]
+fn kill_nine_at_any_point_loses_and_duplicates_nothing() {
+    let _heavy = heavy();
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let input = generate(dir.path(), 1_000_000, 7);
+    let summary = produce(&broker, "ratings", &input, 3);
+    assert_eq!(summary["delivered"], 1_000_000, "{summary}");
+    let lake = lake_url(dir.path());
+
+    // Kill points spread over batch writes and commits (small batches, so several land per run).
+    let args = ["--batch-rows", "30000", "--batch-interval", "2s"];
+    let mut landed_before_kill = vec![];
+    for (i, after_ms) in [4_000u64, 5_300, 6_100, 7_700, 6_900].into_iter().enumerate() {
+        let mut child = consumer(&broker, "ratings", "g-kill", &lake, &args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(after_ms));
+        child.kill().unwrap(); // SIGKILL: no flush, no goodbye to the group
+        child.wait().unwrap();
+        let batches = lake_batches(&lake, &[]);
+        landed_before_kill.push(batches);
+        eprintln!("kill {i}: {batches} batches committed so far");
+    }
+    let partial = lake_rows(&lake, &[]).len();
+    assert!(partial > 0 && partial < 1_000_000, "kills must land mid-stream, lake held {partial}");
+    assert!(landed_before_kill.windows(2).any(|w| w[1] > w[0]), "consumers made progress between kills: {landed_before_kill:?}");
+
+    run_ok(&mut consumer(&broker, "ratings", "g-kill", &lake, &["--batch-rows", "100000", "--exit-when-idle", "8s"]));
+    assert_exactly_once(&lake_rows(&lake, &[]), &csv_ratings(&input));
+}
+
+#[test]
+fn consumers_joining_and_leaving_split_the_work_exactly_once() {
+    let _heavy = heavy();
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let input = generate(dir.path(), 240_000, 11);
+    let lake = lake_url(dir.path());
+    // Production runs for ~20 s, so every change of membership happens mid-stream.
+    let mut producer = lensflow(["produce", "--brokers", &broker.addr(), "--topic", "ratings", "--partitions", "6", "--rate", "12000", "--input"])
+        .arg(&input)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let args = ["--batch-rows", "5000", "--batch-interval", "1s", "--exit-when-idle", "12s"];
+    let spawn = || -> Child { consumer(&broker, "ratings", "g-split", &lake, &args).stdout(Stdio::null()).spawn().unwrap() };
+    let mut a = spawn();
+    let mut b = spawn();
+    std::thread::sleep(Duration::from_secs(6));
+    let mut c = spawn();
+    std::thread::sleep(Duration::from_secs(6));
+    interrupt(&a); // A leaves cleanly: it commits what it holds, then leaves the group
+    assert!(wait_exit(&mut a, Duration::from_secs(60), "consumer a").success());
+    assert!(wait_exit(&mut producer, Duration::from_secs(120), "producer").success());
+    assert!(wait_exit(&mut b, Duration::from_secs(120), "consumer b").success());
+    assert!(wait_exit(&mut c, Duration::from_secs(120), "consumer c").success());
+
+    assert_exactly_once(&lake_rows(&lake, &[]), &csv_ratings(&input));
+    let writers: BTreeSet<String> = manifests(&lake).into_iter().map(|m| m.writer).collect();
+    assert_eq!(writers.len(), 3, "all three consumers committed batches: {writers:?}");
+}
+
+fn manifests(lake: &str) -> Vec<BatchManifest> {
+    let lake = lensflow_jobs::lake::Lake::open(lake, &Default::default()).unwrap();
+    tokio::runtime::Runtime::new().unwrap().block_on(lake.manifests()).unwrap()
+}
+
+#[test]
+fn malformed_lines_and_messages_are_reported_and_good_data_lands() {
+    let _heavy = heavy();
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("mixed.csv");
+    std::fs::write(
+        &input,
+        "userId,movieId,rating,timestamp\n\
+         1,31,2.5,1260759144\n\
+         1,1029,3.0\n\
+         1,abc,3.0,1260759179\n\
+         2,10,7.0,835355493\n\
+         2,17,5.0,835355681\n\
+         3,60,3.3,1298861675\n\
+         4,10,4.0,949810645\n",
+    )
+    .unwrap();
+    let summary = produce(&broker, "mixed", &input, 2);
+    assert_eq!((summary["delivered"].as_u64(), summary["rejected"].as_u64()), (Some(3), Some(4)), "{summary}");
+    let rejects = std::fs::read_to_string(dir.path().join("mixed.csv.rejects.csv")).unwrap();
+    for expected in [
+        "3,\"expected 4 columns",
+        "4,field `movieId`: expected an integer, found \"\"abc\"\"",
+        "5,field `rating`: 7 is out of range",
+        "7,field `rating`: 3.3 is out of range",
+    ] {
+        assert!(rejects.contains(expected), "rejects file lacks {expected:?}:\n{rejects}");
+    }
+
+    // Bad messages straight onto the topic, as a foreign producer might send them.
+    let producer: BaseProducer = ClientConfig::new().set("bootstrap.servers", broker.addr()).create().unwrap();
+    let bad: [(&str, &str); 5] = [
+        ("not json at all", "not a JSON object"),
+        (r#"{"movieId":1,"rating":4.0,"timestamp":1}"#, "missing field `userId`"),
+        (r#"{"userId":5,"movieId":[1],"rating":4.0,"timestamp":1}"#, "field `movieId`: expected an integer, found an array"),
+        (r#"{"userId":5,"movieId":1,"rating":0.0,"timestamp":1}"#, "field `rating`: 0 is out of range"),
+        (r#"{"userId":5,"movieId":2,"rating":4.5,"timestamp":-3}"#, "field `timestamp`: -3 is out of range"),
+    ];
+    for (payload, _) in &bad {
+        producer.send(BaseRecord::<str, str>::to("mixed").payload(*payload)).unwrap();
+    }
+    // The seed's own producer wrote every value as a string: that is a good rating.
+    let seed_format = r#"{"userId":"9","movieId":"99","rating":"4.5","timestamp":"1000"}"#;
+    producer.send(BaseRecord::to("mixed").key("9").payload(seed_format)).unwrap();
+    producer.flush(Duration::from_secs(30)).unwrap();
+    drop(producer);
+
+    let lake = lake_url(dir.path());
+    let out = run_ok(&mut consumer(&broker, "mixed", "g-bad", &lake, &["--exit-when-idle", "5s"]));
+    let consumed: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!((consumed["rows"].as_u64(), consumed["dead_letters"].as_u64()), (Some(4), Some(5)), "{consumed}");
+
+    let rows = lake_rows(&lake, &[]);
+    let mut users: Vec<i64> = rows.iter().map(|r| r.event.user_id).collect();
+    users.sort_unstable();
+    assert_eq!(users, vec![1, 2, 4, 9]);
+    let dead: Vec<DeadLetter> = std::fs::read_dir(dir.path().join("lake/_dead_letters"))
+        .unwrap()
+        .flat_map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap().lines().map(str::to_owned).collect::<Vec<_>>())
+        .map(|l| serde_json::from_str(&l).unwrap())
+        .collect();
+    assert_eq!(dead.len(), bad.len());
+    for (payload, reason) in bad {
+        let d = dead.iter().find(|d| d.raw == payload).unwrap_or_else(|| panic!("no dead letter for {payload}"));
+        assert!(d.reason.starts_with(reason), "{} should start with {reason}", d.reason);
+        assert!(!rows.iter().any(|r| (r.partition, r.offset) == (d.partition, d.offset)), "a dead letter's offset is not a rating");
+    }
+    let counted: u64 = manifests(&lake).iter().map(|m| m.dead_letter_count).sum();
+    assert_eq!(counted, 5);
+}
+
+#[test]
+fn s3_lake_on_a_real_s3_server() {
+    let _heavy = heavy();
+    let broker = Broker::start();
+    let s3 = S3::start("lake");
+    let dir = tempfile::tempdir().unwrap();
+    let input = generate(dir.path(), 50_000, 3);
+    produce(&broker, "ratings", &input, 3);
+    let lake = "s3://lake/movielens/v1";
+    let started = Instant::now();
+    run_ok(consumer(&broker, "ratings", "g-s3", lake, &["--batch-rows", "20000", "--exit-when-idle", "5s"]).envs(s3.env()));
+    eprintln!("s3 ingest took {:?}", started.elapsed());
+    assert_exactly_once(&lake_rows(lake, &s3.env()), &csv_ratings(&input));
+    assert_eq!(lake_batches(lake, &s3.env()), 3);
+
+    // The commit point's conditional create holds on S3 too: a second writer of batch 1 loses.
+    let store = lensflow_jobs::lake::Lake::open(lake, &lensflow_jobs::lake::StorageOptions(s3.env())).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let first = rt.block_on(store.manifests()).unwrap().remove(0);
+    assert!(!rt.block_on(store.try_commit(&first)).unwrap(), "batch 1 must not be committed twice");
+}
