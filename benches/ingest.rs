@@ -1,1 +1,97 @@
-fn main() {}
+//! Ingest benchmark: produce and consume throughput against a real broker (tansu on sqlite),
+//! Parquet bytes per rating, and peak memory of producer and consumer.
+//!
+//! `cargo bench --bench ingest` (1M generated ratings; `LENSFLOW_BENCH_RATINGS=10000000` for more).
+//! Prints a report; nothing here is asserted on time.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Runs a command while sampling its peak resident memory (VmHWM) from /proc.
+fn run_measured(cmd: &mut Command) -> (String, Duration, u64) {
+    let start = Instant::now();
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn");
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak_kb = 0u64;
+    loop {
+        if let Ok(status) = std::fs::read_to_string(&status_path)
+            && let Some(kb) = status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        {
+            peak_kb = peak_kb.max(kb);
+        }
+        if child.try_wait().expect("wait").is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("output");
+    assert!(out.status.success(), "{cmd:?} failed");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), start.elapsed(), peak_kb * 1024)
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn main() {
+    let n: u64 = std::env::var("LENSFLOW_BENCH_RATINGS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+
+    let started = Instant::now();
+    let input = generate(dir.path(), n, 42);
+    let gen_time = started.elapsed();
+    let csv_bytes = std::fs::metadata(&input).unwrap().len();
+
+    let (out, produce_time, produce_peak) = run_measured(
+        lensflow(["produce", "--brokers", &broker.addr(), "--topic", "bench", "--partitions", "3", "--json", "--input"]).arg(&input),
+    );
+    let produced: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(produced["delivered"].as_u64(), Some(n));
+
+    let lake = format!("file://{}", dir.path().join("lake").display());
+    let consume_start_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let (out, consume_time, consume_peak) = run_measured(&mut lensflow([
+        "consume", "--brokers", &broker.addr(), "--topic", "bench", "--group", "bench", "--lake", &lake,
+        "--batch-rows", "100000", "--exit-when-idle", "5s", "--json",
+    ]));
+    let consumed: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(consumed["rows"].as_u64(), Some(n));
+
+    let store = lensflow_jobs::lake::Lake::open(&lake, &Default::default()).unwrap();
+    let manifests = tokio::runtime::Runtime::new().unwrap().block_on(store.manifests()).unwrap();
+    let parquet_bytes: u64 = manifests.iter().flat_map(|m| &m.files).map(|f| f.bytes).sum();
+    let last_commit_ms = manifests.iter().map(|m| m.created_at_ms).max().unwrap_or(consume_start_ms);
+    let landing = Duration::from_millis((last_commit_ms - consume_start_ms).max(1) as u64);
+
+    println!("\n## lensflow ingest benchmark: {n} generated ratings, tansu 0.6 (sqlite) on 127.0.0.1\n");
+    println!("| stage | time | throughput | peak RSS |");
+    println!("|---|---|---|---|");
+    println!("| generate | {:.2} s | {:.0} ratings/s | – |", gen_time.as_secs_f64(), n as f64 / gen_time.as_secs_f64());
+    println!(
+        "| produce (to all delivery reports) | {:.2} s | {:.0} msg/s | {:.0} MiB |",
+        produce_time.as_secs_f64(),
+        n as f64 / produce_time.as_secs_f64(),
+        mib(produce_peak)
+    );
+    println!(
+        "| consume (start to last manifest, group join included) | {:.2} s | {:.0} msg/s | {:.0} MiB |",
+        landing.as_secs_f64(),
+        n as f64 / landing.as_secs_f64(),
+        mib(consume_peak)
+    );
+    println!("| consume (whole run, incl. 5 s idle exit) | {:.2} s | – | – |", consume_time.as_secs_f64());
+    println!();
+    println!(
+        "lake: {} batches, {:.1} MiB of Parquet = {:.2} bytes/rating (CSV: {:.2} bytes/rating)",
+        manifests.len(),
+        mib(parquet_bytes),
+        parquet_bytes as f64 / n as f64,
+        csv_bytes as f64 / n as f64
+    );
+}

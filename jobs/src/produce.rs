@@ -219,7 +219,9 @@ fn produce_blocking(opts: &ProduceOptions, shutdown: &CancellationToken) -> Resu
     producer.flush(Duration::from_secs(300)).map_err(JobError::kafka("flush producer"))?;
     let ctx = producer.context();
     let delivered = ctx.delivered.load(Ordering::Relaxed);
-    let failed = ctx.failed.load(Ordering::Relaxed) + sent.saturating_sub(delivered + ctx.failed.load(Ordering::Relaxed));
+    let reported_failed = ctx.failed.load(Ordering::Relaxed);
+    // A message with no report at all after the flush counts as failed too.
+    let failed = reported_failed + sent.saturating_sub(delivered + reported_failed);
     let first_failure = ctx.first_failure.lock().ok().and_then(|f| f.clone());
     let rejected = rejects.count();
     let rejects_file = rejects.finish()?;

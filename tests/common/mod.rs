@@ -101,15 +101,15 @@ pub struct S3 {
 
 impl S3 {
     pub fn start(bucket: &str) -> S3 {
-        let bin = tool("moto_server", "MOTO_SERVER_BIN", "pip install 'moto[server]'");
+        let python = tool("python3", "LENSFLOW_PYTHON", "your distribution's python3");
         let port = free_port();
-        let mut child = Command::new(bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        let mut child = Command::new(python)
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start moto_server");
-        wait_for_port(port, "moto_server", &mut child);
+        wait_for_port(port, "moto_server (pip install 'moto[server]')", &mut child);
         let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
         write!(conn, "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
         let mut answer = String::new();
