@@ -12,6 +12,9 @@ use lensflow_jobs::generate::{GenerateOptions, generate};
 use lensflow_jobs::kafka::KafkaOptions;
 use lensflow_jobs::lake::StorageOptions;
 use lensflow_jobs::produce::{Pace, ProduceOptions, ProduceSummary, produce};
+use lensflow_jobs::train::{RoundReport, TrainOptions, train};
+use lensflow_executor::ExecutorOptions;
+use lensflow_scheduler::SchedulerOptions;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -32,6 +35,69 @@ enum Command {
     Produce(ProduceArgs),
     /// Land ratings from Kafka in the Parquet lake, exactly once.
     Consume(ConsumeArgs),
+    /// Train the three models, one cumulative round per batch, on Ballista.
+    Train(TrainArgs),
+    /// Run a Ballista scheduler with lensflow's setup.
+    Scheduler(SchedulerArgs),
+    /// Run a Ballista executor with lensflow's setup.
+    Executor(ExecutorArgs),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The lake to read batches from (as for consume).
+    #[arg(long, env = "LENSFLOW_LAKE", default_value = "data/lake")]
+    lake: String,
+    /// The model store to write rounds to: a local path, file:///abs/path or s3://bucket/prefix.
+    #[arg(long, env = "LENSFLOW_MODELS", default_value = "data/models")]
+    models: String,
+    /// A Ballista scheduler, df://HOST:PORT [default: Ballista standalone in-process].
+    #[arg(long, env = "LENSFLOW_SCHEDULER")]
+    scheduler: Option<String>,
+    /// Print one JSON object per round instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Keep training as new batches land (until Ctrl-C).
+    #[arg(long, env = "LENSFLOW_WATCH")]
+    watch: bool,
+    /// Number of user segments.
+    #[arg(long, env = "LENSFLOW_SEGMENTS", default_value_t = 4)]
+    segments: usize,
+    /// Query partitions per stage.
+    #[arg(long, env = "LENSFLOW_TRAIN_PARTITIONS", default_value_t = 4)]
+    partitions: usize,
+}
+
+#[derive(Args)]
+struct SchedulerArgs {
+    /// Address to serve on.
+    #[arg(long, env = "LENSFLOW_SCHEDULER_BIND", default_value = "0.0.0.0:50050")]
+    bind: std::net::SocketAddr,
+    /// Host name executors and clients reach the scheduler by.
+    #[arg(long, env = "LENSFLOW_SCHEDULER_EXTERNAL_HOST", default_value = "localhost")]
+    external_host: String,
+}
+
+#[derive(Args)]
+struct ExecutorArgs {
+    /// The scheduler, HOST:PORT.
+    #[arg(long, env = "LENSFLOW_SCHEDULER_ADDR", default_value = "127.0.0.1:50050")]
+    scheduler: String,
+    /// Address of the executor's Flight service.
+    #[arg(long, env = "LENSFLOW_EXECUTOR_BIND", default_value = "0.0.0.0:50051")]
+    bind: std::net::SocketAddr,
+    /// Port of the executor's gRPC service.
+    #[arg(long, env = "LENSFLOW_EXECUTOR_GRPC_PORT", default_value_t = 50052)]
+    grpc_port: u16,
+    /// Host name others reach this executor by [default: its address as the scheduler sees it].
+    #[arg(long, env = "LENSFLOW_EXECUTOR_EXTERNAL_HOST")]
+    external_host: Option<String>,
+    /// Tasks run at once (0: one per core).
+    #[arg(long, env = "LENSFLOW_CONCURRENT_TASKS", default_value_t = 0)]
+    concurrent_tasks: usize,
+    /// Folder for shuffle files [default: a temporary folder].
+    #[arg(long, env = "LENSFLOW_EXECUTOR_WORK_DIR")]
+    work_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -200,6 +266,26 @@ fn print_consume(s: &ConsumeSummary, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn print_round(r: &RoundReport, json: bool) {
+    if json {
+        match serde_json::to_string(r) {
+            Ok(line) => println!("{line}"),
+            Err(e) => eprintln!("error: round {}: {e}", r.round),
+        }
+        return;
+    }
+    let m = &r.metrics;
+    println!("round {} (batches 1..={}): {} train / {} hold-out ratings -> {}", r.round, r.round, m.train_rows, m.test_rows, r.path);
+    println!("  {:<16} {:>8} {:>10}", "metric", "model", "baseline");
+    println!("  {:<16} {:>8.4} {:>10.4}", "RMSE", m.rmse, m.rmse_baseline);
+    println!("  {:<16} {:>8.4} {:>10}", "MAE", m.mae, "");
+    println!("  {:<16} {:>8.4} {:>10.4}", "AUC", m.auc, 0.5);
+    println!("  {:<16} {:>8.4} {:>10.4}", "accuracy", m.accuracy, m.accuracy_baseline);
+    println!("  {:<16} {:>8.4} {:>10}", "silhouette", m.silhouette, "");
+    let stages: Vec<String> = r.seconds.iter().map(|(k, v)| format!("{k} {v:.2}s")).collect();
+    println!("  time: {}", stages.join(", "));
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let shutdown = shutdown_on_signal();
     match cli.command {
@@ -252,6 +338,35 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             opts.progress = is_terminal();
             let s = consume(opts, shutdown).await?;
             print_consume(&s, a.json)?;
+        }
+        Command::Train(a) => {
+            let mut opts = TrainOptions::new(a.lake, a.models);
+            opts.storage = storage_from_env();
+            opts.scheduler = a.scheduler;
+            opts.watch = a.watch;
+            opts.segments = a.segments;
+            opts.partitions = a.partitions;
+            let json = a.json;
+            let rounds = train(opts, shutdown, |r| print_round(r, json)).await?;
+            if rounds == 0 && !json {
+                println!("no new batches: every batch already has its round");
+            }
+        }
+        Command::Scheduler(a) => {
+            let opts = SchedulerOptions { bind: a.bind, external_host: a.external_host };
+            lensflow_scheduler::run(opts, shutdown).await?;
+        }
+        Command::Executor(a) => {
+            let opts = ExecutorOptions {
+                scheduler: a.scheduler,
+                bind: a.bind,
+                grpc_port: a.grpc_port,
+                external_host: a.external_host,
+                concurrent_tasks: a.concurrent_tasks,
+                work_dir: a.work_dir,
+                ..Default::default()
+            };
+            lensflow_executor::run(opts, shutdown).await?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -3,6 +3,8 @@
 //!
 //! - [`rating`]: the rating event, from a CSV line or a Kafka JSON payload, validated once
 //!   here so the producer, the consumer and (later) the API agree on what a rating is.
+//! - [`model`]: the model artifact (models, scaling, metrics, lineage, checksums) and the
+//!   feature list with the one function that turns statistics into a feature row.
 //! - [`lake`]: the lake layout (where batch files, manifests and dead letters live and how they
 //!   are named), the Arrow schema of a batch file, and the batch manifest that commits a batch.
 //!
@@ -13,6 +15,7 @@
 //! manifest lists.
 
 pub mod lake;
+pub mod model;
 pub mod rating;
 
 pub use lake::{BatchFile, BatchManifest, DeadLetter, DeadLetterFile, LakeError, OffsetRange};

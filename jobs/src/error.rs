@@ -64,6 +64,22 @@ pub enum JobError {
         /// The first failure, with its CSV line.
         first: String,
     },
+    /// A query on the training engine failed.
+    #[error("training query `{what}`: {reason}")]
+    Engine {
+        /// Which step of the round.
+        what: String,
+        /// What DataFusion or Ballista said.
+        reason: String,
+    },
+    /// A round cannot be trained on this data (too little of it, a solver that did not converge).
+    #[error("round {round}: {reason}")]
+    Round {
+        /// The round number.
+        round: u64,
+        /// Why.
+        reason: String,
+    },
     /// A consumer background thread stopped unexpectedly.
     #[error("internal: {0}")]
     Internal(String),
@@ -73,7 +89,7 @@ impl JobError {
     /// Whether trying again later may succeed (storage or broker unavailable), as opposed to a
     /// problem with the input or the configuration.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, JobError::Store { .. } | JobError::Kafka { .. } | JobError::Undelivered { .. })
+        matches!(self, JobError::Store { .. } | JobError::Kafka { .. } | JobError::Undelivered { .. } | JobError::Engine { .. })
     }
 
     pub(crate) fn kafka(operation: impl Into<String>) -> impl FnOnce(KafkaError) -> JobError {

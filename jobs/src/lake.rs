@@ -26,7 +26,8 @@ use crate::{JobError, Result};
 #[derive(Debug, Clone, Default)]
 pub struct StorageOptions(pub Vec<(String, String)>);
 
-/// A lake: an object store plus the URL it was opened from.
+/// A lake: an object store plus the absolute URL of its root. The model store is opened the
+/// same way (it is just another folder or bucket prefix).
 #[derive(Debug, Clone)]
 pub struct Lake {
     store: Arc<dyn ObjectStore>,
@@ -72,14 +73,21 @@ impl Lake {
                 None => std::path::PathBuf::from(url),
             };
             std::fs::create_dir_all(&dir).map_err(JobError::io(&dir))?;
-            Arc::new(LocalFileSystem::new_with_prefix(&dir).map_err(|e| bad(e.to_string()))?)
+            let dir = std::fs::canonicalize(&dir).map_err(JobError::io(&dir))?;
+            let store = Arc::new(LocalFileSystem::new_with_prefix(&dir).map_err(|e| bad(e.to_string()))?);
+            return Ok(Lake { store, url: format!("file://{}", dir.display()) });
         };
-        Ok(Lake { store, url: url.to_string() })
+        Ok(Lake { store, url: url.trim_end_matches('/').to_string() })
     }
 
-    /// The URL this lake was opened from.
+    /// The lake's root as an absolute URL (`file:///abs/path` or `s3://bucket/prefix`).
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The absolute URL of an object in the lake, as a query engine on another machine needs it.
+    pub fn url_of(&self, path: &str) -> String {
+        format!("{}/{}", self.url, path.trim_start_matches('/'))
     }
 
     /// The object store behind the lake, rooted at the lake.

@@ -21,6 +21,7 @@ pub mod kafka;
 pub mod lake;
 pub mod produce;
 pub mod ratings_csv;
+pub mod train;
 
 pub use error::JobError;
 

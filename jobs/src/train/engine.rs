@@ -1,0 +1,117 @@
+//! The query engine a round runs on: Ballista standalone in-process, or a Ballista cluster.
+//! Both get the same session settings, so the same SQL gives the same tables.
+
+use std::sync::Arc;
+
+use arrow_array::{Array, Float64Array, Int64Array, RecordBatch};
+use arrow_schema::SchemaRef;
+use ballista::prelude::{SessionConfigExt, SessionContextExt};
+use ballista_core::object_store::{runtime_env_with_s3_support, session_config_with_s3_support};
+use datafusion::dataframe::DataFrameWriteOptions;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::execution::SessionStateBuilder;
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+use crate::{JobError, Result};
+
+/// A Ballista session, standalone or remote.
+pub struct Engine {
+    ctx: SessionContext,
+    /// `standalone` or the scheduler's URL.
+    pub mode: String,
+}
+
+fn config(partitions: usize) -> SessionConfig {
+    session_config_with_s3_support()
+        .with_ballista_job_name("lensflow-train")
+        // Adaptive replanning can hang when a replan cancels a running stage (ballista #2063).
+        .with_ballista_adaptive_query_planner(false)
+        .with_target_partitions(partitions.max(1))
+}
+
+fn engine_err(what: impl std::fmt::Display) -> impl FnOnce(datafusion::error::DataFusionError) -> JobError {
+    let what = what.to_string();
+    move |e| JobError::Engine { what, reason: e.to_string() }
+}
+
+impl Engine {
+    /// An in-process scheduler and executor.
+    pub async fn standalone(partitions: usize) -> Result<Engine> {
+        let config = config(partitions);
+        let runtime = runtime_env_with_s3_support(&config).map_err(engine_err("object stores"))?;
+        let state = SessionStateBuilder::new().with_config(config).with_runtime_env(runtime).with_default_features().build();
+        let ctx = SessionContext::standalone_with_state(state).await.map_err(engine_err("start Ballista standalone"))?;
+        Ok(Engine { ctx, mode: "standalone".into() })
+    }
+
+    /// A client of the scheduler at `url` (`df://host:port`).
+    pub async fn remote(url: &str, partitions: usize) -> Result<Engine> {
+        let config = config(partitions);
+        let runtime = runtime_env_with_s3_support(&config).map_err(engine_err("object stores"))?;
+        let state = SessionStateBuilder::new().with_config(config).with_runtime_env(runtime).with_default_features().build();
+        let ctx = SessionContext::remote_with_state(url, state).await.map_err(engine_err(format!("connect to {url}")))?;
+        Ok(Engine { ctx, mode: url.to_string() })
+    }
+
+    /// Registers `name` as the Parquet files at `urls` (explicit files or one folder ending in `/`).
+    pub async fn register_parquet(&self, name: &str, urls: &[String], schema: Option<SchemaRef>) -> Result<()> {
+        let paths = urls
+            .iter()
+            .map(|u| ListingTableUrl::parse(u).map_err(engine_err(format!("table {name} path {u}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let opts = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+        let mut cfg = ListingTableConfig::new_with_multi_paths(paths).with_listing_options(opts);
+        cfg = match schema {
+            Some(schema) => cfg.with_schema(schema),
+            None => cfg.infer_schema(&self.ctx.state()).await.map_err(engine_err(format!("schema of table {name}")))?,
+        };
+        let table = ListingTable::try_new(cfg).map_err(engine_err(format!("table {name}")))?;
+        self.ctx.deregister_table(name).map_err(engine_err(format!("table {name}")))?;
+        self.ctx.register_table(name, Arc::new(table)).map_err(engine_err(format!("table {name}")))?;
+        Ok(())
+    }
+
+    /// Runs one query and collects its result.
+    pub async fn query(&self, what: &str, sql: &str) -> Result<Vec<RecordBatch>> {
+        tracing::debug!(what, sql, "query");
+        let df = self.ctx.sql(sql).await.map_err(engine_err(what))?;
+        df.collect().await.map_err(engine_err(what))
+    }
+
+    /// Runs one query whose answer is a single row of numbers, returned as `f64`s in column order.
+    pub async fn query_row(&self, what: &str, sql: &str) -> Result<Vec<f64>> {
+        let batches = self.query(what, sql).await?;
+        let batch = batches.iter().find(|b| b.num_rows() > 0).ok_or_else(|| JobError::Engine {
+            what: what.to_string(),
+            reason: "no row returned".into(),
+        })?;
+        (0..batch.num_columns()).map(|i| number(batch, i, 0).ok_or_else(|| JobError::Engine {
+            what: what.to_string(),
+            reason: format!("column {} is not a number", batch.schema().field(i).name()),
+        })).collect()
+    }
+
+    /// Runs a query and writes its result as Parquet files under `url` (a folder).
+    pub async fn write_parquet(&self, what: &str, sql: &str, url: &str) -> Result<()> {
+        let df = self.ctx.sql(sql).await.map_err(engine_err(what))?;
+        df.write_parquet(url, DataFrameWriteOptions::new(), None).await.map_err(engine_err(what))?;
+        Ok(())
+    }
+}
+
+/// Column `col` of row `row` as `f64`, whatever numeric type it has; NULL reads as 0.
+pub fn number(batch: &RecordBatch, col: usize, row: usize) -> Option<f64> {
+    let array = batch.column(col);
+    if array.is_null(row) {
+        return Some(0.0);
+    }
+    if let Some(a) = array.as_any().downcast_ref::<Float64Array>() {
+        return Some(a.value(row));
+    }
+    if let Some(a) = array.as_any().downcast_ref::<Int64Array>() {
+        return Some(a.value(row) as f64);
+    }
+    let cast = datafusion::arrow::compute::cast(array, &arrow_schema::DataType::Float64).ok()?;
+    cast.as_any().downcast_ref::<Float64Array>().map(|a| a.value(row))
+}

@@ -1,0 +1,525 @@
+//! Training: one round per committed batch, cumulative (round N uses batches 1..N).
+//!
+//! - [`engine`]: the Ballista session (standalone in-process, or a cluster client).
+//! - [`solve`]: least squares and logistic regression as aggregate queries plus small solves.
+//! - [`segments`]: k-means user segments, described in words.
+//! - this module: a round from start to `LATEST`.
+//!
+//! A round: register the round's batch files as `ratings`; split off the newest 20% by timestamp
+//! as the hold-out; compute priors on the training rows; run `sql/features.sql` (point-in-time
+//! features) on the cluster and materialise it as Parquet in the model store's work folder;
+//! standardise; fit regression (one pass) and classification (one pass per Newton step);
+//! evaluate on the hold-out beside trivial baselines; segment users; build the lookup tables
+//! (`sql/side_stats.sql`); check the SQL's features against `lensflow_core::model::feature_row`;
+//! write the round folder, then `LATEST` last.
+
+pub mod engine;
+pub mod segments;
+pub mod solve;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow_array::{Float64Array, RecordBatch};
+use arrow_schema::{DataType, Field, Schema};
+use bytes::Bytes;
+use lensflow_core::lake::ratings_schema;
+use lensflow_core::model::{
+    self, feature_row, round_dir, sha256_hex, LatestPointer, Lineage, LinearModel, ModelArtifact, Priors, RoundMetrics,
+    Scaling, SideStats, ARTIFACT_FORMAT_VERSION, FEATURES, LATEST, MODEL_FILE, MOVIES_FILE, SHRINK, USERS_FILE,
+};
+use lensflow_core::{BatchManifest, OffsetRange};
+use object_store::ObjectStoreExt;
+use object_store::path::Path;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use self::engine::{number, Engine};
+use crate::lake::{Lake, StorageOptions};
+use crate::{JobError, Result};
+
+/// The feature SQL, shipped inside the binary so a deployed trainer needs no extra files.
+pub const FEATURES_SQL: &str = include_str!("../../sql/features.sql");
+/// The lookup-table SQL.
+pub const SIDE_STATS_SQL: &str = include_str!("../../sql/side_stats.sql");
+
+/// What to train, from where, to where.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// The lake to read batches from.
+    pub lake: String,
+    /// The model store to write rounds to.
+    pub models: String,
+    /// Object-store settings for `s3://` URLs.
+    pub storage: StorageOptions,
+    /// A Ballista scheduler (`df://host:port`); `None` runs Ballista standalone in-process.
+    pub scheduler: Option<String>,
+    /// Keep training as new batches land.
+    pub watch: bool,
+    /// How often `watch` looks for new batches.
+    pub poll_interval: Duration,
+    /// Share of the newest ratings held out.
+    pub holdout: f64,
+    /// Number of user segments.
+    pub segments: usize,
+    /// Query partitions.
+    pub partitions: usize,
+}
+
+impl TrainOptions {
+    /// Options with defaults for everything but the two locations.
+    pub fn new(lake: impl Into<String>, models: impl Into<String>) -> Self {
+        TrainOptions {
+            lake: lake.into(),
+            models: models.into(),
+            storage: StorageOptions::default(),
+            scheduler: None,
+            watch: false,
+            poll_interval: Duration::from_secs(5),
+            holdout: 0.2,
+            segments: 4,
+            partitions: 4,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |option, reason: String| Err(JobError::Config { option, reason });
+        if !(self.holdout > 0.0 && self.holdout < 1.0) {
+            return bad("holdout", format!("{} is not between 0 and 1", self.holdout));
+        }
+        if !(2..=20).contains(&self.segments) {
+            return bad("segments", format!("{} is not between 2 and 20", self.segments));
+        }
+        Ok(())
+    }
+}
+
+/// What one round did, as printed per round (`--json` prints it as one object).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RoundReport {
+    /// Round number.
+    pub round: u64,
+    /// Batches used.
+    pub batches: Vec<u64>,
+    /// Hold-out metrics, flattened into the report.
+    #[serde(flatten)]
+    pub metrics: RoundMetrics,
+    /// Seconds per stage.
+    pub seconds: BTreeMap<String, f64>,
+    /// Where the round was written.
+    pub path: String,
+}
+
+/// Trains every batch that has no round yet, in order (and, with `watch`, keeps going until
+/// `shutdown`), calling `on_round` after each round is published.
+pub async fn train(opts: TrainOptions, shutdown: CancellationToken, mut on_round: impl FnMut(&RoundReport)) -> Result<u64> {
+    opts.validate()?;
+    let lake = Lake::open(&opts.lake, &opts.storage)?;
+    let store = Lake::open(&opts.models, &opts.storage)?;
+    let engine = match &opts.scheduler {
+        Some(url) => Engine::remote(url, opts.partitions).await?,
+        None => Engine::standalone(opts.partitions).await?,
+    };
+    tracing::info!(engine = engine.mode, lake = lake.url(), models = store.url(), "trainer ready");
+    let mut trained = 0;
+    loop {
+        let manifests = lake.manifests().await?;
+        let done = latest(&store).await?.map(|l| l.round).unwrap_or(0);
+        for round in (done + 1)..=(manifests.len() as u64) {
+            if shutdown.is_cancelled() {
+                return Ok(trained);
+            }
+            let report = train_round(&engine, &lake, &store, &manifests[..round as usize], &opts).await?;
+            on_round(&report);
+            trained += 1;
+        }
+        if !opts.watch {
+            return Ok(trained);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(trained),
+            _ = tokio::time::sleep(opts.poll_interval) => {}
+        }
+    }
+}
+
+/// The round `LATEST` points at, if any.
+pub async fn latest(store: &Lake) -> Result<Option<LatestPointer>> {
+    match store.get(&Path::from(LATEST)).await {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| JobError::LakeContent(format!("{}/{LATEST}: {e}", store.url()))),
+        Err(JobError::Store { source: object_store::Error::NotFound { .. }, .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn sql_with(template: &str, vars: &[(&str, String)]) -> String {
+    vars.iter().fold(template.to_string(), |sql, (k, v)| sql.replace(&format!("${{{k}}}"), v))
+}
+
+struct Stopwatch(BTreeMap<String, f64>, Instant);
+
+impl Stopwatch {
+    fn lap(&mut self, stage: &str) {
+        self.0.insert(stage.to_string(), self.1.elapsed().as_secs_f64());
+        self.1 = Instant::now();
+    }
+}
+
+async fn train_round(engine: &Engine, lake: &Lake, store: &Lake, manifests: &[BatchManifest], opts: &TrainOptions) -> Result<RoundReport> {
+    let round = manifests.len() as u64;
+    let fail = |reason: String| JobError::Round { round, reason };
+    let mut watch = Stopwatch(BTreeMap::new(), Instant::now());
+    let lineage = lineage(lake, manifests);
+    tracing::info!(round, rows = lineage.rows, "training round");
+
+    // Every file a manifest names must be there: a clear error naming the file beats a query
+    // that fails somewhere on an executor.
+    let mut urls = Vec::new();
+    for file in manifests.iter().flat_map(|m| &m.files) {
+        let head = lake.store().head(&Path::from(file.path.as_str())).await;
+        if let Err(e) = head {
+            return Err(JobError::BatchFile { path: lake.url_of(&file.path), reason: format!("named in a batch manifest but unreadable: {e}") });
+        }
+        urls.push(lake.url_of(&file.path));
+    }
+    if urls.is_empty() {
+        return Err(fail("the batches hold no ratings".into()));
+    }
+    engine.register_parquet("ratings", &urls, Some(ratings_schema())).await?;
+
+    // The hold-out: the newest `holdout` share by timestamp.
+    let n = engine.query_row("count ratings", "SELECT COUNT(*) FROM ratings").await?[0] as u64;
+    let offset = ((n as f64) * (1.0 - opts.holdout)).floor() as u64;
+    let cutoff = engine
+        .query_row("hold-out cutoff", &format!("SELECT ts FROM ratings ORDER BY ts LIMIT 1 OFFSET {offset}"))
+        .await?[0] as i64;
+    let train_filter = format!("ts < {cutoff}");
+    let test_filter = format!("ts >= {cutoff}");
+    let p = engine
+        .query_row(
+            "priors",
+            &format!(
+                "SELECT COUNT(*), AVG(rating), VAR_POP(rating), AVG(CASE WHEN rating >= 4.0 THEN 1.0 ELSE 0.0 END) FROM ratings WHERE {train_filter}"
+            ),
+        )
+        .await?;
+    if p[0] < 10.0 {
+        return Err(fail(format!("only {} ratings older than the hold-out cutoff {cutoff}", p[0])));
+    }
+    let priors = Priors { mean: p[1], var: p[2], liked: p[3] };
+    watch.lap("split");
+
+    // Features, materialised once: every later pass reads them instead of recomputing windows.
+    // A crashed earlier attempt may have left files there.
+    let work = format!("_work/{}", round_dir(round));
+    remove_prefix(store, &work).await?;
+    let features_sql = sql_with(
+        FEATURES_SQL,
+        &[
+            ("shrink", format!("{SHRINK:?}")),
+            ("prior_mean", format!("{:?}", priors.mean)),
+            ("prior_var", format!("{:?}", priors.var)),
+            ("prior_liked", format!("{:?}", priors.liked)),
+        ],
+    );
+    engine.write_parquet("feature SQL", &features_sql, &format!("{}/", store.url_of(&format!("{work}/features")))).await?;
+    engine.register_parquet("features", &[format!("{}/", store.url_of(&format!("{work}/features")))], None).await?;
+    check_feature_schema(engine).await?;
+    watch.lap("features");
+
+    let names: Vec<&str> = FEATURES.to_vec();
+    let d = names.len();
+    let mut stats_sql = vec!["COUNT(*)".to_string()];
+    for f in &names {
+        stats_sql.push(format!("AVG({f})"));
+        stats_sql.push(format!("STDDEV_POP({f})"));
+    }
+    let s = engine
+        .query_row("scaling", &format!("SELECT {} FROM features WHERE {train_filter}", stats_sql.join(", ")))
+        .await?;
+    let train_rows = s[0] as u64;
+    let scaling = Scaling {
+        mean: (0..d).map(|i| s[1 + 2 * i]).collect(),
+        scale: (0..d).map(|i| if s[2 + 2 * i] > 1e-12 { s[2 + 2 * i] } else { 1.0 }).collect(),
+    };
+
+    // Regression: one pass, the normal equations.
+    let row = engine.query_row("regression X'X", &solve::gram_sql(&names, &scaling, &train_filter, None, "1.0", "rating")).await?;
+    let (a, b) = solve::unpack_gram(d, &row);
+    let regression = solve::solve_spd(&a, &b, 0.0)
+        .map(|x| solve::model_of(&x))
+        .ok_or_else(|| fail(format!("regression normal equations are singular (diagonal {:?}, rhs {:?}, matrix has NaN: {})", a.diag().to_vec(), b.to_vec(), a.iter().any(|v| !v.is_finite()))))?;
+    watch.lap("regression");
+
+    // Classification: Newton steps, one pass each.
+    let logit = (priors.liked / (1.0 - priors.liked)).ln();
+    let mut classification = LinearModel { intercept: logit, coefficients: vec![0.0; d] };
+    let mut converged = false;
+    for step in 0..25 {
+        let score = solve::score_sql(&names, &scaling, &classification);
+        let prob = "(1.0 / (1.0 + EXP(-score)))";
+        let row = engine
+            .query_row(
+                "classification Newton step",
+                &solve::gram_sql(&names, &scaling, &train_filter, Some(&score), &format!("{prob} * (1.0 - {prob})"), &format!("(liked - {prob})")),
+            )
+            .await?;
+        let (h, g) = solve::unpack_gram(d, &row);
+        let delta = solve::solve_spd(&h, &g, 0.0).ok_or_else(|| fail("classification Hessian is singular".into()))?;
+        classification.intercept += delta[0];
+        for (c, dc) in classification.coefficients.iter_mut().zip(delta.iter().skip(1)) {
+            *c += dc;
+        }
+        let biggest = delta.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        tracing::debug!(step, biggest, "Newton step");
+        if biggest < 1e-9 {
+            converged = true;
+            break;
+        }
+    }
+    if !converged {
+        return Err(fail("logistic regression did not converge in 25 Newton steps (separable data?)".into()));
+    }
+    watch.lap("classification");
+
+    let mut metrics = evaluate(engine, &names, &scaling, &regression, &classification, &priors, &test_filter).await?;
+    metrics.train_rows = train_rows;
+    watch.lap("evaluate");
+
+    let (segmentation, silhouette) = segments::fit(engine, &train_filter, &priors, opts.segments).await.map_err(|e| match e {
+        JobError::Round { reason, .. } => fail(reason),
+        other => other,
+    })?;
+    metrics.silhouette = silhouette;
+    watch.lap("segments");
+
+    // Lookup tables over every rating of the round: the API's "now".
+    let users = side_table(engine, "user", "u_resid_one", "MAX").await?;
+    let movies = side_table(engine, "movie", "m_resid_one", "MIN").await?;
+    check_features_match(engine, &priors).await?;
+    watch.lap("lookup tables");
+
+    let dir = round_dir(round);
+    let mut checksums = BTreeMap::new();
+    for (name, bytes) in [(USERS_FILE, users), (MOVIES_FILE, movies)] {
+        checksums.insert(name.to_string(), sha256_hex(&bytes));
+        store.put(&format!("{dir}/{name}"), bytes).await?;
+    }
+    let artifact = ModelArtifact {
+        format_version: ARTIFACT_FORMAT_VERSION,
+        feature_fingerprint: model::feature_fingerprint(),
+        round,
+        created_at_ms: now_ms(),
+        features: names.iter().map(|s| s.to_string()).collect(),
+        priors,
+        scaling,
+        regression,
+        classification,
+        segmentation,
+        metrics: metrics.clone(),
+        lineage,
+        checksums,
+    };
+    let json = serde_json::to_vec_pretty(&artifact).map_err(|e| JobError::Internal(e.to_string()))?;
+    let pointer = LatestPointer { round, path: dir.clone(), model_sha256: sha256_hex(&json) };
+    store.put(&format!("{dir}/{MODEL_FILE}"), Bytes::from(json)).await?;
+    // LATEST last: a reader never sees half a round.
+    let pointer_json = serde_json::to_vec_pretty(&pointer).map_err(|e| JobError::Internal(e.to_string()))?;
+    store.put(LATEST, Bytes::from(pointer_json)).await?;
+    remove_prefix(store, &work).await?;
+    watch.lap("publish");
+    tracing::info!(round, rmse = metrics.rmse, auc = metrics.auc, "round published");
+    Ok(RoundReport { round, batches: manifests.iter().map(|m| m.batch).collect(), metrics, seconds: watch.0, path: store.url_of(&dir) })
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn lineage(lake: &Lake, manifests: &[BatchManifest]) -> Lineage {
+    let mut partitions: BTreeMap<i32, OffsetRange> = BTreeMap::new();
+    for m in manifests {
+        for (p, r) in &m.partitions {
+            let e = partitions.entry(*p).or_insert(*r);
+            e.first = e.first.min(r.first);
+            e.last = e.last.max(r.last);
+        }
+    }
+    Lineage {
+        batches: manifests.iter().map(|m| m.batch).collect(),
+        partitions,
+        rows: manifests.iter().map(|m| m.rows).sum(),
+        lake: lake.url().to_string(),
+    }
+}
+
+async fn remove_prefix(store: &Lake, prefix: &str) -> Result<()> {
+    use futures::TryStreamExt;
+    let objects: Vec<_> = store.store().list(Some(&Path::from(prefix))).try_collect().await.map_err(JobError::store(prefix))?;
+    for o in objects {
+        store.delete(o.location.as_ref()).await?;
+    }
+    Ok(())
+}
+
+/// The trainer refuses SQL whose output lacks a declared feature or gives it another type.
+async fn check_feature_schema(engine: &Engine) -> Result<()> {
+    let batches = engine.query("feature schema", "SELECT * FROM features LIMIT 1").await?;
+    let schema = batches.first().map(|b| b.schema()).ok_or_else(|| JobError::Engine {
+        what: "feature schema".into(),
+        reason: "the feature SQL returned no rows".into(),
+    })?;
+    for name in FEATURES {
+        match schema.field_with_name(name) {
+            Ok(f) if f.data_type() == &DataType::Float64 => {}
+            Ok(f) => return Err(JobError::Engine { what: "feature schema".into(), reason: format!("`{name}` is {}, not Float64", f.data_type()) }),
+            Err(_) => return Err(JobError::Engine { what: "feature schema".into(), reason: format!("`{name}` is missing from features.sql's output") }),
+        }
+    }
+    Ok(())
+}
+
+/// Recomputes a sample of rows' features with [`feature_row`] (what the API uses) from the
+/// statistics the SQL also returns, and fails the round if the two disagree.
+async fn check_features_match(engine: &Engine, priors: &Priors) -> Result<()> {
+    let cols = "u_n, u_sum, u_sumsq, u_liked_n, u_resid, u_ts, m_n, m_sum, m_sumsq, m_liked_n, m_resid, m_ts, CAST(ts AS DOUBLE) AS now_ts";
+    let sql = format!("SELECT {cols}, {} FROM features ORDER BY ts DESC, user_id, movie_id LIMIT 500", FEATURES.join(", "));
+    for batch in engine.query("feature drift check", &sql).await? {
+        for r in 0..batch.num_rows() {
+            let v: Vec<f64> = (0..batch.num_columns()).map(|c| number(&batch, c, r).unwrap_or(f64::NAN)).collect();
+            let side = |o: usize| SideStats { n: v[o], sum: v[o + 1], sumsq: v[o + 2], liked: v[o + 3], resid: v[o + 4], ts: v[o + 5] };
+            let expected = feature_row(&side(0), &side(6), priors, v[12]);
+            for (i, name) in FEATURES.iter().enumerate() {
+                let got = v[13 + i];
+                if (got - expected[i]).abs() > 1e-9 * (1.0 + expected[i].abs()) {
+                    return Err(JobError::Engine {
+                        what: "feature drift check".into(),
+                        reason: format!("features.sql gives {name} = {got}, lensflow_core::model::feature_row gives {}", expected[i]),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One side's lookup table, as Parquet bytes (`id, n, sum, sumsq, liked, resid, ts`).
+async fn side_table(engine: &Engine, side: &str, resid: &str, ts_agg: &str) -> Result<Bytes> {
+    let sql = sql_with(SIDE_STATS_SQL, &[("side", side.to_string()), ("resid", resid.to_string()), ("ts_agg", ts_agg.to_string())]);
+    let batches = engine.query(&format!("{side} lookup table"), &sql).await?;
+    let schema = Arc::new(Schema::new(
+        ["id", "n", "sum", "sumsq", "liked", "resid", "ts"].map(|c| Field::new(c, if c == "id" { DataType::Int64 } else { DataType::Float64 }, false)).to_vec(),
+    ));
+    let mut out = Vec::new();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(&mut out, schema.clone(), None).map_err(|e| JobError::Internal(e.to_string()))?;
+    for b in batches {
+        let cols: Vec<arrow_array::ArrayRef> = (0..7)
+            .map(|c| {
+                if c == 0 {
+                    let ids: Vec<i64> = (0..b.num_rows()).map(|r| number(&b, 0, r).unwrap_or(0.0) as i64).collect();
+                    Arc::new(arrow_array::Int64Array::from(ids)) as arrow_array::ArrayRef
+                } else {
+                    let v: Vec<f64> = (0..b.num_rows()).map(|r| number(&b, c, r).unwrap_or(0.0)).collect();
+                    Arc::new(Float64Array::from(v)) as arrow_array::ArrayRef
+                }
+            })
+            .collect();
+        let batch = RecordBatch::try_new(schema.clone(), cols).map_err(|e| JobError::Internal(e.to_string()))?;
+        writer.write(&batch).map_err(|e| JobError::Internal(e.to_string()))?;
+    }
+    writer.close().map_err(|e| JobError::Internal(e.to_string()))?;
+    Ok(Bytes::from(out))
+}
+
+/// Hold-out metrics, each beside its trivial baseline.
+async fn evaluate(
+    engine: &Engine,
+    names: &[&str],
+    scaling: &Scaling,
+    regression: &LinearModel,
+    classification: &LinearModel,
+    priors: &Priors,
+    test_filter: &str,
+) -> Result<RoundMetrics> {
+    let scored = format!(
+        "WITH s AS (SELECT rating, liked, {} AS lin, {} AS logit FROM features WHERE {test_filter}), \
+         p AS (SELECT rating, liked, LEAST(GREATEST(lin, 0.5), 5.0) AS pred, 1.0 / (1.0 + EXP(-logit)) AS prob FROM s)",
+        solve::score_sql(names, scaling, regression),
+        solve::score_sql(names, scaling, classification)
+    );
+    let m = engine
+        .query_row(
+            "evaluate",
+            &format!(
+                "{scored} SELECT COUNT(*), SUM((pred - rating) * (pred - rating)), SUM(ABS(pred - rating)), \
+                 SUM(({mean:?} - rating) * ({mean:?} - rating)), \
+                 SUM(CASE WHEN (CASE WHEN prob >= 0.5 THEN 1.0 ELSE 0.0 END) = liked THEN 1.0 ELSE 0.0 END), SUM(liked) FROM p",
+                mean = priors.mean
+            ),
+        )
+        .await?;
+    let test_rows = m[0];
+    if test_rows < 1.0 {
+        return Err(JobError::Engine { what: "evaluate".into(), reason: "the hold-out is empty".into() });
+    }
+    let bins = engine
+        .query("AUC histogram", &format!("{scored} SELECT CAST(FLOOR(prob * 100000) AS BIGINT) AS bin, SUM(liked), COUNT(*) FROM p GROUP BY CAST(FLOOR(prob * 100000) AS BIGINT)"))
+        .await?;
+    let mut hist: Vec<(i64, f64, f64)> = Vec::new();
+    for b in &bins {
+        for r in 0..b.num_rows() {
+            hist.push((number(b, 0, r).unwrap_or(0.0) as i64, number(b, 1, r).unwrap_or(0.0), number(b, 2, r).unwrap_or(0.0)));
+        }
+    }
+    let liked_share = m[5] / test_rows;
+    let majority_liked = priors.liked >= 0.5;
+    Ok(RoundMetrics {
+        train_rows: 0,
+        test_rows: test_rows as u64,
+        rmse: (m[1] / test_rows).sqrt(),
+        mae: m[2] / test_rows,
+        rmse_baseline: (m[3] / test_rows).sqrt(),
+        auc: auc_from_histogram(&mut hist),
+        accuracy: m[4] / test_rows,
+        accuracy_baseline: if majority_liked { liked_share } else { 1.0 - liked_share },
+        silhouette: 0.0,
+    })
+}
+
+/// ROC AUC from (score bin, positives, total) counts; ties within a bin count half.
+pub fn auc_from_histogram(hist: &mut [(i64, f64, f64)]) -> f64 {
+    hist.sort_by_key(|h| h.0);
+    let pos: f64 = hist.iter().map(|h| h.1).sum();
+    let neg: f64 = hist.iter().map(|h| h.2 - h.1).sum();
+    if pos == 0.0 || neg == 0.0 {
+        return 0.5;
+    }
+    let mut neg_below = 0.0;
+    let mut area = 0.0;
+    for &(_, p, total) in hist.iter() {
+        let n = total - p;
+        area += p * (neg_below + 0.5 * n);
+        neg_below += n;
+    }
+    area / (pos * neg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auc_of_perfect_random_and_reversed_scores() {
+        assert_eq!(auc_from_histogram(&mut [(0, 0.0, 5.0), (1, 5.0, 5.0)]), 1.0);
+        assert_eq!(auc_from_histogram(&mut [(0, 5.0, 10.0)]), 0.5);
+        assert_eq!(auc_from_histogram(&mut [(1, 0.0, 5.0), (0, 5.0, 5.0)]), 0.0);
+    }
+
+    #[test]
+    fn variables_are_substituted_spark_style() {
+        assert_eq!(sql_with("SELECT ${a} + ${b}", &[("a", "1".into()), ("b", "2.5".into())]), "SELECT 1 + 2.5");
+    }
+}

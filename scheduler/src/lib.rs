@@ -1,0 +1,76 @@
+//! Ballista's scheduler as lensflow runs it: `lensflow scheduler`.
+//!
+//! One module: [`SchedulerOptions`] (validated settings) → [`run`], which builds Ballista's
+//! `SchedulerConfig` with lensflow's session setup (S3 support from the standard `AWS_*`
+//! variables, so adaptive planning can list lake files) and serves until shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ballista_core::object_store::{session_config_with_s3_support, session_state_with_s3_support};
+use ballista_scheduler::cluster::BallistaCluster;
+use ballista_scheduler::config::SchedulerConfig;
+use ballista_scheduler::scheduler_process::start_server;
+use tokio_util::sync::CancellationToken;
+
+/// What can stop the scheduler.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    /// The settings cannot work.
+    #[error("invalid scheduler setting --{option}: {reason}")]
+    Config {
+        /// The flag.
+        option: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// Ballista failed to start or stopped with an error.
+    #[error("ballista scheduler on {bind}: {source}")]
+    Ballista {
+        /// The address it was serving on.
+        bind: SocketAddr,
+        /// What Ballista said.
+        source: ballista_core::error::BallistaError,
+    },
+}
+
+/// Settings of a scheduler process.
+#[derive(Debug, Clone)]
+pub struct SchedulerOptions {
+    /// Address to serve gRPC and the REST API on.
+    pub bind: SocketAddr,
+    /// Host name executors and clients reach it by (a compose service name, say).
+    pub external_host: String,
+}
+
+impl Default for SchedulerOptions {
+    fn default() -> Self {
+        SchedulerOptions { bind: SocketAddr::from(([0, 0, 0, 0], 50050)), external_host: "localhost".into() }
+    }
+}
+
+/// Runs the scheduler until `shutdown` fires.
+pub async fn run(opts: SchedulerOptions, shutdown: CancellationToken) -> Result<(), SchedulerError> {
+    if opts.external_host.is_empty() {
+        return Err(SchedulerError::Config { option: "external-host", reason: "is empty".into() });
+    }
+    let config = SchedulerConfig {
+        bind_host: opts.bind.ip().to_string(),
+        bind_port: opts.bind.port(),
+        external_host: opts.external_host.clone(),
+        override_config_producer: Some(Arc::new(session_config_with_s3_support)),
+        override_session_builder: Some(Arc::new(session_state_with_s3_support)),
+        ..Default::default()
+    };
+    let bind = opts.bind;
+    let err = |source| SchedulerError::Ballista { bind, source };
+    let cluster = BallistaCluster::new_from_config(&config).await.map_err(err)?;
+    tracing::info!(%bind, external_host = opts.external_host, "ballista scheduler starting");
+    tokio::select! {
+        result = start_server(cluster, bind, Arc::new(config)) => result.map_err(err),
+        _ = shutdown.cancelled() => {
+            tracing::info!("scheduler stopping");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! End to end: the lake from a real broker, trained by `lensflow train` on Ballista standalone
+//! and on a real cluster (a scheduler and two executors as separate processes).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use common::*;
+use lensflow_core::model::{LatestPointer, ModelArtifact, sha256_hex};
+
+/// ratings_small produced through a real broker and consumed into exactly three batches.
+fn ratings_small_lake(dir: &Path) -> String {
+    let broker = Broker::start();
+    let input = ratings_small();
+    run_ok(lensflow(["produce", "--brokers", &broker.addr(), "--topic", "ratings", "--partitions", "3", "--input"]).arg(&input));
+    let lake = format!("file://{}", dir.join("lake").display());
+    run_ok(&mut lensflow([
+        "consume", "--brokers", &broker.addr(), "--topic", "ratings", "--group", "train", "--lake", &lake,
+        "--batch-rows", "33335", "--exit-when-idle", "5s",
+    ]));
+    assert_eq!(lake_batches(&lake, &[]), 3);
+    lake
+}
+
+fn train_json(lake: &str, models: &Path, extra: &[&str]) -> Vec<serde_json::Value> {
+    let out = run_ok(lensflow(["train", "--lake", lake, "--json", "--models"]).arg(models).args(extra));
+    out.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"))).collect()
+}
+
+fn load_latest(models: &Path) -> (LatestPointer, ModelArtifact) {
+    let pointer: LatestPointer = serde_json::from_slice(&std::fs::read(models.join("LATEST")).unwrap()).unwrap();
+    let bytes = std::fs::read(models.join(&pointer.path).join("model.json")).unwrap();
+    assert_eq!(sha256_hex(&bytes), pointer.model_sha256, "LATEST's checksum matches the model it names");
+    let artifact: ModelArtifact = serde_json::from_slice(&bytes).unwrap();
+    for (file, sum) in &artifact.checksums {
+        assert_eq!(&sha256_hex(&std::fs::read(models.join(&pointer.path).join(file)).unwrap()), sum, "{file}");
+    }
+    (pointer, artifact)
+}
+
+fn close(a: f64, b: f64, tol: f64) -> bool {
+    (a - b).abs() <= tol * (1.0 + a.abs().max(b.abs()))
+}
+
+#[test]
+fn three_cumulative_rounds_on_ratings_small_beat_the_bar_and_match_on_a_cluster() {
+    let _heavy = heavy();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = ratings_small_lake(dir.path());
+    let models = dir.path().join("models");
+    let rounds = train_json(&lake, &models, &[]);
+    assert_eq!(rounds.len(), 3, "{rounds:?}");
+    for (i, r) in rounds.iter().enumerate() {
+        eprintln!("round {}: {r}", i + 1);
+        assert_eq!(r["round"], i as u64 + 1);
+        for key in ["train_rows", "test_rows", "rmse", "mae", "rmse_baseline", "auc", "accuracy", "accuracy_baseline", "silhouette"] {
+            assert!(r[key].is_number(), "round report lacks {key}: {r}");
+        }
+        assert!(r["rmse"].as_f64() < r["rmse_baseline"].as_f64(), "beats the global mean: {r}");
+        assert!(r["accuracy"].as_f64() > r["accuracy_baseline"].as_f64(), "beats the majority class: {r}");
+    }
+    let last = &rounds[2];
+    assert!(last["rmse"].as_f64().unwrap() <= 0.88, "round 3 RMSE {}", last["rmse"]);
+    assert!(last["auc"].as_f64().unwrap() >= 0.81, "round 3 AUC {}", last["auc"]);
+    assert_eq!(last["train_rows"].as_u64().unwrap() + last["test_rows"].as_u64().unwrap(), 100_004);
+
+    let (pointer, standalone) = load_latest(&models);
+    assert_eq!(pointer.round, 3);
+    assert_eq!(standalone.lineage.batches, vec![1, 2, 3]);
+    assert_eq!(standalone.lineage.rows, 100_004);
+    assert!(standalone.segmentation.segments.iter().all(|s| !s.description.is_empty() && s.size > 0));
+
+    // Nothing new to train: a second run publishes nothing and leaves LATEST alone.
+    assert!(train_json(&lake, &models, &[]).is_empty());
+
+    // The same lake on a real cluster gives the same models.
+    let cluster = Cluster::start(dir.path(), 2);
+    let cluster_models = dir.path().join("cluster-models");
+    let rounds = train_json(&lake, &cluster_models, &["--scheduler", &cluster.url()]);
+    assert_eq!(rounds.len(), 3);
+    let (_, remote) = load_latest(&cluster_models);
+    assert_eq!(remote.features, standalone.features);
+    for (a, b) in [(&remote.regression, &standalone.regression), (&remote.classification, &standalone.classification)] {
+        assert!(close(a.intercept, b.intercept, 1e-9));
+        for (x, y) in a.coefficients.iter().zip(&b.coefficients) {
+            assert!(close(*x, *y, 1e-9), "coefficients differ: {x} vs {y}");
+        }
+    }
+    assert!(close(remote.metrics.rmse, standalone.metrics.rmse, 1e-9));
+    assert!(close(remote.metrics.auc, standalone.metrics.auc, 1e-9));
+    let sizes = |a: &ModelArtifact| { let mut s: Vec<u64> = a.segmentation.segments.iter().map(|s| s.size).collect(); s.sort(); s };
+    assert_eq!(sizes(&remote), sizes(&standalone), "same segments up to relabelling");
+    assert_eq!(remote.checksums, standalone.checksums, "same lookup tables byte for byte");
+}
+
+#[test]
+fn a_missing_batch_file_is_named_and_latest_is_untouched() {
+    let _heavy = heavy();
+    let dir = tempfile::tempdir().unwrap();
+    let input = generate(dir.path(), 20_000, 9);
+    let broker = Broker::start();
+    run_ok(lensflow(["produce", "--brokers", &broker.addr(), "--topic", "r", "--input"]).arg(&input));
+    let lake = format!("file://{}", dir.path().join("lake").display());
+    run_ok(&mut lensflow(["consume", "--brokers", &broker.addr(), "--topic", "r", "--group", "g", "--lake", &lake, "--batch-rows", "12000", "--exit-when-idle", "5s"]));
+    let models = dir.path().join("models");
+    assert_eq!(train_json(&lake, &models, &[]).len(), 2);
+    // Round 3's batch loses a file.
+    run_ok(&mut lensflow(["produce", "--brokers", &broker.addr(), "--topic", "r", "--input"]).arg(&input));
+    run_ok(&mut lensflow(["consume", "--brokers", &broker.addr(), "--topic", "r", "--group", "g", "--lake", &lake, "--batch-rows", "50000", "--exit-when-idle", "5s"]));
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("lake/_batches/0000000003.json")).unwrap()).unwrap();
+    let victim = manifest["files"][0]["path"].as_str().unwrap().to_string();
+    std::fs::remove_file(dir.path().join("lake").join(&victim)).unwrap();
+    let out = lensflow(["train", "--lake", &lake, "--models"]).arg(&models).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains(&victim), "the error names the file: {stderr}");
+    assert_eq!(load_latest(&models).0.round, 2, "LATEST still points at the last complete round");
+}
+
+/// A scheduler and executors as separate `lensflow` processes on loopback.
+struct Cluster {
+    scheduler: Child,
+    executors: Vec<Child>,
+    port: u16,
+}
+
+impl Cluster {
+    fn start(dir: &Path, executors: usize) -> Cluster {
+        let port = free_port();
+        let log = |name: &str| std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+        let scheduler = lensflow(["scheduler", "--bind", &format!("127.0.0.1:{port}"), "--external-host", "127.0.0.1"])
+            .env("LENSFLOW_LOG", "info")
+            .stderr(log("scheduler"))
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_port(port);
+        let executors = (0..executors)
+            .map(|i| {
+                let (flight, grpc) = (free_port(), free_port());
+                lensflow(["executor", "--scheduler", &format!("127.0.0.1:{port}"), "--bind", &format!("127.0.0.1:{flight}")])
+                    .args(["--grpc-port", &grpc.to_string(), "--external-host", "127.0.0.1", "--concurrent-tasks", "2"])
+                    .env("LENSFLOW_LOG", "info")
+                    .stderr(log(&format!("executor-{i}")))
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let cluster = Cluster { scheduler, executors, port };
+        cluster.wait_ready(executors_len(&cluster));
+        cluster
+    }
+
+    fn url(&self) -> String {
+        format!("df://127.0.0.1:{}", self.port)
+    }
+
+    /// Waits until the scheduler's REST API lists every executor.
+    fn wait_ready(&self, n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let listed = http_get(self.port, "/api/executors").map(|b| b.matches("\"id\"").count()).unwrap_or(0);
+            if listed >= n {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "only {listed} of {n} executors registered");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn executors_len(c: &Cluster) -> usize {
+    c.executors.len()
+}
+
+fn wait_port(port: u16) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(conn, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    let mut body = String::new();
+    conn.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in self.executors.iter_mut().chain(std::iter::once(&mut self.scheduler)) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
