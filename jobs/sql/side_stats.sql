@@ -11,3 +11,4 @@ SELECT ${side}_id AS id,
   CAST(${ts_agg}(ts) AS DOUBLE) AS ts
 FROM features
 GROUP BY ${side}_id
+ORDER BY id

@@ -168,13 +168,28 @@ impl Stopwatch {
     }
 }
 
-async fn train_round(engine: &Engine, lake: &Lake, store: &Lake, manifests: &[BatchManifest], opts: &TrainOptions) -> Result<RoundReport> {
+/// A round's data, ready for fitting: `ratings` and `features` registered on the engine.
+pub struct Prepared {
+    /// The round number.
+    pub round: u64,
+    /// Shrinkage priors from the training rows.
+    pub priors: Priors,
+    /// Standardisation from the training rows.
+    pub scaling: Scaling,
+    /// SQL condition selecting the training rows.
+    pub train_filter: String,
+    /// SQL condition selecting the hold-out rows.
+    pub test_filter: String,
+    /// Training rows.
+    pub train_rows: u64,
+    /// The work folder (in the model store) holding the materialised features.
+    pub work: String,
+}
+
+/// Registers the round's ratings, splits off the hold-out, and materialises the features.
+pub async fn prepare_round(engine: &Engine, lake: &Lake, store: &Lake, manifests: &[BatchManifest], holdout: f64) -> Result<Prepared> {
     let round = manifests.len() as u64;
     let fail = |reason: String| JobError::Round { round, reason };
-    let mut watch = Stopwatch(BTreeMap::new(), Instant::now());
-    let lineage = lineage(lake, manifests);
-    tracing::info!(round, rows = lineage.rows, "training round");
-
     // Every file a manifest names must be there: a clear error naming the file beats a query
     // that fails somewhere on an executor.
     let mut urls = Vec::new();
@@ -192,7 +207,7 @@ async fn train_round(engine: &Engine, lake: &Lake, store: &Lake, manifests: &[Ba
 
     // The hold-out: the newest `holdout` share by timestamp.
     let n = engine.query_row("count ratings", "SELECT COUNT(*) FROM ratings").await?[0] as u64;
-    let offset = ((n as f64) * (1.0 - opts.holdout)).floor() as u64;
+    let offset = ((n as f64) * (1.0 - holdout)).floor() as u64;
     let cutoff = engine
         .query_row("hold-out cutoff", &format!("SELECT ts FROM ratings ORDER BY ts LIMIT 1 OFFSET {offset}"))
         .await?[0] as i64;
@@ -210,7 +225,6 @@ async fn train_round(engine: &Engine, lake: &Lake, store: &Lake, manifests: &[Ba
         return Err(fail(format!("only {} ratings older than the hold-out cutoff {cutoff}", p[0])));
     }
     let priors = Priors { mean: p[1], var: p[2], liked: p[3] };
-    watch.lap("split");
 
     // Features, materialised once: every later pass reads them instead of recomputing windows.
     // A crashed earlier attempt may have left files there.
@@ -225,81 +239,88 @@ async fn train_round(engine: &Engine, lake: &Lake, store: &Lake, manifests: &[Ba
             ("prior_liked", format!("{:?}", priors.liked)),
         ],
     );
-    engine.write_parquet("feature SQL", &features_sql, &format!("{}/", store.url_of(&format!("{work}/features")))).await?;
-    engine.register_parquet("features", &[format!("{}/", store.url_of(&format!("{work}/features")))], None).await?;
+    let features_url = format!("{}/", store.url_of(&format!("{work}/features")));
+    engine.write_parquet("feature SQL", &features_sql, &features_url).await?;
+    engine.register_parquet("features", &[features_url], None).await?;
     check_feature_schema(engine).await?;
-    watch.lap("features");
 
-    let names: Vec<&str> = FEATURES.to_vec();
-    let d = names.len();
+    let d = FEATURES.len();
     let mut stats_sql = vec!["COUNT(*)".to_string()];
-    for f in &names {
+    for f in FEATURES {
         stats_sql.push(format!("AVG({f})"));
         stats_sql.push(format!("STDDEV_POP({f})"));
     }
     let s = engine
         .query_row("scaling", &format!("SELECT {} FROM features WHERE {train_filter}", stats_sql.join(", ")))
         .await?;
-    let train_rows = s[0] as u64;
     let scaling = Scaling {
         mean: (0..d).map(|i| s[1 + 2 * i]).collect(),
         scale: (0..d).map(|i| if s[2 + 2 * i] > 1e-12 { s[2 + 2 * i] } else { 1.0 }).collect(),
     };
+    Ok(Prepared { round, priors, scaling, train_filter, test_filter, train_rows: s[0] as u64, work })
+}
 
-    // Regression: one pass, the normal equations.
-    let row = engine.query_row("regression X'X", &solve::gram_sql(&names, &scaling, &train_filter, None, "1.0", "rating")).await?;
-    let (a, b) = solve::unpack_gram(d, &row);
-    let regression = solve::solve_spd(&a, &b, 0.0)
+/// Least squares of the rating: one pass for X'X and X'y, then the normal equations.
+pub async fn fit_regression(engine: &Engine, prep: &Prepared) -> Result<LinearModel> {
+    let row = engine.query_row("regression X'X", &solve::gram_sql(&FEATURES, &prep.scaling, &prep.train_filter, None, "1.0", "rating")).await?;
+    let (a, b) = solve::unpack_gram(FEATURES.len(), &row);
+    solve::solve_spd(&a, &b, 0.0)
         .map(|x| solve::model_of(&x))
-        .ok_or_else(|| fail(format!("regression normal equations are singular (diagonal {:?}, rhs {:?}, matrix has NaN: {})", a.diag().to_vec(), b.to_vec(), a.iter().any(|v| !v.is_finite()))))?;
-    watch.lap("regression");
+        .ok_or_else(|| JobError::Round { round: prep.round, reason: "regression normal equations are singular".into() })
+}
 
-    // Classification: Newton steps, one pass each.
-    let logit = (priors.liked / (1.0 - priors.liked)).ln();
-    let mut classification = LinearModel { intercept: logit, coefficients: vec![0.0; d] };
-    let mut converged = false;
+/// Logistic regression of "liked": Newton (IRLS) steps, one pass each, until the step is tiny.
+pub async fn fit_classification(engine: &Engine, prep: &Prepared) -> Result<LinearModel> {
+    let fail = |reason: &str| JobError::Round { round: prep.round, reason: reason.to_string() };
+    let liked = prep.priors.liked.clamp(1e-6, 1.0 - 1e-6);
+    let mut model = LinearModel { intercept: (liked / (1.0 - liked)).ln(), coefficients: vec![0.0; FEATURES.len()] };
     for step in 0..25 {
-        let score = solve::score_sql(&names, &scaling, &classification);
+        let score = solve::score_sql(&FEATURES, &prep.scaling, &model);
         let prob = "(1.0 / (1.0 + EXP(-score)))";
-        let row = engine
-            .query_row(
-                "classification Newton step",
-                &solve::gram_sql(&names, &scaling, &train_filter, Some(&score), &format!("{prob} * (1.0 - {prob})"), &format!("(liked - {prob})")),
-            )
-            .await?;
-        let (h, g) = solve::unpack_gram(d, &row);
-        let delta = solve::solve_spd(&h, &g, 0.0).ok_or_else(|| fail("classification Hessian is singular".into()))?;
-        classification.intercept += delta[0];
-        for (c, dc) in classification.coefficients.iter_mut().zip(delta.iter().skip(1)) {
+        let sql = solve::gram_sql(&FEATURES, &prep.scaling, &prep.train_filter, Some(&score), &format!("{prob} * (1.0 - {prob})"), &format!("(liked - {prob})"));
+        let row = engine.query_row("classification Newton step", &sql).await?;
+        let (h, g) = solve::unpack_gram(FEATURES.len(), &row);
+        let delta = solve::solve_spd(&h, &g, 0.0).ok_or_else(|| fail("classification Hessian is singular"))?;
+        model.intercept += delta[0];
+        for (c, dc) in model.coefficients.iter_mut().zip(delta.iter().skip(1)) {
             *c += dc;
         }
         let biggest = delta.iter().fold(0.0f64, |m, v| m.max(v.abs()));
         tracing::debug!(step, biggest, "Newton step");
         if biggest < 1e-9 {
-            converged = true;
-            break;
+            return Ok(model);
         }
     }
-    if !converged {
-        return Err(fail("logistic regression did not converge in 25 Newton steps (separable data?)".into()));
-    }
+    Err(fail("logistic regression did not converge in 25 Newton steps (separable data?)"))
+}
+
+async fn train_round(engine: &Engine, lake: &Lake, store: &Lake, manifests: &[BatchManifest], opts: &TrainOptions) -> Result<RoundReport> {
+    let round = manifests.len() as u64;
+    let mut watch = Stopwatch(BTreeMap::new(), Instant::now());
+    let lineage = lineage(lake, manifests);
+    tracing::info!(round, rows = lineage.rows, "training round");
+    let prep = prepare_round(engine, lake, store, manifests, opts.holdout).await?;
+    watch.lap("features");
+    let regression = fit_regression(engine, &prep).await?;
+    watch.lap("regression");
+    let classification = fit_classification(engine, &prep).await?;
     watch.lap("classification");
-
-    let mut metrics = evaluate(engine, &names, &scaling, &regression, &classification, &priors, &test_filter).await?;
-    metrics.train_rows = train_rows;
+    let mut metrics = evaluate(engine, &prep, &regression, &classification).await?;
+    metrics.train_rows = prep.train_rows;
     watch.lap("evaluate");
-
-    let (segmentation, silhouette) = segments::fit(engine, &train_filter, &priors, opts.segments).await.map_err(|e| match e {
-        JobError::Round { reason, .. } => fail(reason),
-        other => other,
-    })?;
+    let (segmentation, silhouette) = segments::fit(engine, &prep.train_filter, &prep.priors, opts.segments)
+        .await
+        .map_err(|e| match e {
+            JobError::Round { reason, .. } => JobError::Round { round, reason },
+            other => other,
+        })?;
     metrics.silhouette = silhouette;
     watch.lap("segments");
 
     // Lookup tables over every rating of the round: the API's "now".
     let users = side_table(engine, "user", "u_resid_one", "MAX").await?;
     let movies = side_table(engine, "movie", "m_resid_one", "MIN").await?;
-    check_features_match(engine, &priors).await?;
+    check_features_match(engine, &prep.priors).await?;
     watch.lap("lookup tables");
 
     let dir = round_dir(round);
@@ -313,9 +334,9 @@ async fn train_round(engine: &Engine, lake: &Lake, store: &Lake, manifests: &[Ba
         feature_fingerprint: model::feature_fingerprint(),
         round,
         created_at_ms: now_ms(),
-        features: names.iter().map(|s| s.to_string()).collect(),
-        priors,
-        scaling,
+        features: FEATURES.iter().map(|s| s.to_string()).collect(),
+        priors: prep.priors,
+        scaling: prep.scaling.clone(),
         regression,
         classification,
         segmentation,
@@ -329,7 +350,7 @@ async fn train_round(engine: &Engine, lake: &Lake, store: &Lake, manifests: &[Ba
     // LATEST last: a reader never sees half a round.
     let pointer_json = serde_json::to_vec_pretty(&pointer).map_err(|e| JobError::Internal(e.to_string()))?;
     store.put(LATEST, Bytes::from(pointer_json)).await?;
-    remove_prefix(store, &work).await?;
+    remove_prefix(store, &prep.work).await?;
     watch.lap("publish");
     tracing::info!(round, rmse = metrics.rmse, auc = metrics.auc, "round published");
     Ok(RoundReport { round, batches: manifests.iter().map(|m| m.batch).collect(), metrics, seconds: watch.0, path: store.url_of(&dir) })
@@ -435,15 +456,8 @@ async fn side_table(engine: &Engine, side: &str, resid: &str, ts_agg: &str) -> R
 }
 
 /// Hold-out metrics, each beside its trivial baseline.
-async fn evaluate(
-    engine: &Engine,
-    names: &[&str],
-    scaling: &Scaling,
-    regression: &LinearModel,
-    classification: &LinearModel,
-    priors: &Priors,
-    test_filter: &str,
-) -> Result<RoundMetrics> {
+async fn evaluate(engine: &Engine, prep: &Prepared, regression: &LinearModel, classification: &LinearModel) -> Result<RoundMetrics> {
+    let (names, scaling, priors, test_filter) = (&FEATURES, &prep.scaling, &prep.priors, &prep.test_filter);
     let scored = format!(
         "WITH s AS (SELECT rating, liked, {} AS lin, {} AS logit FROM features WHERE {test_filter}), \
          p AS (SELECT rating, liked, LEAST(GREATEST(lin, 0.5), 5.0) AS pred, 1.0 / (1.0 + EXP(-logit)) AS prob FROM s)",
@@ -516,6 +530,76 @@ mod tests {
         assert_eq!(auc_from_histogram(&mut [(0, 0.0, 5.0), (1, 5.0, 5.0)]), 1.0);
         assert_eq!(auc_from_histogram(&mut [(0, 5.0, 10.0)]), 0.5);
         assert_eq!(auc_from_histogram(&mut [(1, 0.0, 5.0), (0, 5.0, 5.0)]), 0.0);
+    }
+
+    /// Rows of `features` matching `filter`: standardised features, rating, liked.
+    async fn collect(engine: &Engine, prep: &Prepared, filter: &str) -> (ndarray::Array2<f64>, Vec<f64>, Vec<usize>) {
+        let sql = format!("SELECT rating, liked, {} FROM features WHERE {filter} ORDER BY ts, user_id, movie_id", FEATURES.join(", "));
+        let (mut z, mut rating, mut liked) = (Vec::new(), Vec::new(), Vec::new());
+        for b in engine.query("collect", &sql).await.unwrap() {
+            for r in 0..b.num_rows() {
+                let v: Vec<f64> = (0..b.num_columns()).map(|c| number(&b, c, r).unwrap()).collect();
+                rating.push(v[0]);
+                liked.push(v[1] as usize);
+                z.extend(prep.scaling.apply(&v[2..]));
+            }
+        }
+        (ndarray::Array2::from_shape_vec((rating.len(), FEATURES.len()), z).unwrap(), rating, liked)
+    }
+
+    fn exact_auc(scores: &[f64], liked: &[usize]) -> f64 {
+        let mut hist: Vec<(i64, f64, f64)> = scores.iter().zip(liked).map(|(s, l)| ((s * 1e12) as i64, *l as f64, 1.0)).collect();
+        auc_from_histogram(&mut hist)
+    }
+
+    /// The solvers' cluster-side statistics give what linfa fits on the same collected rows.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cluster_statistics_fit_what_linfa_fits_on_the_same_rows() {
+        use linfa::prelude::*;
+        use crate::consume::{commit::commit_batch, offsets::LakeOffsets, writer::Batch};
+
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::open(dir.path().join("lake").to_str().unwrap(), &StorageOptions::default()).unwrap();
+        let store = Lake::open(dir.path().join("models").to_str().unwrap(), &StorageOptions::default()).unwrap();
+        let mut csv = Vec::new();
+        let options = crate::generate::GenerateOptions { ratings: 8_000, seed: 3, ..Default::default() };
+        crate::generate::generate(&options, &mut csv).unwrap();
+        let mut batch = Batch::default();
+        for (i, line) in std::str::from_utf8(&csv).unwrap().lines().skip(1).enumerate() {
+            let fields: Vec<&[u8]> = line.split(',').map(str::as_bytes).collect();
+            batch.partition(0).push_rating(i as i64, &lensflow_core::RatingEvent::from_csv_fields(fields.into_iter()).unwrap());
+        }
+        commit_batch(&lake, &mut LakeOffsets::new("t"), &batch, "t", "w").await.unwrap();
+        let manifests = lake.manifests().await.unwrap();
+
+        let engine = Engine::standalone(2).await.unwrap();
+        let prep = prepare_round(&engine, &lake, &store, &manifests, 0.2).await.unwrap();
+        let regression = fit_regression(&engine, &prep).await.unwrap();
+        let classification = fit_classification(&engine, &prep).await.unwrap();
+
+        let (z, rating, liked) = collect(&engine, &prep, &prep.train_filter).await;
+        assert_eq!(z.nrows() as u64, prep.train_rows);
+        let ols = linfa_linear::LinearRegression::new().fit(&Dataset::new(z.clone(), ndarray::Array1::from(rating))).unwrap();
+        let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-3);
+        assert!(rel(regression.intercept, ols.intercept()) < 1e-6, "{} vs {}", regression.intercept, ols.intercept());
+        for (ours, theirs) in regression.coefficients.iter().zip(ols.params()) {
+            assert!(rel(*ours, *theirs) < 1e-6, "coefficient {ours} vs linfa {theirs}");
+        }
+
+        let logistic = linfa_logistic::LogisticRegression::default()
+            .alpha(0.0)
+            .max_iterations(1000)
+            .gradient_tolerance(1e-8)
+            .fit(&Dataset::new(z, ndarray::Array1::from(liked)))
+            .unwrap();
+        let (z_test, _, liked_test) = collect(&engine, &prep, &prep.test_filter).await;
+        let ours: Vec<f64> = z_test.rows().into_iter().map(|row| classification.score(row.as_slice().unwrap())).collect();
+        // linfa reports the probability of whichever label it made its "positive" class.
+        let flip = logistic.labels().pos.class == 0;
+        let theirs: Vec<f64> = logistic.predict_probabilities(&z_test).iter().map(|p| if flip { 1.0 - p } else { *p }).collect();
+        let (a, b) = (exact_auc(&ours, &liked_test), exact_auc(&theirs, &liked_test));
+        assert!((a - b).abs() < 0.005, "hold-out AUC {a} vs linfa {b}");
+        assert!(a > 0.6, "the classifier learned something: AUC {a}");
     }
 
     #[test]
