@@ -66,6 +66,9 @@ struct TrainArgs {
     /// Query partitions per stage.
     #[arg(long, env = "LENSFLOW_TRAIN_PARTITIONS", default_value_t = 4)]
     partitions: usize,
+    /// Fail a round whose single query runs longer than this (e.g. 10m).
+    #[arg(long, env = "LENSFLOW_QUERY_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10m")]
+    query_timeout: Duration,
 }
 
 #[derive(Args)]
@@ -76,6 +79,9 @@ struct SchedulerArgs {
     /// Host name executors and clients reach the scheduler by.
     #[arg(long, env = "LENSFLOW_SCHEDULER_EXTERNAL_HOST", default_value = "localhost")]
     external_host: String,
+    /// Seconds without a heartbeat before an executor counts as lost (its tasks rerun elsewhere).
+    #[arg(long, env = "LENSFLOW_EXECUTOR_TIMEOUT", default_value_t = 20)]
+    executor_timeout: u64,
 }
 
 #[derive(Args)]
@@ -346,6 +352,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             opts.watch = a.watch;
             opts.segments = a.segments;
             opts.partitions = a.partitions;
+            opts.query_timeout = a.query_timeout;
             let json = a.json;
             let rounds = train(opts, shutdown, |r| print_round(r, json)).await?;
             if rounds == 0 && !json {
@@ -353,7 +360,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Scheduler(a) => {
-            let opts = SchedulerOptions { bind: a.bind, external_host: a.external_host };
+            let opts = SchedulerOptions { bind: a.bind, external_host: a.external_host, executor_timeout_secs: a.executor_timeout };
             lensflow_scheduler::run(opts, shutdown).await?;
         }
         Command::Executor(a) => {

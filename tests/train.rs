@@ -143,6 +143,50 @@ fn a_missing_batch_file_is_named_and_latest_is_untouched() {
     assert!(!out.status.success());
     assert!(stderr.contains(&victim), "the error names the file: {stderr}");
     assert_eq!(load_latest(&models).0.round, 2, "LATEST still points at the last complete round");
+
+    // A file that is there but is not the Parquet its manifest promises.
+    std::fs::write(dir.path().join("lake").join(&victim), b"not parquet at all").unwrap();
+    let out = lensflow(["train", "--lake", &lake, "--models"]).arg(&models).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains(&victim) && stderr.contains("unreadable"), "the error names the file: {stderr}");
+    assert_eq!(load_latest(&models).0.round, 2);
+}
+
+#[test]
+fn an_executor_killed_mid_round_never_leaves_latest_on_a_partial_round() {
+    let _heavy = heavy();
+    let dir = tempfile::tempdir().unwrap();
+    let input = generate(dir.path(), 300_000, 21);
+    let broker = Broker::start();
+    run_ok(lensflow(["produce", "--brokers", &broker.addr(), "--topic", "r", "--input"]).arg(&input));
+    let lake = format!("file://{}", dir.path().join("lake").display());
+    run_ok(&mut lensflow(["consume", "--brokers", &broker.addr(), "--topic", "r", "--group", "g", "--lake", &lake, "--batch-rows", "300000", "--exit-when-idle", "5s"]));
+    let mut cluster = Cluster::start(dir.path(), 2);
+    let models = dir.path().join("models");
+    let mut train = lensflow(["train", "--lake", &lake, "--scheduler", &cluster.url(), "--query-timeout", "120s", "--json", "--models"])
+        .arg(&models)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(train.try_wait().unwrap().is_none(), "the round must still be running when the executor dies");
+    let victim = &mut cluster.executors[0];
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    let status = wait_exit(&mut train, Duration::from_secs(400), "trainer");
+    let out = train.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if status.success() {
+        eprintln!("the round survived the lost executor");
+        assert_eq!(load_latest(&models).0.round, 1);
+    } else {
+        eprintln!("the round failed: {stderr}");
+        assert!(stderr.contains("error: training query") || stderr.contains("error: round 1"), "a clear error: {stderr}");
+        assert!(!models.join("LATEST").exists(), "no round was published");
+        assert!(!models.join("round-000001/model.json").exists());
+    }
 }
 
 /// A scheduler and executors as separate `lensflow` processes on loopback.

@@ -88,6 +88,8 @@ pub async fn run(opts: ExecutorOptions, shutdown: CancellationToken) -> Result<(
         work_dir: opts.work_dir.as_ref().map(|p| p.display().to_string()),
         override_config_producer: Some(Arc::new(session_config_with_s3_support)),
         override_runtime_producer: Some(Arc::new(runtime_env_with_s3_support)),
+        // Frequent heartbeats let the scheduler notice a lost executor in seconds.
+        executor_heartbeat_interval_seconds: 5,
         ..Default::default()
     };
     tracing::info!(scheduler = opts.scheduler, bind = %opts.bind, "ballista executor starting");

@@ -41,11 +41,14 @@ pub struct SchedulerOptions {
     pub bind: SocketAddr,
     /// Host name executors and clients reach it by (a compose service name, say).
     pub external_host: String,
+    /// Seconds without a heartbeat after which an executor counts as lost and its tasks are
+    /// run elsewhere (Ballista's default of 180 s stalls a round for minutes).
+    pub executor_timeout_secs: u64,
 }
 
 impl Default for SchedulerOptions {
     fn default() -> Self {
-        SchedulerOptions { bind: SocketAddr::from(([0, 0, 0, 0], 50050)), external_host: "localhost".into() }
+        SchedulerOptions { bind: SocketAddr::from(([0, 0, 0, 0], 50050)), external_host: "localhost".into(), executor_timeout_secs: 20 }
     }
 }
 
@@ -54,12 +57,20 @@ pub async fn run(opts: SchedulerOptions, shutdown: CancellationToken) -> Result<
     if opts.external_host.is_empty() {
         return Err(SchedulerError::Config { option: "external-host", reason: "is empty".into() });
     }
+    if opts.executor_timeout_secs < 10 {
+        return Err(SchedulerError::Config {
+            option: "executor-timeout",
+            reason: format!("{}s is shorter than two executor heartbeats (5 s each)", opts.executor_timeout_secs),
+        });
+    }
     let config = SchedulerConfig {
         bind_host: opts.bind.ip().to_string(),
         bind_port: opts.bind.port(),
         external_host: opts.external_host.clone(),
         override_config_producer: Some(Arc::new(session_config_with_s3_support)),
         override_session_builder: Some(Arc::new(session_state_with_s3_support)),
+        executor_timeout_seconds: opts.executor_timeout_secs,
+        expire_dead_executor_interval_seconds: 5,
         ..Default::default()
     };
     let bind = opts.bind;

@@ -20,6 +20,7 @@ pub struct Engine {
     ctx: SessionContext,
     /// `standalone` or the scheduler's URL.
     pub mode: String,
+    timeout: std::time::Duration,
 }
 
 fn config(partitions: usize) -> SessionConfig {
@@ -35,14 +36,29 @@ fn engine_err(what: impl std::fmt::Display) -> impl FnOnce(datafusion::error::Da
     move |e| JobError::Engine { what, reason: e.to_string() }
 }
 
+const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 impl Engine {
+    /// Fails any single query that runs longer than `timeout` (a lost executor can otherwise
+    /// stall a job for as long as the scheduler takes to notice).
+    pub fn with_timeout(mut self, timeout: std::time::Duration) -> Engine {
+        self.timeout = timeout;
+        self
+    }
+
+    async fn bounded<T>(&self, what: &str, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        tokio::time::timeout(self.timeout, work).await.unwrap_or_else(|_| {
+            Err(JobError::Engine { what: what.to_string(), reason: format!("no answer within {:?}", self.timeout) })
+        })
+    }
+
     /// An in-process scheduler and executor.
     pub async fn standalone(partitions: usize) -> Result<Engine> {
         let config = config(partitions);
         let runtime = runtime_env_with_s3_support(&config).map_err(engine_err("object stores"))?;
         let state = SessionStateBuilder::new().with_config(config).with_runtime_env(runtime).with_default_features().build();
         let ctx = SessionContext::standalone_with_state(state).await.map_err(engine_err("start Ballista standalone"))?;
-        Ok(Engine { ctx, mode: "standalone".into() })
+        Ok(Engine { ctx, mode: "standalone".into(), timeout: DEFAULT_TIMEOUT })
     }
 
     /// A client of the scheduler at `url` (`df://host:port`).
@@ -51,7 +67,7 @@ impl Engine {
         let runtime = runtime_env_with_s3_support(&config).map_err(engine_err("object stores"))?;
         let state = SessionStateBuilder::new().with_config(config).with_runtime_env(runtime).with_default_features().build();
         let ctx = SessionContext::remote_with_state(url, state).await.map_err(engine_err(format!("connect to {url}")))?;
-        Ok(Engine { ctx, mode: url.to_string() })
+        Ok(Engine { ctx, mode: url.to_string(), timeout: DEFAULT_TIMEOUT })
     }
 
     /// Registers `name` as the Parquet files at `urls` (explicit files or one folder ending in `/`).
@@ -75,8 +91,11 @@ impl Engine {
     /// Runs one query and collects its result.
     pub async fn query(&self, what: &str, sql: &str) -> Result<Vec<RecordBatch>> {
         tracing::debug!(what, sql, "query");
-        let df = self.ctx.sql(sql).await.map_err(engine_err(what))?;
-        df.collect().await.map_err(engine_err(what))
+        self.bounded(what, async {
+            let df = self.ctx.sql(sql).await.map_err(engine_err(what))?;
+            df.collect().await.map_err(engine_err(what))
+        })
+        .await
     }
 
     /// Runs one query whose answer is a single row of numbers, returned as `f64`s in column order.
@@ -94,9 +113,12 @@ impl Engine {
 
     /// Runs a query and writes its result as Parquet files under `url` (a folder).
     pub async fn write_parquet(&self, what: &str, sql: &str, url: &str) -> Result<()> {
-        let df = self.ctx.sql(sql).await.map_err(engine_err(what))?;
-        df.write_parquet(url, DataFrameWriteOptions::new(), None).await.map_err(engine_err(what))?;
-        Ok(())
+        self.bounded(what, async {
+            let df = self.ctx.sql(sql).await.map_err(engine_err(what))?;
+            df.write_parquet(url, DataFrameWriteOptions::new(), None).await.map_err(engine_err(what))?;
+            Ok(())
+        })
+        .await
     }
 }
 

@@ -65,6 +65,8 @@ pub struct TrainOptions {
     pub segments: usize,
     /// Query partitions.
     pub partitions: usize,
+    /// Longest a single query may run before the round fails.
+    pub query_timeout: Duration,
 }
 
 impl TrainOptions {
@@ -80,6 +82,7 @@ impl TrainOptions {
             holdout: 0.2,
             segments: 4,
             partitions: 4,
+            query_timeout: Duration::from_secs(600),
         }
     }
 
@@ -120,7 +123,8 @@ pub async fn train(opts: TrainOptions, shutdown: CancellationToken, mut on_round
     let engine = match &opts.scheduler {
         Some(url) => Engine::remote(url, opts.partitions).await?,
         None => Engine::standalone(opts.partitions).await?,
-    };
+    }
+    .with_timeout(opts.query_timeout);
     tracing::info!(engine = engine.mode, lake = lake.url(), models = store.url(), "trainer ready");
     let mut trained = 0;
     loop {
@@ -193,11 +197,8 @@ pub async fn prepare_round(engine: &Engine, lake: &Lake, store: &Lake, manifests
     // Every file a manifest names must be there: a clear error naming the file beats a query
     // that fails somewhere on an executor.
     let mut urls = Vec::new();
-    for file in manifests.iter().flat_map(|m| &m.files) {
-        let head = lake.store().head(&Path::from(file.path.as_str())).await;
-        if let Err(e) = head {
-            return Err(JobError::BatchFile { path: lake.url_of(&file.path), reason: format!("named in a batch manifest but unreadable: {e}") });
-        }
+    for (m, file) in manifests.iter().flat_map(|m| m.files.iter().map(move |f| (m, f))) {
+        check_batch_file(lake, m.batch, file).await?;
         urls.push(lake.url_of(&file.path));
     }
     if urls.is_empty() {
@@ -258,6 +259,34 @@ pub async fn prepare_round(engine: &Engine, lake: &Lake, store: &Lake, manifests
         scale: (0..d).map(|i| if s[2 + 2 * i] > 1e-12 { s[2 + 2 * i] } else { 1.0 }).collect(),
     };
     Ok(Prepared { round, priors, scaling, train_filter, test_filter, train_rows: s[0] as u64, work })
+}
+
+/// Reads a batch file's Parquet footer: it must exist, be Parquet, and hold the rows its
+/// manifest says. Costs one small read per file and names the file when something is off.
+async fn check_batch_file(lake: &Lake, batch: u64, file: &lensflow_core::BatchFile) -> Result<()> {
+    let bad = |reason: String| JobError::BatchFile { path: lake.url_of(&file.path), reason: format!("named in batch {batch}'s manifest but {reason}") };
+    let path = Path::from(file.path.as_str());
+    let store = lake.store();
+    let size = store.head(&path).await.map_err(|e| bad(format!("unreadable: {e}")))?.size;
+    if size < 12 {
+        return Err(bad(format!("unreadable: {size} bytes is too short for Parquet")));
+    }
+    // A Parquet file ends in its footer's length and the magic `PAR1`.
+    let tail = store.get_range(&path, size - 8..size).await.map_err(|e| bad(format!("unreadable: {e}")))?;
+    if &tail[4..] != b"PAR1" {
+        return Err(bad("unreadable: not a Parquet file".into()));
+    }
+    let footer_len = u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]) as u64;
+    if footer_len + 12 > size {
+        return Err(bad("unreadable: its Parquet footer is cut off".into()));
+    }
+    let footer = store.get_range(&path, size - 8 - footer_len..size - 8).await.map_err(|e| bad(format!("unreadable: {e}")))?;
+    let metadata = parquet::file::metadata::ParquetMetaDataReader::decode_metadata(&footer).map_err(|e| bad(format!("unreadable: {e}")))?;
+    let rows = metadata.file_metadata().num_rows() as u64;
+    if rows != file.rows {
+        return Err(bad(format!("holds {rows} rows, not {}", file.rows)));
+    }
+    Ok(())
 }
 
 /// Least squares of the rating: one pass for X'X and X'y, then the normal equations.
