@@ -7,32 +7,9 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// Runs a command while sampling its peak resident memory (VmHWM) from /proc.
-fn run_measured(cmd: &mut Command) -> (String, Duration, u64) {
-    let start = Instant::now();
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn");
-    let status_path = format!("/proc/{}/status", child.id());
-    let mut peak_kb = 0u64;
-    loop {
-        if let Ok(status) = std::fs::read_to_string(&status_path)
-            && let Some(kb) = status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        {
-            peak_kb = peak_kb.max(kb);
-        }
-        if child.try_wait().expect("wait").is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().expect("output");
-    assert!(out.status.success(), "{cmd:?} failed");
-    (String::from_utf8_lossy(&out.stdout).into_owned(), start.elapsed(), peak_kb * 1024)
-}
 
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
@@ -48,18 +25,19 @@ fn main() {
     let gen_time = started.elapsed();
     let csv_bytes = std::fs::metadata(&input).unwrap().len();
 
-    let (out, produce_time, produce_peak) = run_measured(
+    let (out, produce_time, produce_peak, _) = run_measured(
         lensflow(["produce", "--brokers", &broker.addr(), "--topic", "bench", "--partitions", "3", "--json", "--input"]).arg(&input),
+        &[],
     );
     let produced: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(produced["delivered"].as_u64(), Some(n));
 
     let lake = format!("file://{}", dir.path().join("lake").display());
     let consume_start_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
-    let (out, consume_time, consume_peak) = run_measured(&mut lensflow([
+    let (out, consume_time, consume_peak, _) = run_measured(&mut lensflow([
         "consume", "--brokers", &broker.addr(), "--topic", "bench", "--group", "bench", "--lake", &lake,
         "--batch-rows", "100000", "--exit-when-idle", "5s", "--json",
-    ]));
+    ]), &[]);
     let consumed: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(consumed["rows"].as_u64(), Some(n));
 

@@ -4,7 +4,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -189,85 +189,3 @@ fn an_executor_killed_mid_round_never_leaves_latest_on_a_partial_round() {
     }
 }
 
-/// A scheduler and executors as separate `lensflow` processes on loopback.
-struct Cluster {
-    scheduler: Child,
-    executors: Vec<Child>,
-    port: u16,
-}
-
-impl Cluster {
-    fn start(dir: &Path, executors: usize) -> Cluster {
-        let port = free_port();
-        let log = |name: &str| std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-        let scheduler = lensflow(["scheduler", "--bind", &format!("127.0.0.1:{port}"), "--external-host", "127.0.0.1"])
-            .env("LENSFLOW_LOG", "info")
-            .stderr(log("scheduler"))
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_port(port);
-        let executors = (0..executors)
-            .map(|i| {
-                let (flight, grpc) = (free_port(), free_port());
-                lensflow(["executor", "--scheduler", &format!("127.0.0.1:{port}"), "--bind", &format!("127.0.0.1:{flight}")])
-                    .args(["--grpc-port", &grpc.to_string(), "--external-host", "127.0.0.1", "--concurrent-tasks", "2"])
-                    .env("LENSFLOW_LOG", "info")
-                    .stderr(log(&format!("executor-{i}")))
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .unwrap()
-            })
-            .collect();
-        let cluster = Cluster { scheduler, executors, port };
-        cluster.wait_ready(executors_len(&cluster));
-        cluster
-    }
-
-    fn url(&self) -> String {
-        format!("df://127.0.0.1:{}", self.port)
-    }
-
-    /// Waits until the scheduler's REST API lists every executor.
-    fn wait_ready(&self, n: usize) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let listed = http_get(self.port, "/api/executors").map(|b| b.matches("\"id\"").count()).unwrap_or(0);
-            if listed >= n {
-                return;
-            }
-            assert!(std::time::Instant::now() < deadline, "only {listed} of {n} executors registered");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-fn executors_len(c: &Cluster) -> usize {
-    c.executors.len()
-}
-
-fn wait_port(port: u16) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(std::time::Instant::now() < deadline, "nothing listens on {port}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn http_get(port: u16, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    write!(conn, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
-    let mut body = String::new();
-    conn.read_to_string(&mut body).ok()?;
-    Some(body)
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for c in self.executors.iter_mut().chain(std::iter::once(&mut self.scheduler)) {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}

@@ -157,6 +157,37 @@ where
     cmd
 }
 
+/// Runs a command while sampling its peak resident memory (VmHWM) from /proc; returns its
+/// stdout, wall time and peak bytes. Other processes' peaks can be sampled alongside.
+pub fn run_measured(cmd: &mut Command, also: &[u32]) -> (String, Duration, u64, Vec<u64>) {
+    let start = Instant::now();
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn");
+    let peak_of = |pid: u32| -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+    };
+    let (mut peak, mut others) = (0u64, vec![0u64; also.len()]);
+    let stdout = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let mut stdout = stdout;
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    loop {
+        peak = peak.max(peak_of(child.id()).unwrap_or(0));
+        for (o, pid) in others.iter_mut().zip(also) {
+            *o = (*o).max(peak_of(*pid).unwrap_or(0));
+        }
+        if let Some(status) = child.try_wait().expect("wait") {
+            assert!(status.success(), "{cmd:?} failed: {status}");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (reader.join().unwrap_or_default(), start.elapsed(), peak, others)
+}
+
 /// Runs a command to completion, failing the test (with its output) unless it succeeds.
 pub fn run_ok(cmd: &mut Command) -> String {
     let out: Output = cmd.output().expect("run lensflow");
@@ -249,4 +280,76 @@ pub fn assert_exactly_once(rows: &[LakeRow], expected: &[RatingEvent]) {
     want.sort_unstable();
     let first_diff = got.iter().zip(&want).position(|(a, b)| a != b);
     assert!(first_diff.is_none(), "lake content differs from the CSV at sorted row {first_diff:?}");
+}
+
+/// A scheduler and executors as separate `lensflow` processes on loopback.
+pub struct Cluster {
+    pub scheduler: Child,
+    pub executors: Vec<Child>,
+    pub port: u16,
+}
+
+impl Cluster {
+    pub fn start(dir: &Path, executors: usize) -> Cluster {
+        let port = free_port();
+        let log = |name: &str| std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+        let scheduler = lensflow(["scheduler", "--bind", &format!("127.0.0.1:{port}"), "--external-host", "127.0.0.1"])
+            .env("LENSFLOW_LOG", "info")
+            .stderr(log("scheduler"))
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut scheduler = scheduler;
+        wait_for_port(port, "lensflow scheduler", &mut scheduler);
+        let executors = (0..executors)
+            .map(|i| {
+                let (flight, grpc) = (free_port(), free_port());
+                lensflow(["executor", "--scheduler", &format!("127.0.0.1:{port}"), "--bind", &format!("127.0.0.1:{flight}")])
+                    .args(["--grpc-port", &grpc.to_string(), "--external-host", "127.0.0.1", "--concurrent-tasks", "2"])
+                    .env("LENSFLOW_LOG", "info")
+                    .stderr(log(&format!("executor-{i}")))
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let cluster = Cluster { scheduler, executors, port };
+        cluster.wait_ready(cluster.executors.len());
+        cluster
+    }
+
+    pub fn url(&self) -> String {
+        format!("df://127.0.0.1:{}", self.port)
+    }
+
+    /// Waits until the scheduler's REST API lists every executor.
+    fn wait_ready(&self, n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let listed = http_get(self.port, "/api/executors").map(|b| b.matches("\"id\"").count()).unwrap_or(0);
+            if listed >= n {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "only {listed} of {n} executors registered");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(conn, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    let mut body = String::new();
+    conn.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in self.executors.iter_mut().chain(std::iter::once(&mut self.scheduler)) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }

@@ -1,0 +1,80 @@
+//! Training benchmark: round time per stage and peak memory of trainer and executors, on
+//! Ballista standalone and on a two-executor cluster (separate processes on loopback).
+//!
+//! `cargo bench --bench train` (1M generated ratings in 3 batches; `LENSFLOW_BENCH_RATINGS=10000000`
+//! for more). The lake is written straight through the library (ingest has its own benchmark).
+//! Prints a report; nothing here is asserted on time.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+use lensflow_jobs::consume::{commit::commit_batch, offsets::LakeOffsets, writer::Batch};
+use lensflow_jobs::lake::{Lake, StorageOptions};
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// Lands the CSV in the lake as `batches` batches of one partition.
+fn build_lake(csv: &std::path::Path, url: &str, batches: usize) {
+    let ratings = csv_ratings(csv);
+    let lake = Lake::open(url, &StorageOptions::default()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut offsets = LakeOffsets::new("ratings");
+    let per = ratings.len().div_ceil(batches);
+    for (b, chunk) in ratings.chunks(per).enumerate() {
+        let mut batch = Batch::default();
+        for (i, e) in chunk.iter().enumerate() {
+            batch.partition(0).push_rating((b * per + i) as i64, e);
+        }
+        rt.block_on(commit_batch(&lake, &mut offsets, &batch, "ratings", "bench")).unwrap();
+    }
+}
+
+fn report(title: &str, out: &str, trainer: u64, executors: &[u64], wall: std::time::Duration) {
+    println!("\n### {title} (wall {:.1} s, trainer peak RSS {:.0} MiB{})\n", wall.as_secs_f64(), mib(trainer),
+        executors.iter().enumerate().map(|(i, e)| format!(", executor {} peak RSS {:.0} MiB", i + 1, mib(*e))).collect::<String>());
+    let rounds: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let stages: Vec<String> = rounds[0]["seconds"].as_object().unwrap().keys().cloned().collect();
+    println!("| round | rows | {} | total s | RMSE (base) | AUC | accuracy (base) |", stages.join(" s | ") + " s");
+    println!("|---|---|{}---|---|---|---|", "---|".repeat(stages.len()));
+    for r in &rounds {
+        let secs: BTreeMap<String, f64> = serde_json::from_value(r["seconds"].clone()).unwrap();
+        println!(
+            "| {} | {} | {} | {:.2} | {:.4} ({:.4}) | {:.4} | {:.4} ({:.4}) |",
+            r["round"],
+            r["train_rows"].as_u64().unwrap() + r["test_rows"].as_u64().unwrap(),
+            stages.iter().map(|s| format!("{:.2}", secs[s])).collect::<Vec<_>>().join(" | "),
+            secs.values().sum::<f64>(),
+            r["rmse"].as_f64().unwrap(),
+            r["rmse_baseline"].as_f64().unwrap(),
+            r["auc"].as_f64().unwrap(),
+            r["accuracy"].as_f64().unwrap(),
+            r["accuracy_baseline"].as_f64().unwrap()
+        );
+    }
+}
+
+fn main() {
+    let n: u64 = std::env::var("LENSFLOW_BENCH_RATINGS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let dir = tempfile::tempdir().unwrap();
+    let csv = generate(dir.path(), n, 42);
+    let lake = format!("file://{}", dir.path().join("lake").display());
+    build_lake(&csv, &lake, 3);
+    std::fs::remove_file(&csv).unwrap();
+    println!("\n## lensflow training benchmark: {n} generated ratings in 3 batches (3 cumulative rounds)");
+
+    let models = dir.path().join("models-standalone");
+    let (out, wall, peak, _) = run_measured(lensflow(["train", "--lake", &lake, "--json", "--models"]).arg(&models), &[]);
+    report("Ballista standalone (in-process)", &out, peak, &[], wall);
+
+    let cluster = Cluster::start(dir.path(), 2);
+    let pids: Vec<u32> = cluster.executors.iter().map(|e| e.id()).collect();
+    let models = dir.path().join("models-cluster");
+    let (out, wall, peak, executors) =
+        run_measured(lensflow(["train", "--lake", &lake, "--scheduler", &cluster.url(), "--json", "--models"]).arg(&models), &pids);
+    report("scheduler + 2 executors (separate processes)", &out, peak, &executors, wall);
+}
