@@ -60,6 +60,9 @@ struct TrainArgs {
     /// Keep training as new batches land (until Ctrl-C).
     #[arg(long, env = "LENSFLOW_WATCH")]
     watch: bool,
+    /// How often --watch looks for new batches (e.g. 5s).
+    #[arg(long, env = "LENSFLOW_POLL_INTERVAL", value_parser = humantime::parse_duration, default_value = "5s")]
+    poll_interval: Duration,
     /// Number of user segments.
     #[arg(long, env = "LENSFLOW_SEGMENTS", default_value_t = 4)]
     segments: usize,
@@ -350,6 +353,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             opts.storage = storage_from_env();
             opts.scheduler = a.scheduler;
             opts.watch = a.watch;
+            opts.poll_interval = a.poll_interval;
             opts.segments = a.segments;
             opts.partitions = a.partitions;
             opts.query_timeout = a.query_timeout;

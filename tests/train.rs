@@ -154,6 +154,42 @@ fn a_missing_batch_file_is_named_and_latest_is_untouched() {
 }
 
 #[test]
+fn watch_trains_each_batch_as_it_lands_and_stops_on_ctrl_c() {
+    let _heavy = heavy();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start();
+    let lake = format!("file://{}", dir.path().join("lake").display());
+    let land = |seed: u64| {
+        let input = generate(dir.path(), 15_000, seed);
+        run_ok(lensflow(["produce", "--brokers", &broker.addr(), "--topic", "w", "--input"]).arg(&input));
+        run_ok(&mut lensflow(["consume", "--brokers", &broker.addr(), "--topic", "w", "--group", "g", "--lake", &lake, "--batch-rows", "100000", "--exit-when-idle", "4s"]));
+    };
+    land(1);
+    let models = dir.path().join("models");
+    let mut train = lensflow(["train", "--lake", &lake, "--watch", "--poll-interval", "1s", "--json", "--models"])
+        .arg(&models)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let round_published = |n: u64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while std::fs::read(models.join("LATEST")).ok().and_then(|b| serde_json::from_slice::<LatestPointer>(&b).ok()).map(|p| p.round) != Some(n) {
+            assert!(std::time::Instant::now() < deadline, "round {n} was not published");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    round_published(1);
+    land(2);
+    round_published(2);
+    interrupt(&train);
+    assert!(wait_exit(&mut train, Duration::from_secs(60), "trainer").success(), "Ctrl-C ends --watch cleanly");
+    let out = train.wait_with_output().unwrap();
+    let rounds: Vec<u64> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["round"].as_u64().unwrap()).collect();
+    assert_eq!(rounds, vec![1, 2]);
+    assert_eq!(load_latest(&models).1.lineage.batches, vec![1, 2]);
+}
+
+#[test]
 fn an_executor_killed_mid_round_never_leaves_latest_on_a_partial_round() {
     let _heavy = heavy();
     let dir = tempfile::tempdir().unwrap();
