@@ -128,18 +128,26 @@ pub async fn train(opts: TrainOptions, shutdown: CancellationToken, mut on_round
     tracing::info!(engine = engine.mode, lake = lake.url(), models = store.url(), "trainer ready");
     let mut trained = 0;
     loop {
-        let manifests = lake.manifests().await?;
-        let done = latest(&store).await?.map(|l| l.round).unwrap_or(0);
-        for round in (done + 1)..=(manifests.len() as u64) {
-            if shutdown.is_cancelled() {
-                return Ok(trained);
+        let pass = async {
+            let manifests = lake.manifests().await?;
+            let done = latest(&store).await?.map(|l| l.round).unwrap_or(0);
+            for round in (done + 1)..=(manifests.len() as u64) {
+                if shutdown.is_cancelled() {
+                    break;
+                }
+                let report = train_round(&engine, &lake, &store, &manifests[..round as usize], &opts).await?;
+                on_round(&report);
+                trained += 1;
             }
-            let report = train_round(&engine, &lake, &store, &manifests[..round as usize], &opts).await?;
-            on_round(&report);
-            trained += 1;
-        }
-        if !opts.watch {
-            return Ok(trained);
+            Ok::<_, JobError>(())
+        };
+        match pass.await {
+            Ok(()) if !opts.watch => return Ok(trained),
+            Err(e) if !opts.watch => return Err(e),
+            Ok(()) => {}
+            // A watching trainer is a service: a failed round is retried at the next look,
+            // and LATEST keeps pointing at the last good one meanwhile.
+            Err(e) => tracing::error!(error = %e, "round failed; retrying at the next look"),
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(trained),
