@@ -9,9 +9,15 @@
 //! - [`lake`]: the object store behind a lake URL (`file://` or `s3://`), manifest listing and
 //!   the conditional create that makes a commit atomic; also reads batch files back.
 //! - [`kafka`]: client settings and topic creation shared by producer and consumer.
+//! - [`train`]: one cumulative round per batch on Ballista (standalone or a cluster): the feature
+//!   SQL in `jobs/sql/`, solvers whose passes over the ratings are cluster aggregates, k-means
+//!   segments, and the round's artifacts with `LATEST` written last.
 //!
 //! ```text
 //! generate ─▶ CSV ─▶ produce ─▶ Kafka ─▶ consume ─▶ lake: ratings/*.parquet, _dead_letters/*, _batches/N.json
+//!                                                     │ train (Ballista)
+//!                                                     ▼
+//!                                        models: round-N/{model.json, users.parquet, movies.parquet}, LATEST
 //! ```
 
 pub mod consume;
