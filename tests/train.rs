@@ -10,17 +10,13 @@ use std::time::Duration;
 use common::*;
 use lensflow_core::model::{LatestPointer, ModelArtifact, sha256_hex};
 
-/// ratings_small produced through a real broker and consumed into exactly three batches.
-fn ratings_small_lake(dir: &Path) -> String {
-    let broker = Broker::start();
-    let input = ratings_small();
-    run_ok(lensflow(["produce", "--brokers", &broker.addr(), "--topic", "ratings", "--partitions", "3", "--input"]).arg(&input));
+/// Produces `input` through a real broker and consumes it into `dir/lake` in batches of
+/// `batch_rows` messages; returns the lake's URL.
+fn land(broker: &Broker, dir: &Path, input: &Path, topic: &str, batch_rows: u64) -> String {
+    run_ok(lensflow(["produce", "--brokers", &broker.addr(), "--topic", topic, "--input"]).arg(input));
     let lake = format!("file://{}", dir.join("lake").display());
-    run_ok(&mut lensflow([
-        "consume", "--brokers", &broker.addr(), "--topic", "ratings", "--group", "train", "--lake", &lake,
-        "--batch-rows", "33335", "--exit-when-idle", "5s",
-    ]));
-    assert_eq!(lake_batches(&lake, &[]), 3);
+    let rows = batch_rows.to_string();
+    run_ok(&mut lensflow(["consume", "--brokers", &broker.addr(), "--topic", topic, "--group", "g", "--lake", &lake, "--batch-rows", &rows, "--exit-when-idle", "5s"]));
     lake
 }
 
@@ -48,7 +44,8 @@ fn close(a: f64, b: f64, tol: f64) -> bool {
 fn three_cumulative_rounds_on_ratings_small_beat_the_bar_and_match_on_a_cluster() {
     let _heavy = heavy();
     let dir = tempfile::tempdir().unwrap();
-    let lake = ratings_small_lake(dir.path());
+    let lake = land(&Broker::start(), dir.path(), &ratings_small(), "ratings", 33_335);
+    assert_eq!(lake_batches(&lake, &[]), 3);
     let models = dir.path().join("models");
     let rounds = train_json(&lake, &models, &[]);
     assert_eq!(rounds.len(), 3, "{rounds:?}");
@@ -127,14 +124,11 @@ fn a_missing_batch_file_is_named_and_latest_is_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let input = generate(dir.path(), 20_000, 9);
     let broker = Broker::start();
-    run_ok(lensflow(["produce", "--brokers", &broker.addr(), "--topic", "r", "--input"]).arg(&input));
-    let lake = format!("file://{}", dir.path().join("lake").display());
-    run_ok(&mut lensflow(["consume", "--brokers", &broker.addr(), "--topic", "r", "--group", "g", "--lake", &lake, "--batch-rows", "12000", "--exit-when-idle", "5s"]));
+    let lake = land(&broker, dir.path(), &input, "r", 12_000);
     let models = dir.path().join("models");
     assert_eq!(train_json(&lake, &models, &[]).len(), 2);
     // Round 3's batch loses a file.
-    run_ok(&mut lensflow(["produce", "--brokers", &broker.addr(), "--topic", "r", "--input"]).arg(&input));
-    run_ok(&mut lensflow(["consume", "--brokers", &broker.addr(), "--topic", "r", "--group", "g", "--lake", &lake, "--batch-rows", "50000", "--exit-when-idle", "5s"]));
+    land(&broker, dir.path(), &input, "r", 50_000);
     let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("lake/_batches/0000000003.json")).unwrap()).unwrap();
     let victim = manifest["files"][0]["path"].as_str().unwrap().to_string();
     std::fs::remove_file(dir.path().join("lake").join(&victim)).unwrap();
@@ -158,13 +152,8 @@ fn watch_trains_each_batch_as_it_lands_and_stops_on_ctrl_c() {
     let _heavy = heavy();
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start();
-    let lake = format!("file://{}", dir.path().join("lake").display());
-    let land = |seed: u64| {
-        let input = generate(dir.path(), 15_000, seed);
-        run_ok(lensflow(["produce", "--brokers", &broker.addr(), "--topic", "w", "--input"]).arg(&input));
-        run_ok(&mut lensflow(["consume", "--brokers", &broker.addr(), "--topic", "w", "--group", "g", "--lake", &lake, "--batch-rows", "100000", "--exit-when-idle", "4s"]));
-    };
-    land(1);
+    let land_batch = |seed: u64| land(&broker, dir.path(), &generate(dir.path(), 15_000, seed), "w", 100_000);
+    let lake = land_batch(1);
     let models = dir.path().join("models");
     let mut train = lensflow(["train", "--lake", &lake, "--watch", "--poll-interval", "1s", "--json", "--models"])
         .arg(&models)
@@ -179,7 +168,7 @@ fn watch_trains_each_batch_as_it_lands_and_stops_on_ctrl_c() {
         }
     };
     round_published(1);
-    land(2);
+    land_batch(2);
     round_published(2);
     interrupt(&train);
     assert!(wait_exit(&mut train, Duration::from_secs(60), "trainer").success(), "Ctrl-C ends --watch cleanly");
@@ -194,10 +183,7 @@ fn an_executor_killed_mid_round_never_leaves_latest_on_a_partial_round() {
     let _heavy = heavy();
     let dir = tempfile::tempdir().unwrap();
     let input = generate(dir.path(), 300_000, 21);
-    let broker = Broker::start();
-    run_ok(lensflow(["produce", "--brokers", &broker.addr(), "--topic", "r", "--input"]).arg(&input));
-    let lake = format!("file://{}", dir.path().join("lake").display());
-    run_ok(&mut lensflow(["consume", "--brokers", &broker.addr(), "--topic", "r", "--group", "g", "--lake", &lake, "--batch-rows", "300000", "--exit-when-idle", "5s"]));
+    let lake = land(&Broker::start(), dir.path(), &input, "r", 300_000);
     let mut cluster = Cluster::start(dir.path(), 2);
     let models = dir.path().join("models");
     let mut train = lensflow(["train", "--lake", &lake, "--scheduler", &cluster.url(), "--query-timeout", "120s", "--json", "--models"])

@@ -118,8 +118,7 @@ impl Lake {
             .collect();
         numbered.sort_by_key(|(n, _)| *n);
         let mut manifests = Vec::with_capacity(numbered.len());
-        let mut expected = after + 1;
-        for (n, path) in numbered {
+        for (expected, (n, path)) in (after + 1..).zip(numbered) {
             if n != expected {
                 return Err(JobError::LakeContent(format!(
                     "batch {expected} is missing while batch {n} exists ({})",
@@ -128,7 +127,6 @@ impl Lake {
             }
             let bytes = self.get(&path).await?;
             manifests.push(BatchManifest::from_json(path.as_ref(), &bytes)?);
-            expected += 1;
         }
         Ok(manifests)
     }
