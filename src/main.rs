@@ -357,8 +357,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             opts.segments = a.segments;
             opts.partitions = a.partitions;
             opts.query_timeout = a.query_timeout;
-            let json = a.json;
-            let rounds = train(opts, shutdown, |r| print_round(r, json)).await?;
+            let (json, watch) = (a.json, a.watch);
+            let rounds = train(opts, shutdown.clone(), |r| print_round(r, json)).await?;
+            // Ctrl-C is how --watch normally ends; a one-off run cut short says so in its exit code.
+            if shutdown.is_cancelled() && !watch {
+                eprintln!("interrupted after {rounds} published round(s)");
+                return Ok(ExitCode::from(130));
+            }
             if rounds == 0 && !json {
                 println!("no new batches: every batch already has its round");
             }

@@ -132,10 +132,15 @@ pub async fn train(opts: TrainOptions, shutdown: CancellationToken, mut on_round
             let manifests = lake.manifests().await?;
             let done = latest(&store).await?.map(|l| l.round).unwrap_or(0);
             for round in (done + 1)..=(manifests.len() as u64) {
-                if shutdown.is_cancelled() {
-                    break;
-                }
-                let report = train_round(&engine, &lake, &store, &manifests[..round as usize], &opts).await?;
+                // Ctrl-C abandons a round in flight: nothing of it is published until LATEST,
+                // and its work folder is cleared when the round is tried again.
+                let report = tokio::select! {
+                    report = train_round(&engine, &lake, &store, &manifests[..round as usize], &opts) => report?,
+                    _ = shutdown.cancelled() => {
+                        tracing::info!(round, "interrupted; the round was not published");
+                        break;
+                    }
+                };
                 on_round(&report);
                 trained += 1;
             }
