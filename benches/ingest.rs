@@ -41,8 +41,7 @@ fn main() {
     let consumed: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(consumed["rows"].as_u64(), Some(n));
 
-    let store = lensflow_jobs::lake::Lake::open(&lake, &Default::default()).unwrap();
-    let manifests = tokio::runtime::Runtime::new().unwrap().block_on(store.manifests()).unwrap();
+    let manifests = lake_manifests(&lake, &[]);
     let parquet_bytes: u64 = manifests.iter().flat_map(|m| &m.files).map(|f| f.bytes).sum();
     let last_commit_ms = manifests.iter().map(|m| m.created_at_ms).max().unwrap_or(consume_start_ms);
     let landing = Duration::from_millis((last_commit_ms - consume_start_ms).max(1) as u64);

@@ -8,7 +8,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use lensflow_core::{BatchManifest, DeadLetter};
+use lensflow_core::DeadLetter;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -135,7 +135,7 @@ fn consumers_joining_and_leaving_split_the_work_exactly_once() {
     assert!(wait_exit(&mut c, Duration::from_secs(120), "consumer c").success());
 
     assert_exactly_once(&lake_rows(&lake, &[]), &csv_ratings(&input));
-    let writers: BTreeSet<String> = manifests(&lake).into_iter().map(|m| m.writer).collect();
+    let writers: BTreeSet<String> = lake_manifests(&lake, &[]).into_iter().map(|m| m.writer).collect();
     assert_eq!(writers.len(), 3, "all three consumers committed batches: {writers:?}");
 }
 
@@ -158,11 +158,6 @@ fn produce_exits_non_zero_when_messages_are_not_delivered() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!status.success(), "a produce that lost its broker must fail");
     assert!(stderr.contains("messages were not delivered; first failure: line "), "{stderr}");
-}
-
-fn manifests(lake: &str) -> Vec<BatchManifest> {
-    let lake = lensflow_jobs::lake::Lake::open(lake, &Default::default()).unwrap();
-    tokio::runtime::Runtime::new().unwrap().block_on(lake.manifests()).unwrap()
 }
 
 #[test]
@@ -233,7 +228,7 @@ fn malformed_lines_and_messages_are_reported_and_good_data_lands() {
         assert!(d.reason.starts_with(reason), "{} should start with {reason}", d.reason);
         assert!(!rows.iter().any(|r| (r.partition, r.offset) == (d.partition, d.offset)), "a dead letter's offset is not a rating");
     }
-    let counted: u64 = manifests(&lake).iter().map(|m| m.dead_letter_count).sum();
+    let counted: u64 = lake_manifests(&lake, &[]).iter().map(|m| m.dead_letter_count).sum();
     assert_eq!(counted, 5);
 }
 

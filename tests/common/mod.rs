@@ -248,10 +248,15 @@ pub fn lake_rows(url: &str, storage: &[(String, String)]) -> Vec<LakeRow> {
     tokio::runtime::Runtime::new().unwrap().block_on(lake.read_all_rows()).unwrap()
 }
 
+/// The lake's committed batch manifests, in order.
+pub fn lake_manifests(url: &str, storage: &[(String, String)]) -> Vec<lensflow_core::BatchManifest> {
+    let lake = Lake::open(url, &StorageOptions(storage.to_vec())).unwrap();
+    tokio::runtime::Runtime::new().unwrap().block_on(lake.manifests()).unwrap()
+}
+
 /// Number of batches committed in the lake.
 pub fn lake_batches(url: &str, storage: &[(String, String)]) -> usize {
-    let lake = Lake::open(url, &StorageOptions(storage.to_vec())).unwrap();
-    tokio::runtime::Runtime::new().unwrap().block_on(lake.manifests()).unwrap().len()
+    lake_manifests(url, storage).len()
 }
 
 fn sort_key(e: &RatingEvent) -> (i64, i64, i64, i64) {

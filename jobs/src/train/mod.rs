@@ -350,12 +350,7 @@ async fn train_round(engine: &Engine, lake: &Lake, store: &Lake, manifests: &[Ba
     let mut metrics = evaluate(engine, &prep, &regression, &classification).await?;
     metrics.train_rows = prep.train_rows;
     watch.lap("evaluate");
-    let (segmentation, silhouette) = segments::fit(engine, &prep.train_filter, &prep.priors, opts.segments)
-        .await
-        .map_err(|e| match e {
-            JobError::Round { reason, .. } => JobError::Round { round, reason },
-            other => other,
-        })?;
+    let (segmentation, silhouette) = segments::fit(engine, round, &prep.train_filter, &prep.priors, opts.segments).await?;
     metrics.silhouette = silhouette;
     watch.lap("segments");
 

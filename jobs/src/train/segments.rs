@@ -15,8 +15,9 @@ use lensflow_core::model::{segment_features, Priors, Scaling, Segment, Segmentat
 use super::engine::{number, Engine};
 use crate::{JobError, Result};
 
-/// Fits `k` segments on the users of the training rows; returns them and the mean silhouette.
-pub async fn fit(engine: &Engine, train_filter: &str, priors: &Priors, k: usize) -> Result<(Segmentation, f64)> {
+/// Fits `k` segments on the users of round `round`'s training rows; returns them and the mean
+/// silhouette.
+pub async fn fit(engine: &Engine, round: u64, train_filter: &str, priors: &Priors, k: usize) -> Result<(Segmentation, f64)> {
     let sql = format!(
         "SELECT user_id, CAST(COUNT(rating) AS DOUBLE), SUM(rating), SUM(rating * rating), SUM(liked) \
          FROM features WHERE {train_filter} GROUP BY user_id ORDER BY user_id"
@@ -30,7 +31,7 @@ pub async fn fit(engine: &Engine, train_filter: &str, priors: &Priors, k: usize)
         }
     }
     if rows.len() < k * 2 {
-        return Err(JobError::Round { round: 0, reason: format!("{} users are too few for {k} segments", rows.len()) });
+        return Err(JobError::Round { round, reason: format!("{} users are too few for {k} segments", rows.len()) });
     }
     let x = Array2::from_shape_fn((rows.len(), 4), |(i, j)| rows[i][j]);
     let mean = x.mean_axis(Axis(0)).unwrap_or_else(|| Array1::zeros(4));
@@ -41,7 +42,7 @@ pub async fn fit(engine: &Engine, train_filter: &str, priors: &Priors, k: usize)
         .tolerance(1e-8)
         .n_runs(1)
         .fit(&DatasetBase::from(z.clone()))
-        .map_err(|e| JobError::Round { round: 0, reason: format!("k-means: {e}") })?;
+        .map_err(|e| JobError::Round { round, reason: format!("k-means: {e}") })?;
     let labels = model.predict(&z);
     let scaling = Scaling { mean: mean.to_vec(), scale: scale.to_vec() };
     let segments = (0..k)
