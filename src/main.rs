@@ -7,18 +7,23 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use lensflow_api::{Limits, ServeOptions};
+use lensflow_executor::ExecutorOptions;
 use lensflow_jobs::consume::{ConsumeOptions, ConsumeSummary, consume};
 use lensflow_jobs::generate::{GenerateOptions, generate};
 use lensflow_jobs::kafka::KafkaOptions;
 use lensflow_jobs::lake::StorageOptions;
 use lensflow_jobs::produce::{Pace, ProduceOptions, ProduceSummary, produce};
 use lensflow_jobs::train::{RoundReport, TrainOptions, train};
-use lensflow_executor::ExecutorOptions;
 use lensflow_scheduler::SchedulerOptions;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "lensflow", version, about = "Ratings from Kafka into a Parquet lake, models trained on Ballista, served over REST")]
+#[command(
+    name = "lensflow",
+    version,
+    about = "Ratings from Kafka into a Parquet lake, models trained on Ballista, served over REST"
+)]
 struct Cli {
     /// Log filter, e.g. `info`, `lensflow_jobs=debug`.
     #[arg(long, global = true, env = "LENSFLOW_LOG", default_value = "info")]
@@ -41,6 +46,33 @@ enum Command {
     Scheduler(SchedulerArgs),
     /// Run a Ballista executor with lensflow's setup.
     Executor(ExecutorArgs),
+    /// Serve predictions from the newest round over REST, with a web page at `/`.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The model store `lensflow train` writes to (as for train).
+    #[arg(long, env = "LENSFLOW_MODELS", default_value = "data/models")]
+    models: String,
+    /// The lake, for the pipeline status [default: the lake the served round was trained on].
+    #[arg(long, env = "LENSFLOW_LAKE")]
+    lake: Option<String>,
+    /// Address to serve on.
+    #[arg(long, env = "LENSFLOW_API_BIND", default_value = "0.0.0.0:5000")]
+    bind: std::net::SocketAddr,
+    /// How often to look for a new round (e.g. 2s).
+    #[arg(long, env = "LENSFLOW_MODEL_POLL_INTERVAL", value_parser = humantime::parse_duration, default_value = "2s")]
+    poll_interval: Duration,
+    /// Largest request body in bytes.
+    #[arg(long, env = "LENSFLOW_API_BODY_LIMIT", default_value_t = 2 << 20)]
+    body_limit: usize,
+    /// Most requests in one batch.
+    #[arg(long, env = "LENSFLOW_API_MAX_BATCH", default_value_t = 10_000)]
+    max_batch: usize,
+    /// Answer 408 to a request that takes longer than this (e.g. 10s).
+    #[arg(long, env = "LENSFLOW_API_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    request_timeout: Duration,
 }
 
 #[derive(Args)]
@@ -80,7 +112,11 @@ struct SchedulerArgs {
     #[arg(long, env = "LENSFLOW_SCHEDULER_BIND", default_value = "0.0.0.0:50050")]
     bind: std::net::SocketAddr,
     /// Host name executors and clients reach the scheduler by.
-    #[arg(long, env = "LENSFLOW_SCHEDULER_EXTERNAL_HOST", default_value = "localhost")]
+    #[arg(
+        long,
+        env = "LENSFLOW_SCHEDULER_EXTERNAL_HOST",
+        default_value = "localhost"
+    )]
     external_host: String,
     /// Seconds without a heartbeat before an executor counts as lost (its tasks rerun elsewhere).
     #[arg(long, env = "LENSFLOW_EXECUTOR_TIMEOUT", default_value_t = 20)]
@@ -90,7 +126,11 @@ struct SchedulerArgs {
 #[derive(Args)]
 struct ExecutorArgs {
     /// The scheduler, HOST:PORT.
-    #[arg(long, env = "LENSFLOW_SCHEDULER_ADDR", default_value = "127.0.0.1:50050")]
+    #[arg(
+        long,
+        env = "LENSFLOW_SCHEDULER_ADDR",
+        default_value = "127.0.0.1:50050"
+    )]
     scheduler: String,
     /// Address of the executor's Flight service.
     #[arg(long, env = "LENSFLOW_EXECUTOR_BIND", default_value = "0.0.0.0:50051")]
@@ -143,7 +183,10 @@ struct KafkaArgs {
 
 impl KafkaArgs {
     fn options(&self) -> KafkaOptions {
-        KafkaOptions { brokers: self.brokers.clone(), extra: self.kafka_config.clone() }
+        KafkaOptions {
+            brokers: self.brokers.clone(),
+            extra: self.kafka_config.clone(),
+        }
     }
 }
 
@@ -207,7 +250,11 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
 
 /// The process's `AWS_*` variables: the standard way to configure S3 access and endpoints.
 fn storage_from_env() -> StorageOptions {
-    StorageOptions(std::env::vars().filter(|(k, _)| k.starts_with("AWS_")).collect())
+    StorageOptions(
+        std::env::vars()
+            .filter(|(k, _)| k.starts_with("AWS_"))
+            .collect(),
+    )
 }
 
 /// A token cancelled by Ctrl-C or SIGTERM, so every command can finish what is durable first.
@@ -217,7 +264,8 @@ fn shutdown_on_signal() -> CancellationToken {
     tokio::spawn(async move {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         #[cfg(unix)]
         let term = async move {
             match term.as_mut() {
@@ -256,7 +304,10 @@ fn print_produce(s: &ProduceSummary, json: bool) -> anyhow::Result<()> {
             s.messages_per_sec,
             s.delivered,
             s.rejected,
-            s.rejects_file.as_ref().map(|p| format!(" (see {})", p.display())).unwrap_or_default(),
+            s.rejects_file
+                .as_ref()
+                .map(|p| format!(" (see {})", p.display()))
+                .unwrap_or_default(),
             if s.interrupted { "; interrupted" } else { "" }
         );
     }
@@ -269,7 +320,13 @@ fn print_consume(s: &ConsumeSummary, json: bool) -> anyhow::Result<()> {
     } else {
         println!(
             "landed {} ratings in {} batches in {:.1}s ({:.0}/s); {} dead letters; {} dropped on rebalance; lake at batch {}",
-            s.rows, s.batches, s.seconds, s.rows_per_sec, s.dead_letters, s.dropped_on_rebalance, s.last_batch
+            s.rows,
+            s.batches,
+            s.seconds,
+            s.rows_per_sec,
+            s.dead_letters,
+            s.dropped_on_rebalance,
+            s.last_batch
         );
     }
     Ok(())
@@ -284,14 +341,24 @@ fn print_round(r: &RoundReport, json: bool) {
         return;
     }
     let m = &r.metrics;
-    println!("round {} (batches 1..={}): {} train / {} hold-out ratings -> {}", r.round, r.round, m.train_rows, m.test_rows, r.path);
+    println!(
+        "round {} (batches 1..={}): {} train / {} hold-out ratings -> {}",
+        r.round, r.round, m.train_rows, m.test_rows, r.path
+    );
     println!("  {:<16} {:>8} {:>10}", "metric", "model", "baseline");
     println!("  {:<16} {:>8.4} {:>10.4}", "RMSE", m.rmse, m.rmse_baseline);
     println!("  {:<16} {:>8.4} {:>10}", "MAE", m.mae, "");
     println!("  {:<16} {:>8.4} {:>10.4}", "AUC", m.auc, 0.5);
-    println!("  {:<16} {:>8.4} {:>10.4}", "accuracy", m.accuracy, m.accuracy_baseline);
+    println!(
+        "  {:<16} {:>8.4} {:>10.4}",
+        "accuracy", m.accuracy, m.accuracy_baseline
+    );
     println!("  {:<16} {:>8.4} {:>10}", "silhouette", m.silhouette, "");
-    let stages: Vec<String> = r.seconds.iter().map(|(k, v)| format!("{k} {v:.2}s")).collect();
+    let stages: Vec<String> = r
+        .seconds
+        .iter()
+        .map(|(k, v)| format!("{k} {v:.2}s"))
+        .collect();
     println!("  time: {}", stages.join(", "));
 }
 
@@ -307,7 +374,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 progress: is_terminal(),
                 ..Default::default()
             };
-            let file = std::fs::File::create(&a.out).with_context(|| format!("create {}", a.out.display()))?;
+            let file = std::fs::File::create(&a.out)
+                .with_context(|| format!("create {}", a.out.display()))?;
             let s = tokio::task::spawn_blocking(move || generate(&opts, file)).await??;
             println!(
                 "wrote {} ratings by {} users of {} movies (mean {:.2}) to {}",
@@ -369,7 +437,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Scheduler(a) => {
-            let opts = SchedulerOptions { bind: a.bind, external_host: a.external_host, executor_timeout_secs: a.executor_timeout };
+            let opts = SchedulerOptions {
+                bind: a.bind,
+                external_host: a.external_host,
+                executor_timeout_secs: a.executor_timeout,
+            };
             lensflow_scheduler::run(opts, shutdown).await?;
         }
         Command::Executor(a) => {
@@ -384,6 +456,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             lensflow_executor::run(opts, shutdown).await?;
         }
+        Command::Serve(a) => {
+            let mut opts = ServeOptions::new(a.models);
+            opts.lake = a.lake;
+            opts.storage = storage_from_env();
+            opts.poll_interval = a.poll_interval;
+            opts.limits = Limits {
+                body_bytes: a.body_limit,
+                batch: a.max_batch,
+                timeout: a.request_timeout,
+            };
+            lensflow_api::run(opts, a.bind, shutdown).await?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -392,7 +476,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match run(cli).await {

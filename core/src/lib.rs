@@ -5,6 +5,7 @@
 //!   here so the producer, the consumer and (later) the API agree on what a rating is.
 //! - [`model`]: the model artifact (models, scaling, metrics, lineage, checksums) and the
 //!   feature list with the one function that turns statistics into a feature row.
+//! - [`predict`]: the API's request, answer and error bodies, shared with the web page and tests.
 //! - [`lake`]: the lake layout (where batch files, manifests and dead letters live and how they
 //!   are named), the Arrow schema of a batch file, and the batch manifest that commits a batch.
 //!
@@ -16,6 +17,7 @@
 
 pub mod lake;
 pub mod model;
+pub mod predict;
 pub mod rating;
 
 pub use lake::{BatchFile, BatchManifest, DeadLetter, DeadLetterFile, LakeError, OffsetRange};

@@ -37,12 +37,35 @@ const DAY: f64 = 86_400.0;
 
 /// The model features, in the order every model's coefficients use.
 pub const FEATURES: [&str; 12] = [
-    "u_log_n", "u_mean", "u_sd", "u_liked", "u_bias", "u_recency", "m_log_n", "m_mean", "m_sd", "m_liked", "m_bias",
+    "u_log_n",
+    "u_mean",
+    "u_sd",
+    "u_liked",
+    "u_bias",
+    "u_recency",
+    "m_log_n",
+    "m_mean",
+    "m_sd",
+    "m_liked",
+    "m_bias",
     "m_age",
 ];
 
 /// The features the user segments are built on (a subset of a user's statistics).
 pub const SEGMENT_FEATURES: [&str; 4] = ["u_log_n", "u_mean", "u_sd", "u_liked"];
+
+/// The values a feature can take (inclusive), for checking what-if inputs: means lie within the
+/// rating scale, shares within 0..1, logs of counts and days are non-negative.
+pub fn feature_range(name: &str) -> Option<(f64, f64)> {
+    Some(match name {
+        "u_log_n" | "m_log_n" | "u_recency" | "m_age" => (0.0, 30.0),
+        "u_mean" | "m_mean" => (0.5, 5.0),
+        "u_sd" | "m_sd" => (0.0, 4.5),
+        "u_liked" | "m_liked" => (0.0, 1.0),
+        "u_bias" | "m_bias" => (-4.5, 4.5),
+        _ => return None,
+    })
+}
 
 /// Folder name of round `n`.
 pub fn round_dir(round: u64) -> String {
@@ -51,16 +74,25 @@ pub fn round_dir(round: u64) -> String {
 
 /// A fingerprint of the feature list and formulas: changes whenever either does.
 pub fn feature_fingerprint() -> String {
-    sha256_hex(format!("v{ARTIFACT_FORMAT_VERSION}:shrink={SHRINK}:{}", FEATURES.join(",")).as_bytes())
+    sha256_hex(
+        format!(
+            "v{ARTIFACT_FORMAT_VERSION}:shrink={SHRINK}:{}",
+            FEATURES.join(",")
+        )
+        .as_bytes(),
+    )
 }
 
 /// Lower-case hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// What every shrunk statistic shrinks towards: the training ratings' global figures.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Priors {
     /// Mean rating.
     pub mean: f64,
@@ -93,12 +125,20 @@ impl SideStats {
     }
 
     fn sd(&self, p: &Priors) -> f64 {
-        let m2 = if self.n > 0.0 { (self.sumsq - self.sum * self.sum / self.n).max(0.0) } else { 0.0 };
+        let m2 = if self.n > 0.0 {
+            (self.sumsq - self.sum * self.sum / self.n).max(0.0)
+        } else {
+            0.0
+        };
         ((m2 + SHRINK * p.var) / (self.n + SHRINK)).sqrt()
     }
 
     fn days_since(&self, now: f64) -> f64 {
-        if self.n > 0.0 { (1.0 + ((now - self.ts) / DAY).max(0.0)).ln() } else { 0.0 }
+        if self.n > 0.0 {
+            (1.0 + ((now - self.ts) / DAY).max(0.0)).ln()
+        } else {
+            0.0
+        }
     }
 
     /// Features of this side: log count, shrunk mean, shrunk spread, shrunk liked share, bias,
@@ -140,7 +180,11 @@ pub struct Scaling {
 impl Scaling {
     /// Standardises one row.
     pub fn apply(&self, x: &[f64]) -> Vec<f64> {
-        x.iter().zip(&self.mean).zip(&self.scale).map(|((x, m), s)| (x - m) / s).collect()
+        x.iter()
+            .zip(&self.mean)
+            .zip(&self.scale)
+            .map(|((x, m), s)| (x - m) / s)
+            .collect()
     }
 }
 
@@ -156,12 +200,18 @@ pub struct LinearModel {
 impl LinearModel {
     /// The linear predictor for an already standardised row.
     pub fn score(&self, z: &[f64]) -> f64 {
-        self.intercept + self.coefficients.iter().zip(z).map(|(c, z)| c * z).sum::<f64>()
+        self.intercept
+            + self
+                .coefficients
+                .iter()
+                .zip(z)
+                .map(|(c, z)| c * z)
+                .sum::<f64>()
     }
 }
 
 /// A user segment: a k-means centroid and what it means.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Segment {
     /// Segment id (0-based).
     pub id: usize,
@@ -188,13 +238,21 @@ impl Segmentation {
     /// The nearest segment to a user's (unstandardised) segment features.
     pub fn assign(&self, x: &[f64]) -> Option<&Segment> {
         let z = self.scaling.apply(x);
-        let dist = |s: &Segment| s.centroid.iter().zip(&z).map(|(c, z)| (c - z).powi(2)).sum::<f64>();
-        self.segments.iter().min_by(|a, b| dist(a).total_cmp(&dist(b)))
+        let dist = |s: &Segment| {
+            s.centroid
+                .iter()
+                .zip(&z)
+                .map(|(c, z)| (c - z).powi(2))
+                .sum::<f64>()
+        };
+        self.segments
+            .iter()
+            .min_by(|a, b| dist(a).total_cmp(&dist(b)))
     }
 }
 
 /// Hold-out metrics of a round, each beside its trivial baseline.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RoundMetrics {
     /// Ratings the models were fitted on.
     pub train_rows: u64,
@@ -217,7 +275,7 @@ pub struct RoundMetrics {
 }
 
 /// Which lake content a round was trained on.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Lineage {
     /// Batch numbers used (1..=round).
     pub batches: Vec<u64>,
@@ -275,23 +333,47 @@ pub struct LatestPointer {
 mod tests {
     use super::*;
 
-    const P: Priors = Priors { mean: 3.5, var: 1.0, liked: 0.5 };
+    const P: Priors = Priors {
+        mean: 3.5,
+        var: 1.0,
+        liked: 0.5,
+    };
 
     #[test]
     fn an_unknown_user_and_movie_get_the_priors() {
         let row = feature_row(&SideStats::default(), &SideStats::default(), &P, 1e9);
-        assert_eq!(row, [0.0, 3.5, 1.0, 0.5, 0.0, 0.0, 0.0, 3.5, 1.0, 0.5, 0.0, 0.0]);
+        assert_eq!(
+            row,
+            [0.0, 3.5, 1.0, 0.5, 0.0, 0.0, 0.0, 3.5, 1.0, 0.5, 0.0, 0.0]
+        );
     }
 
     #[test]
     fn statistics_are_shrunk_towards_the_priors() {
-        let user = SideStats { n: 5.0, sum: 25.0, sumsq: 125.0, liked: 5.0, resid: 5.0, ts: 0.0 };
+        let user = SideStats {
+            n: 5.0,
+            sum: 25.0,
+            sumsq: 125.0,
+            liked: 5.0,
+            resid: 5.0,
+            ts: 0.0,
+        };
         let row = feature_row(&user, &SideStats::default(), &P, 86_400.0);
-        assert!((row[1] - 4.25).abs() < 1e-12, "mean halfway between 5.0 and 3.5: {}", row[1]);
-        assert!((row[2] - 0.5f64.sqrt()).abs() < 1e-12, "no spread of its own: half the prior variance");
+        assert!(
+            (row[1] - 4.25).abs() < 1e-12,
+            "mean halfway between 5.0 and 3.5: {}",
+            row[1]
+        );
+        assert!(
+            (row[2] - 0.5f64.sqrt()).abs() < 1e-12,
+            "no spread of its own: half the prior variance"
+        );
         assert!((row[3] - 0.75).abs() < 1e-12);
         assert!((row[4] - 0.5).abs() < 1e-12);
-        assert!((row[5] - 2f64.ln()).abs() < 1e-12, "one day since the last rating");
+        assert!(
+            (row[5] - 2f64.ln()).abs() < 1e-12,
+            "one day since the last rating"
+        );
     }
 
     #[test]

@@ -93,8 +93,18 @@ impl RatingError {
 
 impl RatingEvent {
     /// Builds a rating from already typed values, checking the ranges.
-    pub fn new(user_id: i64, movie_id: i64, rating: f64, timestamp: i64) -> Result<Self, RatingError> {
-        let event = RatingEvent { user_id, movie_id, rating, timestamp };
+    pub fn new(
+        user_id: i64,
+        movie_id: i64,
+        rating: f64,
+        timestamp: i64,
+    ) -> Result<Self, RatingError> {
+        let event = RatingEvent {
+            user_id,
+            movie_id,
+            rating,
+            timestamp,
+        };
         event.validate()?;
         Ok(event)
     }
@@ -112,7 +122,11 @@ impl RatingEvent {
             return Err(out_of_range("rating", r, "0.5 to 5.0 in steps of 0.5"));
         }
         if self.timestamp < 0 {
-            return Err(out_of_range("timestamp", self.timestamp, "unix seconds, not negative"));
+            return Err(out_of_range(
+                "timestamp",
+                self.timestamp,
+                "unix seconds, not negative",
+            ));
         }
         Ok(())
     }
@@ -146,9 +160,13 @@ impl RatingEvent {
     }
 
     /// Parses the four text columns of one CSV record.
-    pub fn from_csv_fields<'a>(fields: impl ExactSizeIterator<Item = &'a [u8]>) -> Result<Self, RatingError> {
+    pub fn from_csv_fields<'a>(
+        fields: impl ExactSizeIterator<Item = &'a [u8]>,
+    ) -> Result<Self, RatingError> {
         if fields.len() != 4 {
-            return Err(RatingError::ColumnCount { found: fields.len() });
+            return Err(RatingError::ColumnCount {
+                found: fields.len(),
+            });
         }
         let mut it = fields.map(|f| String::from_utf8_lossy(f).trim().to_string());
         let mut next = || it.next().unwrap_or_default();
@@ -161,22 +179,37 @@ impl RatingEvent {
 
     /// The CSV line for this rating, in the column order of [`CSV_HEADER`].
     pub fn to_csv_line(&self) -> String {
-        format!("{},{},{:.1},{}", self.user_id, self.movie_id, self.rating, self.timestamp)
+        format!(
+            "{},{},{:.1},{}",
+            self.user_id, self.movie_id, self.rating, self.timestamp
+        )
     }
 }
 
 /// Checks that a CSV header line is the ratings header.
 pub fn check_csv_header<'a>(fields: impl Iterator<Item = &'a [u8]>) -> Result<(), RatingError> {
-    let found: Vec<String> = fields.map(|f| String::from_utf8_lossy(f).trim().to_string()).collect();
+    let found: Vec<String> = fields
+        .map(|f| String::from_utf8_lossy(f).trim().to_string())
+        .collect();
     if found.len() == CSV_HEADER.len() && found.iter().zip(CSV_HEADER).all(|(a, b)| a == b) {
         Ok(())
     } else {
-        Err(RatingError::BadHeader { found: found.join(",") })
+        Err(RatingError::BadHeader {
+            found: found.join(","),
+        })
     }
 }
 
-fn out_of_range(field: &'static str, value: impl fmt::Display, allowed: &'static str) -> RatingError {
-    RatingError::OutOfRange { field, value: value.to_string(), allowed }
+fn out_of_range(
+    field: &'static str,
+    value: impl fmt::Display,
+    allowed: &'static str,
+) -> RatingError {
+    RatingError::OutOfRange {
+        field,
+        value: value.to_string(),
+        allowed,
+    }
 }
 
 /// The payload as it arrives, before types are checked.
@@ -212,7 +245,9 @@ impl<'de> Deserialize<'de> for Loose {
                 Ok(Loose::Int(v))
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Loose, E> {
-                Ok(i64::try_from(v).map(Loose::Int).unwrap_or(Loose::Float(v as f64)))
+                Ok(i64::try_from(v)
+                    .map(Loose::Int)
+                    .unwrap_or(Loose::Float(v as f64)))
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Loose, E> {
                 Ok(Loose::Float(v))
@@ -237,26 +272,44 @@ impl<'de> Deserialize<'de> for Loose {
 }
 
 fn int_field(field: &'static str, value: Option<Loose>) -> Result<i64, RatingError> {
-    let wrong = |found: String| RatingError::WrongType { field, expected: "an integer", found };
+    let wrong = |found: String| RatingError::WrongType {
+        field,
+        expected: "an integer",
+        found,
+    };
     match value.ok_or(RatingError::MissingField { field })? {
         Loose::Int(v) => Ok(v),
         // 31.0 is an integer written loosely; 31.5 is not an id.
         Loose::Float(v) if v.fract() == 0.0 && v.abs() < 9.0e15 => Ok(v as i64),
         Loose::Float(v) => Err(wrong(v.to_string())),
-        Loose::Text(s) => s.trim().parse::<i64>().map_err(|_| wrong(format!("\"{s}\""))),
+        Loose::Text(s) => s
+            .trim()
+            .parse::<i64>()
+            .map_err(|_| wrong(format!("\"{s}\""))),
         Loose::Other(what) => Err(wrong(what.to_string())),
     }
 }
 
 fn float_field(field: &'static str, value: Option<Loose>) -> Result<f64, RatingError> {
-    let wrong = |found: String| RatingError::WrongType { field, expected: "a number", found };
+    let wrong = |found: String| RatingError::WrongType {
+        field,
+        expected: "a number",
+        found,
+    };
     let v = match value.ok_or(RatingError::MissingField { field })? {
         Loose::Int(v) => v as f64,
         Loose::Float(v) => v,
-        Loose::Text(s) => s.trim().parse::<f64>().map_err(|_| wrong(format!("\"{s}\"")))?,
+        Loose::Text(s) => s
+            .trim()
+            .parse::<f64>()
+            .map_err(|_| wrong(format!("\"{s}\"")))?,
         Loose::Other(what) => return Err(wrong(what.to_string())),
     };
-    if v.is_finite() { Ok(v) } else { Err(wrong(v.to_string())) }
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(wrong(v.to_string()))
+    }
 }
 
 #[cfg(test)]
@@ -265,37 +318,75 @@ mod tests {
 
     #[test]
     fn parses_numbers_and_the_seeds_strings_alike() {
-        let a = RatingEvent::from_json(br#"{"userId":1,"movieId":31,"rating":2.5,"timestamp":1260759144}"#).unwrap();
-        let b = RatingEvent::from_json(br#"{"userId":"1","movieId":"31","rating":"2.5","timestamp":"1260759144"}"#)
-            .unwrap();
+        let a = RatingEvent::from_json(
+            br#"{"userId":1,"movieId":31,"rating":2.5,"timestamp":1260759144}"#,
+        )
+        .unwrap();
+        let b = RatingEvent::from_json(
+            br#"{"userId":"1","movieId":"31","rating":"2.5","timestamp":"1260759144"}"#,
+        )
+        .unwrap();
         assert_eq!(a, b);
-        assert_eq!(a, RatingEvent { user_id: 1, movie_id: 31, rating: 2.5, timestamp: 1_260_759_144 });
+        assert_eq!(
+            a,
+            RatingEvent {
+                user_id: 1,
+                movie_id: 31,
+                rating: 2.5,
+                timestamp: 1_260_759_144
+            }
+        );
         assert_eq!(RatingEvent::from_json(a.to_json().as_bytes()).unwrap(), a);
     }
 
     #[test]
     fn names_the_field_at_fault() {
         let cases: [(&[u8], &str); 6] = [
-            (br#"{"movieId":31,"rating":2.5,"timestamp":1}"#, "missing field `userId`"),
-            (br#"{"userId":1,"movieId":"abc","rating":2.5,"timestamp":1}"#, "field `movieId`: expected an integer"),
-            (br#"{"userId":1,"movieId":3,"rating":7,"timestamp":1}"#, "field `rating`: 7 is out of range"),
-            (br#"{"userId":1,"movieId":3,"rating":3.3,"timestamp":1}"#, "field `rating`: 3.3 is out of range"),
-            (br#"{"userId":1,"movieId":3,"rating":true,"timestamp":1}"#, "field `rating`: expected a number, found a boolean"),
+            (
+                br#"{"movieId":31,"rating":2.5,"timestamp":1}"#,
+                "missing field `userId`",
+            ),
+            (
+                br#"{"userId":1,"movieId":"abc","rating":2.5,"timestamp":1}"#,
+                "field `movieId`: expected an integer",
+            ),
+            (
+                br#"{"userId":1,"movieId":3,"rating":7,"timestamp":1}"#,
+                "field `rating`: 7 is out of range",
+            ),
+            (
+                br#"{"userId":1,"movieId":3,"rating":3.3,"timestamp":1}"#,
+                "field `rating`: 3.3 is out of range",
+            ),
+            (
+                br#"{"userId":1,"movieId":3,"rating":true,"timestamp":1}"#,
+                "field `rating`: expected a number, found a boolean",
+            ),
             (b"not json", "not a JSON object"),
         ];
         for (payload, expected) in cases {
             let err = RatingEvent::from_json(payload).unwrap_err().to_string();
-            assert!(err.starts_with(expected), "{err:?} should start with {expected:?}");
+            assert!(
+                err.starts_with(expected),
+                "{err:?} should start with {expected:?}"
+            );
         }
     }
 
     #[test]
     fn csv_fields_are_checked_like_json() {
-        let ok = RatingEvent::from_csv_fields(["1", "31", "2.5", "1260759144"].iter().map(|s| s.as_bytes())).unwrap();
+        let ok = RatingEvent::from_csv_fields(
+            ["1", "31", "2.5", "1260759144"]
+                .iter()
+                .map(|s| s.as_bytes()),
+        )
+        .unwrap();
         assert_eq!(ok.to_csv_line(), "1,31,2.5,1260759144");
-        let err = RatingEvent::from_csv_fields(["1", "31", "2.5"].iter().map(|s| s.as_bytes())).unwrap_err();
+        let err = RatingEvent::from_csv_fields(["1", "31", "2.5"].iter().map(|s| s.as_bytes()))
+            .unwrap_err();
         assert_eq!(err, RatingError::ColumnCount { found: 3 });
-        let err = RatingEvent::from_csv_fields(["1", "x", "2.5", "1"].iter().map(|s| s.as_bytes())).unwrap_err();
+        let err = RatingEvent::from_csv_fields(["1", "x", "2.5", "1"].iter().map(|s| s.as_bytes()))
+            .unwrap_err();
         assert_eq!(err.field(), Some("movieId"));
         assert!(check_csv_header(CSV_HEADER.iter().map(|s| s.as_bytes())).is_ok());
         assert!(check_csv_header(["user", "movie"].iter().map(|s| s.as_bytes())).is_err());

@@ -1,0 +1,132 @@
+//! `lensflow serve`: the REST API and web page over the newest trained round.
+//!
+//! - [`watcher`]: looks at the model store's `LATEST`, loads and checks a new round off the
+//!   request path ([`round`]), and swaps it in atomically; a bad round is refused and the
+//!   previous one keeps serving.
+//! - [`round`]: one loaded round (artifact plus per-user and per-movie lookup tables) and the
+//!   prediction itself, built with the trainer's own feature function from `lensflow-core`.
+//! - [`routes`]: the router: prediction endpoints (one request or a batch), `/models`,
+//!   `/status`, health, `/metrics`, `/openapi.json` and `/docs`; request limits and timeouts.
+//! - [`ui`]: the web page at `/`, which calls the same public endpoints.
+//! - [`metrics`]: Prometheus counters and histograms; [`error`]: the one error type, which
+//!   answers 4xx with the field at fault.
+//!
+//! ```text
+//! model store: LATEST ─▶ watcher ─▶ round (checked) ─▶ ArcSwap ─▶ handlers ─▶ JSON / page
+//! ```
+
+pub mod error;
+pub mod metrics;
+pub mod round;
+pub mod routes;
+pub mod ui;
+pub mod watcher;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lensflow_jobs::lake::{Lake, StorageOptions};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use error::ApiError;
+pub use routes::{AppState, Limits, app};
+
+/// Settings of `lensflow serve`.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The model store `lensflow train` writes to (path, file:// or s3:// URL).
+    pub models: String,
+    /// The lake, for `/status` [default: the one the served round was trained on].
+    pub lake: Option<String>,
+    /// Object-store settings (`AWS_*`).
+    pub storage: StorageOptions,
+    /// How often to look for a new round.
+    pub poll_interval: Duration,
+    /// Request limits.
+    pub limits: Limits,
+    /// How long in-flight requests get to finish after Ctrl-C.
+    pub drain: Duration,
+}
+
+impl ServeOptions {
+    /// Options for the model store at `models`, with defaults for the rest.
+    pub fn new(models: impl Into<String>) -> ServeOptions {
+        ServeOptions {
+            models: models.into(),
+            lake: None,
+            storage: StorageOptions::default(),
+            poll_interval: Duration::from_secs(2),
+            limits: Limits::default(),
+            drain: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Opens the model store and builds the app state; the first look at `LATEST` happens here,
+/// so a server with a round ready is ready the moment it listens.
+pub async fn state(opts: &ServeOptions) -> Result<AppState, ApiError> {
+    let store = Lake::open(&opts.models, &opts.storage)?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    let models = Arc::new(watcher::Models::new(store, metrics.clone()));
+    if let Err(e) = models.refresh().await {
+        tracing::warn!(error = %e, "no round loaded at start; watching for one");
+    }
+    let mut state = AppState::new(models, metrics);
+    state.limits = opts.limits;
+    state.lake = opts.lake.clone();
+    state.storage = opts.storage.clone();
+    Ok(state)
+}
+
+/// Serves on `listener` until `shutdown`, then lets requests in flight finish (up to the drain
+/// time) and returns.
+pub async fn serve(
+    opts: ServeOptions,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ApiError> {
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let state = state(&opts).await?;
+    let watcher = tokio::spawn(
+        state
+            .models
+            .clone()
+            .watch(opts.poll_interval, shutdown.clone()),
+    );
+    tracing::info!(%addr, models = state.models.store_url(), "serving");
+    let server = axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let drained = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(opts.drain).await;
+    };
+    tokio::select! {
+        r = server => r.map_err(|source| ApiError::Serve { addr: addr.clone(), source })?,
+        _ = drained => tracing::warn!(drain = ?opts.drain, "requests still in flight after the drain time; closing"),
+    }
+    watcher.abort();
+    Ok(())
+}
+
+/// Binds `addr` and [`serve`]s.
+pub async fn run(
+    opts: ServeOptions,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<(), ApiError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ApiError::Serve {
+            addr: addr.to_string(),
+            source,
+        })?;
+    serve(opts, listener, shutdown).await
+}
+
+#[cfg(test)]
+mod testing;
