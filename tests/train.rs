@@ -10,21 +10,6 @@ use std::time::Duration;
 use common::*;
 use lensflow_core::model::{LatestPointer, ModelArtifact, sha256_hex};
 
-/// Produces `input` through a real broker and consumes it into `dir/lake` in batches of
-/// `batch_rows` messages; returns the lake's URL.
-fn land(broker: &Broker, dir: &Path, input: &Path, topic: &str, batch_rows: u64) -> String {
-    run_ok(lensflow(["produce", "--brokers", &broker.addr(), "--topic", topic, "--input"]).arg(input));
-    let lake = format!("file://{}", dir.join("lake").display());
-    let rows = batch_rows.to_string();
-    run_ok(&mut lensflow(["consume", "--brokers", &broker.addr(), "--topic", topic, "--group", "g", "--lake", &lake, "--batch-rows", &rows, "--exit-when-idle", "5s"]));
-    lake
-}
-
-fn train_json(lake: &str, models: &Path, extra: &[&str]) -> Vec<serde_json::Value> {
-    let out = run_ok(lensflow(["train", "--lake", lake, "--json", "--models"]).arg(models).args(extra));
-    out.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"))).collect()
-}
-
 fn load_latest(models: &Path) -> (LatestPointer, ModelArtifact) {
     let pointer: LatestPointer = serde_json::from_slice(&std::fs::read(models.join("LATEST")).unwrap()).unwrap();
     let bytes = std::fs::read(models.join(&pointer.path).join("model.json")).unwrap();

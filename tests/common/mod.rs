@@ -358,3 +358,60 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// Produces `input` through a real broker and consumes it into `dir/lake` in batches of
+/// `batch_rows` messages; returns the lake's URL.
+pub fn land(broker: &Broker, dir: &Path, input: &Path, topic: &str, batch_rows: u64) -> String {
+    run_ok(lensflow(["produce", "--brokers", &broker.addr(), "--topic", topic, "--input"]).arg(input));
+    let lake = format!("file://{}", dir.join("lake").display());
+    let rows = batch_rows.to_string();
+    run_ok(&mut lensflow(["consume", "--brokers", &broker.addr(), "--topic", topic, "--group", "g", "--lake", &lake, "--batch-rows", &rows, "--exit-when-idle", "5s"]));
+    lake
+}
+
+pub fn train_json(lake: &str, models: &Path, extra: &[&str]) -> Vec<serde_json::Value> {
+    let out = run_ok(lensflow(["train", "--lake", lake, "--json", "--models"]).arg(models).args(extra));
+    out.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"))).collect()
+}
+
+/// `lensflow serve` on a free port, killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl Server {
+    /// Starts the API over `models` and waits until it answers `/healthz`.
+    pub fn start(models: &Path, extra: &[&str]) -> Server {
+        let port = free_port();
+        let bind = format!("127.0.0.1:{port}");
+        let mut child = lensflow(["serve", "--bind", &bind, "--models"]).arg(models).args(extra).stdout(Stdio::null()).spawn().expect("start lensflow serve");
+        wait_for_port(port, "lensflow serve", &mut child);
+        Server { child, port }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Waits until the server serves `round` (per `/readyz`).
+    pub fn wait_round(&self, round: u64, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let want = format!("ready: round {round}");
+        loop {
+            let got = reqwest::blocking::get(self.url("/readyz")).and_then(|r| r.text()).unwrap_or_default();
+            if got == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "server not at round {round} within {limit:?}: {got}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
