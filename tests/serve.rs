@@ -190,3 +190,69 @@ fn new_rounds_swap_in_under_load_without_a_failed_request() {
     assert_eq!(metric(&server, "lensflow_model_swaps_total"), 3.0);
     assert_eq!(metric(&server, "lensflow_model_round"), 3.0);
 }
+
+#[test]
+fn the_web_page_works_in_a_real_browser() {
+    let models = trained();
+    let server = Server::start(models, &[]);
+    server.wait_round(3, Duration::from_secs(30));
+    let node = tool("node", "LENSFLOW_NODE", "apt-get install nodejs");
+    let chromium = tool("chromium", "CHROMIUM", "apt-get install chromium");
+    let browser_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    assert!(browser_dir.join("node_modules/playwright-core").is_dir(), "run `npm ci --prefix tests/browser` (bash .ci/run does)");
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let out = std::process::Command::new(node)
+        .current_dir(&browser_dir)
+        .arg("ui.mjs")
+        .arg(server.url("/"))
+        .arg(&shots)
+        .env("CHROMIUM", chromium)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "browser run failed: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let page: Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("the page showed: {page}\nscreenshots in {}", shots.display());
+
+    // The three answers are the API's own for the same question.
+    let (_, api) = post(&reqwest::blocking::Client::new(), &server.url("/predict"), &json!({"userId": 547, "movieId": 1}));
+    let shown = &page["answer"];
+    let raw = |card: &str| shown[card]["raw"].as_str().unwrap().parse::<f64>().unwrap();
+    assert_eq!(raw("classification"), api["probability_like"].as_f64().unwrap());
+    assert!(shown["classification"]["value"].as_str().unwrap().starts_with(if api["prediction_like"] == 1 { "Yes" } else { "No" }));
+    assert_eq!(raw("regression"), api["predicted_rating"].as_f64().unwrap());
+    assert_eq!(raw("clustering"), api["cluster_id"].as_f64().unwrap());
+    assert_eq!(shown["clustering"]["detail"], api["segment"]);
+    assert!(page["whatIf"]["raw"].as_str().unwrap().parse::<f64>().unwrap() < raw("regression"), "a lower movie mean lowers the rating: {page}");
+
+    // The metrics chart: three rounds of model and baseline in each chart, the served round marked.
+    let charts = page["charts"].as_array().unwrap();
+    assert_eq!(charts.len(), 2, "{page}");
+    for chart in charts {
+        assert_eq!((chart["points"].as_u64(), chart["servingMarks"].as_u64()), (Some(6), Some(1)), "{chart}");
+    }
+    // The segments chart: the served round's segments, sizes and words.
+    let models_v: Value = reqwest::blocking::get(server.url("/models")).unwrap().json().unwrap();
+    let segments = models_v["serving"]["segments"].as_array().unwrap();
+    let sizes: Vec<u64> = segments.iter().map(|s| s["size"].as_u64().unwrap()).collect();
+    assert_eq!(page["segmentSizes"], json!(sizes));
+    for (s, text) in segments.iter().zip(page["segmentTexts"].as_array().unwrap()) {
+        assert!(text.as_str().unwrap().ends_with(s["description"].as_str().unwrap()), "{text}");
+    }
+    assert_eq!(page["profileRows"].as_u64(), Some(segments.len() as u64));
+    assert_eq!((page["status"]["Batches"].as_str(), page["status"]["Ratings landed"].as_str()), (Some("3"), Some("100,004")), "{page}");
+    assert!(page["serving"].as_str().unwrap().contains("round 3"));
+    assert_eq!(page["userSuggestions"], 20);
+
+    // Errors next to their fields; a phone-width screen needs no sideways scrolling.
+    assert!(page["userError"]["text"].as_str().unwrap().contains("positive id"), "{page}");
+    assert_eq!(page["userError"]["invalid"], "true");
+    assert!(page["featureError"].as_str().unwrap().contains("between 0.5 and 5"), "{page}");
+    assert!(page["phoneOverflow"].as_i64().unwrap() <= 0, "wider than a phone: {page}");
+    for e in page["consoleErrors"].as_array().unwrap() {
+        assert!(e.as_str().unwrap().contains("422"), "only the two bad inputs may log errors: {e}");
+    }
+    for shot in ["desktop.png", "phone.png"] {
+        assert!(std::fs::metadata(shots.join(shot)).unwrap().len() > 10_000, "{shot} is empty");
+    }
+}

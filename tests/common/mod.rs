@@ -41,7 +41,7 @@ fn wait_for_port(port: u16, what: &str, child: &mut Child) {
 
 /// Finds a tool on PATH (or at the path in `env_var`), failing the test with how to install it:
 /// these tests exist to talk to real services, so a missing one is a failure, never a skip.
-fn tool(name: &str, env_var: &str, install: &str) -> PathBuf {
+pub fn tool(name: &str, env_var: &str, install: &str) -> PathBuf {
     if let Ok(p) = std::env::var(env_var) {
         return PathBuf::from(p);
     }
@@ -413,5 +413,22 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Lands the CSV in the lake as `batches` batches of one partition, straight through the
+/// library (for benchmarks of what comes after ingest).
+pub fn build_lake(csv: &std::path::Path, url: &str, batches: usize) {
+    let ratings = csv_ratings(csv);
+    let lake = Lake::open(url, &StorageOptions::default()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut offsets = lensflow_jobs::consume::offsets::LakeOffsets::new("ratings");
+    let per = ratings.len().div_ceil(batches);
+    for (b, chunk) in ratings.chunks(per).enumerate() {
+        let mut batch = lensflow_jobs::consume::writer::Batch::default();
+        for (i, e) in chunk.iter().enumerate() {
+            batch.partition(0).push_rating((b * per + i) as i64, e);
+        }
+        rt.block_on(lensflow_jobs::consume::commit::commit_batch(&lake, &mut offsets, &batch, "ratings", "bench")).unwrap();
     }
 }
