@@ -15,6 +15,8 @@ use lensflow_jobs::kafka::KafkaOptions;
 use lensflow_jobs::lake::StorageOptions;
 use lensflow_jobs::produce::{Pace, ProduceOptions, ProduceSummary, produce};
 use lensflow_jobs::train::{RoundReport, TrainOptions, train};
+use lensflow::demo::DemoOptions;
+use lensflow::report;
 use lensflow_scheduler::SchedulerOptions;
 use tokio_util::sync::CancellationToken;
 
@@ -48,6 +50,36 @@ enum Command {
     Executor(ExecutorArgs),
     /// Serve predictions from the newest round over REST, with a web page at `/`.
     Serve(ServeArgs),
+    /// Everything on one machine: ratings → embedded Kafka → lake → 3 rounds → API and page.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Folder for the lake (`lake/`), the models (`models/`) and generated ratings.
+    #[arg(long, env = "LENSFLOW_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+    /// A ratings CSV (`userId,movieId,rating,timestamp`) instead of generated ratings.
+    #[arg(long, env = "LENSFLOW_INPUT")]
+    input: Option<PathBuf>,
+    /// Ratings to generate when there is no --input.
+    #[arg(long, env = "LENSFLOW_RATINGS", default_value_t = 300_000)]
+    ratings: u64,
+    /// Seed of the generated ratings.
+    #[arg(long, env = "LENSFLOW_SEED", default_value_t = 42)]
+    seed: u64,
+    /// Training rounds: the ratings land in this many batches, one round each.
+    #[arg(long, env = "LENSFLOW_ROUNDS", default_value_t = 3)]
+    rounds: u64,
+    /// Delete an earlier run's lake and models and start over [default: keep and reuse them].
+    #[arg(long, env = "LENSFLOW_FRESH")]
+    fresh: bool,
+    /// Address of the API and web page.
+    #[arg(long, env = "LENSFLOW_API_BIND", default_value = "127.0.0.1:5000")]
+    bind: std::net::SocketAddr,
+    /// Stop once the rounds are trained instead of serving (for scripts and tests).
+    #[arg(long, env = "LENSFLOW_EXIT_AFTER_TRAIN")]
+    exit_after_train: bool,
 }
 
 #[derive(Args)]
@@ -293,73 +325,24 @@ fn is_terminal() -> bool {
 }
 
 fn print_produce(s: &ProduceSummary, json: bool) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string(s)?);
-    } else {
-        println!(
-            "produced {} of {} lines in {:.1}s ({:.0} msg/s); {} delivered, {} rejected{}{}",
-            s.sent,
-            s.lines,
-            s.seconds,
-            s.messages_per_sec,
-            s.delivered,
-            s.rejected,
-            s.rejects_file
-                .as_ref()
-                .map(|p| format!(" (see {})", p.display()))
-                .unwrap_or_default(),
-            if s.interrupted { "; interrupted" } else { "" }
-        );
-    }
+    println!("{}", if json { serde_json::to_string(s)? } else { report::produce(s) });
     Ok(())
 }
 
 fn print_consume(s: &ConsumeSummary, json: bool) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string(s)?);
-    } else {
-        println!(
-            "landed {} ratings in {} batches in {:.1}s ({:.0}/s); {} dead letters; {} dropped on rebalance; lake at batch {}",
-            s.rows,
-            s.batches,
-            s.seconds,
-            s.rows_per_sec,
-            s.dead_letters,
-            s.dropped_on_rebalance,
-            s.last_batch
-        );
-    }
+    println!("{}", if json { serde_json::to_string(s)? } else { report::consume(s) });
     Ok(())
 }
 
 fn print_round(r: &RoundReport, json: bool) {
-    if json {
-        match serde_json::to_string(r) {
-            Ok(line) => println!("{line}"),
-            Err(e) => eprintln!("error: round {}: {e}", r.round),
-        }
+    if !json {
+        println!("{}", report::round(r));
         return;
     }
-    let m = &r.metrics;
-    println!(
-        "round {} (batches 1..={}): {} train / {} hold-out ratings -> {}",
-        r.round, r.round, m.train_rows, m.test_rows, r.path
-    );
-    println!("  {:<16} {:>8} {:>10}", "metric", "model", "baseline");
-    println!("  {:<16} {:>8.4} {:>10.4}", "RMSE", m.rmse, m.rmse_baseline);
-    println!("  {:<16} {:>8.4} {:>10}", "MAE", m.mae, "");
-    println!("  {:<16} {:>8.4} {:>10.4}", "AUC", m.auc, 0.5);
-    println!(
-        "  {:<16} {:>8.4} {:>10.4}",
-        "accuracy", m.accuracy, m.accuracy_baseline
-    );
-    println!("  {:<16} {:>8.4} {:>10}", "silhouette", m.silhouette, "");
-    let stages: Vec<String> = r
-        .seconds
-        .iter()
-        .map(|(k, v)| format!("{k} {v:.2}s"))
-        .collect();
-    println!("  time: {}", stages.join(", "));
+    match serde_json::to_string(r) {
+        Ok(line) => println!("{line}"),
+        Err(e) => eprintln!("error: round {}: {e}", r.round),
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -455,6 +438,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ..Default::default()
             };
             lensflow_executor::run(opts, shutdown).await?;
+        }
+        Command::Demo(a) => {
+            let opts = DemoOptions {
+                data_dir: a.data_dir,
+                input: a.input,
+                ratings: a.ratings,
+                seed: a.seed,
+                rounds: a.rounds,
+                fresh: a.fresh,
+                bind: a.bind,
+                exit_after_train: a.exit_after_train,
+                progress: is_terminal(),
+            };
+            lensflow::demo::run(opts, shutdown.clone(), |_| {}).await?;
         }
         Command::Serve(a) => {
             let mut opts = ServeOptions::new(a.models);

@@ -207,6 +207,9 @@ impl ConsumerContext for IngestContext {
     }
 }
 
+/// Shortest idle limit before the consumer has joined its group.
+const JOIN_GRACE: Duration = Duration::from_secs(30);
+
 /// One incoming message, judged, with nothing borrowed from the consumer.
 struct Incoming {
     partition: i32,
@@ -291,6 +294,9 @@ impl Ingest {
     fn run(mut self, shutdown: &CancellationToken) -> Result<ConsumeSummary> {
         let start = Instant::now();
         let mut last_activity = Instant::now();
+        // Joining the group can take seconds (a broker's initial rebalance delay): that is not
+        // idleness, so until the first assignment the idle limit is at least JOIN_GRACE.
+        let mut joined = false;
         while !shutdown.is_cancelled() {
             let incoming = match self.consumer.poll(Duration::from_millis(100)) {
                 None => None,
@@ -302,6 +308,7 @@ impl Ingest {
             };
             if self.apply_reassignments()? {
                 last_activity = Instant::now();
+                joined = true;
             }
             if let Some(incoming) = incoming {
                 last_activity = Instant::now();
@@ -312,7 +319,8 @@ impl Ingest {
             if full || old {
                 self.flush()?;
             }
-            if self.opts.exit_when_idle.is_some_and(|idle| last_activity.elapsed() >= idle) {
+            let idle_limit = self.opts.exit_when_idle.map(|idle| if joined { idle } else { idle.max(JOIN_GRACE) });
+            if idle_limit.is_some_and(|idle| last_activity.elapsed() >= idle) {
                 tracing::info!("idle; stopping");
                 break;
             }

@@ -1,0 +1,220 @@
+//! `lensflow demo`: the whole pipeline on one machine with nothing installed.
+//!
+//! ```text
+//! generate (or --input) ─▶ embedded Kafka (librdkafka's mock cluster) ─▶ consume ─▶ <data-dir>/lake
+//!     ─▶ train, one round per batch (Ballista standalone) ─▶ <data-dir>/models ─▶ serve on --bind
+//! ```
+//!
+//! The ratings are split into `rounds` batches, so the rounds are cumulative as in production.
+//! A second run finds the lake and models of the first: by default it keeps them (training any
+//! batch that lacks its round) and serves; `--fresh` deletes them and starts over. It never
+//! re-sends ratings into a lake that has them, because the new embedded broker's offsets start
+//! again at zero and would be taken for ones the lake already holds.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use lensflow_api::{ApiError, ServeOptions};
+use lensflow_jobs::JobError;
+use lensflow_jobs::consume::{ConsumeOptions, consume};
+use lensflow_jobs::generate::{GenerateOptions, generate};
+use lensflow_jobs::kafka::KafkaOptions;
+use lensflow_jobs::lake::{Lake, StorageOptions};
+use lensflow_jobs::produce::{ProduceOptions, produce};
+use lensflow_jobs::train::{RoundReport, TrainOptions, train};
+use rdkafka::mocking::MockCluster;
+use tokio_util::sync::CancellationToken;
+
+use crate::report;
+
+/// Settings of `lensflow demo`.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Where the lake, the models and generated ratings go.
+    pub data_dir: PathBuf,
+    /// A ratings CSV to use instead of generated ratings.
+    pub input: Option<PathBuf>,
+    /// How many ratings to generate when there is no input.
+    pub ratings: u64,
+    /// Seed of the generated ratings.
+    pub seed: u64,
+    /// Training rounds (= batches the ratings are split into).
+    pub rounds: u64,
+    /// Delete an earlier run's lake and models first.
+    pub fresh: bool,
+    /// Where the API and page listen.
+    pub bind: SocketAddr,
+    /// Stop once the rounds are trained instead of serving.
+    pub exit_after_train: bool,
+    /// Show progress bars.
+    pub progress: bool,
+}
+
+impl DemoOptions {
+    /// Defaults: 300,000 generated ratings in 3 rounds, served on 127.0.0.1:5000.
+    pub fn new(data_dir: impl Into<PathBuf>) -> DemoOptions {
+        DemoOptions {
+            data_dir: data_dir.into(),
+            input: None,
+            ratings: 300_000,
+            seed: 42,
+            rounds: 3,
+            fresh: false,
+            bind: SocketAddr::from(([127, 0, 0, 1], 5000)),
+            exit_after_train: false,
+            progress: false,
+        }
+    }
+}
+
+/// What can stop the demo.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// A pipeline stage failed.
+    #[error(transparent)]
+    Job(#[from] JobError),
+    /// The server failed.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// The embedded broker could not start.
+    #[error("embedded Kafka broker: {0}")]
+    Broker(#[from] rdkafka::error::KafkaError),
+    /// A file or folder of the data directory.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The options make no sense.
+    #[error("{0}")]
+    Config(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DemoError + '_ {
+    move |source| DemoError::Io { path: path.to_path_buf(), source }
+}
+
+/// The topic the demo sends ratings to.
+const TOPIC: &str = "ratings";
+/// Partitions of that topic, as a small production topic would have.
+const PARTITIONS: i32 = 3;
+
+/// Runs the demo until it has served (Ctrl-C) or, with `exit_after_train`, trained. Returns the
+/// rounds trained in this run.
+pub async fn run(opts: DemoOptions, shutdown: CancellationToken, mut on_round: impl FnMut(&RoundReport)) -> Result<u64, DemoError> {
+    if opts.rounds == 0 {
+        return Err(DemoError::Config("--rounds must be at least 1".into()));
+    }
+    let (lake_dir, models_dir) = (opts.data_dir.join("lake"), opts.data_dir.join("models"));
+    if opts.fresh {
+        for dir in [&lake_dir, &models_dir] {
+            if dir.exists() {
+                std::fs::remove_dir_all(dir).map_err(io(dir))?;
+                println!("removed {}", dir.display());
+            }
+        }
+    }
+    std::fs::create_dir_all(&opts.data_dir).map_err(io(&opts.data_dir))?;
+    let lake = Lake::open(&lake_dir.to_string_lossy(), &StorageOptions::default())?;
+    let landed = lake.manifests().await?;
+    if landed.is_empty() {
+        ingest(&opts, lake.url(), &shutdown).await?;
+    } else {
+        let rows: u64 = landed.iter().map(|m| m.rows).sum();
+        println!(
+            "reusing {} from an earlier run: {} batches, {rows} ratings (run with --fresh to start over)",
+            lake.url(),
+            landed.len()
+        );
+    }
+    if shutdown.is_cancelled() {
+        return Ok(0);
+    }
+
+    println!("\n== training: one cumulative round per batch, on Ballista standalone");
+    let models = models_dir.to_string_lossy().into_owned();
+    let trained = train(TrainOptions::new(lake.url(), models.clone()), shutdown.clone(), |r| {
+        println!("{}", report::round(r));
+        on_round(r);
+    })
+    .await?;
+    if trained == 0 && !shutdown.is_cancelled() {
+        println!("every batch already has its round");
+    }
+    if opts.exit_after_train || shutdown.is_cancelled() {
+        return Ok(trained);
+    }
+
+    let mut serve = ServeOptions::new(models);
+    serve.lake = Some(lake.url().to_string());
+    let listener = tokio::net::TcpListener::bind(opts.bind).await.map_err(|source| ApiError::Serve { addr: opts.bind.to_string(), source })?;
+    let addr = listener.local_addr().map_err(io(Path::new("socket")))?;
+    let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
+    println!("\n== serving: open http://{host}:{}/ (API docs at /docs); Ctrl-C to stop", addr.port());
+    lensflow_api::serve(serve, listener, shutdown).await?;
+    Ok(trained)
+}
+
+/// Ratings → embedded broker → lake, in `opts.rounds` batches.
+async fn ingest(opts: &DemoOptions, lake: &str, shutdown: &CancellationToken) -> Result<(), DemoError> {
+    let input = match &opts.input {
+        Some(path) => path.clone(),
+        None => {
+            let path = opts.data_dir.join("ratings.csv");
+            println!("== generating {} ratings (seed {}) into {}", opts.ratings, opts.seed, path.display());
+            let settings = GenerateOptions { ratings: opts.ratings, seed: opts.seed, progress: opts.progress, ..Default::default() };
+            let file = std::fs::File::create(&path).map_err(io(&path))?;
+            let summary = tokio::task::spawn_blocking(move || generate(&settings, file))
+                .await
+                .map_err(|e| DemoError::Config(format!("generator stopped: {e}")))??;
+            println!("{} ratings by {} users of {} movies", summary.ratings, summary.users, summary.movies);
+            path
+        }
+    };
+    let lines = count_lines(&input)?;
+
+    // librdkafka's in-process mock broker: a real Kafka protocol endpoint on loopback, gone when
+    // the demo's ingest is done (the lake, not the broker, is what lasts).
+    let cluster = MockCluster::new(1)?;
+    cluster.create_topic(TOPIC, PARTITIONS, 1)?;
+    let kafka = KafkaOptions { brokers: cluster.bootstrap_servers(), extra: vec![] };
+    println!("\n== producing {} to the embedded Kafka broker at {}", input.display(), kafka.brokers);
+    let mut produce_opts = ProduceOptions::new(&input, kafka.clone());
+    produce_opts.topic = TOPIC.into();
+    produce_opts.partitions = PARTITIONS;
+    produce_opts.rejects = Some(opts.data_dir.join("ratings.rejects.csv"));
+    produce_opts.progress = opts.progress;
+    let produced = produce(produce_opts, shutdown.clone()).await?;
+    println!("{}", report::produce(&produced));
+    if shutdown.is_cancelled() {
+        return Ok(());
+    }
+
+    println!("\n== consuming into the lake at {lake}, {} batches", opts.rounds);
+    let mut consume_opts = ConsumeOptions::new(kafka, lake);
+    consume_opts.topic = TOPIC.into();
+    consume_opts.batch_rows = lines.div_ceil(opts.rounds).max(1) as usize;
+    // Batches close on size; only the last, short one waits for the broker to fall idle.
+    consume_opts.batch_interval = Duration::from_secs(3600);
+    consume_opts.exit_when_idle = Some(Duration::from_secs(3));
+    consume_opts.progress = opts.progress;
+    let consumed = consume(consume_opts, shutdown.clone()).await?;
+    println!("{}", report::consume(&consumed));
+    drop(cluster);
+    Ok(())
+}
+
+/// Data lines of a CSV (its lines but the header).
+fn count_lines(path: &Path) -> Result<u64, DemoError> {
+    use std::io::BufRead;
+    let file = std::fs::File::open(path).map_err(io(path))?;
+    let mut lines = 0u64;
+    for line in std::io::BufReader::new(file).split(b'\n') {
+        line.map_err(io(path))?;
+        lines += 1;
+    }
+    Ok(lines.saturating_sub(1))
+}

@@ -1,0 +1,43 @@
+//! Summaries for people at a terminal (the `--json` flags print the structs instead).
+
+use lensflow_jobs::consume::ConsumeSummary;
+use lensflow_jobs::produce::ProduceSummary;
+use lensflow_jobs::train::RoundReport;
+
+/// One line on what a producer run did.
+pub fn produce(s: &ProduceSummary) -> String {
+    format!(
+        "produced {} of {} lines in {:.1}s ({:.0} msg/s); {} delivered, {} rejected{}{}",
+        s.sent,
+        s.lines,
+        s.seconds,
+        s.messages_per_sec,
+        s.delivered,
+        s.rejected,
+        s.rejects_file.as_ref().map(|p| format!(" (see {})", p.display())).unwrap_or_default(),
+        if s.interrupted { "; interrupted" } else { "" }
+    )
+}
+
+/// One line on what a consumer run landed.
+pub fn consume(s: &ConsumeSummary) -> String {
+    format!(
+        "landed {} ratings in {} batches in {:.1}s ({:.0}/s); {} dead letters; {} dropped on rebalance; lake at batch {}",
+        s.rows, s.batches, s.seconds, s.rows_per_sec, s.dead_letters, s.dropped_on_rebalance, s.last_batch
+    )
+}
+
+/// A training round as a small table of metrics beside their baselines, then stage times.
+pub fn round(r: &RoundReport) -> String {
+    let m = &r.metrics;
+    let mut out = format!("round {} (batches 1..={}): {} train / {} hold-out ratings -> {}\n", r.round, r.round, m.train_rows, m.test_rows, r.path);
+    out += &format!("  {:<16} {:>8} {:>10}\n", "metric", "model", "baseline");
+    out += &format!("  {:<16} {:>8.4} {:>10.4}\n", "RMSE", m.rmse, m.rmse_baseline);
+    out += &format!("  {:<16} {:>8.4} {:>10}\n", "MAE", m.mae, "");
+    out += &format!("  {:<16} {:>8.4} {:>10.4}\n", "AUC", m.auc, 0.5);
+    out += &format!("  {:<16} {:>8.4} {:>10.4}\n", "accuracy", m.accuracy, m.accuracy_baseline);
+    out += &format!("  {:<16} {:>8.4} {:>10}\n", "silhouette", m.silhouette, "");
+    let stages: Vec<String> = r.seconds.iter().map(|(k, v)| format!("{k} {v:.2}s")).collect();
+    out += &format!("  time: {}", stages.join(", "));
+    out
+}
