@@ -296,10 +296,16 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start(dir: &Path, executors: usize) -> Cluster {
+        Cluster::start_with_env(dir, executors, &[])
+    }
+
+    /// A cluster whose processes get `env` too (e.g. the `AWS_*` settings of an S3 lake).
+    pub fn start_with_env(dir: &Path, executors: usize, env: &[(String, String)]) -> Cluster {
         let port = free_port();
         let log = |name: &str| std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
         let scheduler = lensflow(["scheduler", "--bind", &format!("127.0.0.1:{port}"), "--external-host", "127.0.0.1"])
             .env("LENSFLOW_LOG", "info")
+            .envs(env.iter().cloned())
             .stderr(log("scheduler"))
             .stdout(Stdio::null())
             .spawn()
@@ -312,6 +318,7 @@ impl Cluster {
                 lensflow(["executor", "--scheduler", &format!("127.0.0.1:{port}"), "--bind", &format!("127.0.0.1:{flight}")])
                     .args(["--grpc-port", &grpc.to_string(), "--external-host", "127.0.0.1", "--concurrent-tasks", "2"])
                     .env("LENSFLOW_LOG", "info")
+                    .envs(env.iter().cloned())
                     .stderr(log(&format!("executor-{i}")))
                     .stdout(Stdio::null())
                     .spawn()
@@ -341,7 +348,7 @@ impl Cluster {
     }
 }
 
-fn http_get(port: u16, path: &str) -> Option<String> {
+pub fn http_get(port: u16, path: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     write!(conn, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
@@ -383,9 +390,20 @@ pub struct Server {
 impl Server {
     /// Starts the API over `models` and waits until it answers `/healthz`.
     pub fn start(models: &Path, extra: &[&str]) -> Server {
+        Server::start_with_env(models.as_os_str(), extra, &[])
+    }
+
+    /// Starts the API over the model store at `models` (a path or URL), with `env` set.
+    pub fn start_with_env(models: &std::ffi::OsStr, extra: &[&str], env: &[(String, String)]) -> Server {
         let port = free_port();
         let bind = format!("127.0.0.1:{port}");
-        let mut child = lensflow(["serve", "--bind", &bind, "--models"]).arg(models).args(extra).stdout(Stdio::null()).spawn().expect("start lensflow serve");
+        let mut child = lensflow(["serve", "--bind", &bind, "--models"])
+            .arg(models)
+            .args(extra)
+            .envs(env.iter().cloned())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start lensflow serve");
         wait_for_port(port, "lensflow serve", &mut child);
         Server { child, port }
     }

@@ -1,0 +1,73 @@
+//! End to end: the docker-compose topology as separate processes on 127.0.0.1, with no Docker
+//! engine: a real Kafka-protocol broker (tansu), a real S3 server (moto) holding the lake and
+//! the models, a Ballista scheduler with two executors, a one-shot producer of ratings_small,
+//! the consumer, the trainer watching the lake and training on the cluster, and the API.
+
+mod common;
+
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+fn service(args: &[&str], env: &[(String, String)], log: std::fs::File) -> Child {
+    lensflow(args).envs(env.iter().cloned()).env("LENSFLOW_LOG", "info").stdout(Stdio::null()).stderr(log).spawn().unwrap()
+}
+
+fn stop(child: &mut Child, what: &str) {
+    interrupt(child);
+    let status = wait_exit(child, Duration::from_secs(60), what);
+    assert!(status.success(), "{what} did not shut down cleanly: {status}");
+}
+
+#[test]
+fn the_compose_topology_as_processes_serves_round_three() {
+    let _heavy = heavy();
+    let dir = tempfile::tempdir().unwrap();
+    let log = |name: &str| std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap();
+    let broker = Broker::start();
+    let s3 = S3::start("lensflow");
+    let env = s3.env();
+    let cluster = Cluster::start_with_env(dir.path(), 2, &env);
+    let (lake, models) = ("s3://lensflow/lake", "s3://lensflow/models");
+
+    // The one-shot producer first, so that batch boundaries do not depend on timing: two
+    // batches close on size at once and the last, short one on the interval.
+    run_ok(lensflow(["produce", "--brokers", &broker.addr(), "--topic", "ratings", "--input"]).arg(ratings_small()));
+    let mut consumer = service(
+        &["consume", "--brokers", &broker.addr(), "--topic", "ratings", "--lake", lake, "--batch-rows", "33335", "--batch-interval", "10s"],
+        &env,
+        log("consumer"),
+    );
+    let mut trainer = service(&["train", "--watch", "--poll-interval", "1s", "--lake", lake, "--models", models, "--scheduler", &cluster.url()], &env, log("trainer"));
+    let api = Server::start_with_env(models.as_ref(), &["--lake", lake, "--poll-interval", "500ms"], &env);
+    api.wait_round(3, Duration::from_secs(600));
+
+    let client = reqwest::blocking::Client::new();
+    let ask = json!([{"userId": 1, "movieId": 31}, {"userId": 547, "movieId": 1}]);
+    for (path, field) in [("/predict_classification", "prediction_like"), ("/predict_regression", "predicted_rating"), ("/predict_clustering", "cluster_id")] {
+        let res = client.post(api.url(path)).json(&ask).send().unwrap();
+        assert_eq!(res.status().as_u16(), 200, "{path}");
+        let answers: Value = res.json().unwrap();
+        for a in answers.as_array().unwrap() {
+            assert_eq!(a["round"], 3, "{path}: {a}");
+            assert!(a[field].is_number(), "{path} lacks {field}: {a}");
+        }
+    }
+    let models_v: Value = reqwest::blocking::get(api.url("/models")).unwrap().json().unwrap();
+    let rounds: Vec<u64> = models_v["rounds"].as_array().unwrap().iter().map(|r| r["round"].as_u64().unwrap()).collect();
+    assert_eq!(rounds, [1, 2, 3]);
+    assert_eq!(models_v["serving"]["lineage"]["rows"], 100_004);
+    assert!(models_v["serving"]["metrics"]["rmse"].as_f64().unwrap() <= 0.88, "{}", models_v["serving"]["metrics"]);
+    let status: Value = reqwest::blocking::get(api.url("/status")).unwrap().json().unwrap();
+    assert_eq!((status["lake"].as_str(), status["ratings"].as_u64()), (Some(lake), Some(100_004)), "{status}");
+    // The rounds ran as jobs on the cluster's scheduler, not in the trainer.
+    let jobs = http_get(cluster.port, "/api/jobs").unwrap_or_default();
+    assert!(jobs.matches("job_id").count() >= 1, "the scheduler ran the training queries: {jobs}");
+
+    stop(&mut trainer, "trainer");
+    stop(&mut consumer, "consumer");
+    let mut api = api;
+    stop(&mut api.child, "api");
+}

@@ -1,0 +1,75 @@
+//! End to end: `lensflow demo`, the README's first command, as a newcomer runs it.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+#[test]
+fn the_demo_runs_every_stage_and_serves_until_ctrl_c() {
+    let _heavy = heavy();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let out = std::fs::File::create(dir.path().join("demo.out")).unwrap();
+    let demo = lensflow(["demo", "--input"])
+        .arg(ratings_small())
+        .args(["--bind", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(dir.path().join("data"))
+        .stdout(out)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Server { child: demo, port };
+    server.wait_round(3, Duration::from_secs(300));
+    let printed = std::fs::read_to_string(dir.path().join("demo.out")).unwrap();
+    assert!(printed.contains(&format!("open http://127.0.0.1:{port}/")), "the URL is printed at the end:\n{printed}");
+    assert!(printed.contains("landed 100004 ratings in 3 batches"), "{printed}");
+    for round in 1..=3 {
+        assert!(printed.contains(&format!("round {round} (batches 1..={round})")), "{printed}");
+    }
+
+    let client = reqwest::blocking::Client::new();
+    let answer: Value = client.post(server.url("/predict")).json(&json!({"userId": 1, "movieId": 31})).send().unwrap().json().unwrap();
+    assert_eq!(answer["round"], 3, "{answer}");
+    assert!(answer["predicted_rating"].is_number() && answer["prediction_like"].is_number() && answer["cluster_id"].is_number(), "{answer}");
+    let page = reqwest::blocking::get(server.url("/")).unwrap().text().unwrap();
+    assert!(page.contains("<title>lensflow</title>"));
+    let status: Value = reqwest::blocking::get(server.url("/status")).unwrap().json().unwrap();
+    assert_eq!((status["batches"].as_u64(), status["ratings"].as_u64()), (Some(3), Some(100_004)), "{status}");
+
+    let mut server = server;
+    interrupt(&server.child);
+    let status = wait_exit(&mut server.child, Duration::from_secs(20), "lensflow demo");
+    assert!(status.success(), "Ctrl-C ends the demo cleanly: {status}");
+}
+
+#[test]
+fn a_second_run_reuses_its_data_or_starts_fresh() {
+    let _heavy = heavy();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let run = |extra: &[&str]| {
+        run_ok(lensflow(["demo", "--exit-after-train", "--ratings", "30000", "--data-dir"]).arg(&data).args(extra))
+    };
+    let latest = || std::fs::read_to_string(data.join("models/LATEST")).unwrap();
+    let lake = format!("file://{}", data.join("lake").display());
+
+    let first = run(&[]);
+    assert!(first.contains("round 3 (batches 1..=3)"), "{first}");
+    let (pointer, rows) = (latest(), lake_rows(&lake, &[]));
+    assert_eq!((rows.len(), lake_batches(&lake, &[])), (30_000, 3));
+
+    let again = run(&[]);
+    assert!(again.contains("reusing") && again.contains("every batch already has its round"), "{again}");
+    assert_eq!(latest(), pointer, "nothing retrained");
+    assert_eq!(lake_rows(&lake, &[]).len(), 30_000, "nothing landed twice");
+
+    let fresh = run(&["--fresh", "--rounds", "2"]);
+    assert!(fresh.contains("removed") && fresh.contains("round 2 (batches 1..=2)") && !fresh.contains("round 3"), "{fresh}");
+    assert_eq!(lake_batches(&lake, &[]), 2);
+    assert_exactly_once(&lake_rows(&lake, &[]), &csv_ratings(&data.join("ratings.csv")));
+    assert_ne!(latest(), pointer);
+}
