@@ -11,27 +11,9 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::*;
-use lensflow_jobs::consume::{commit::commit_batch, offsets::LakeOffsets, writer::Batch};
-use lensflow_jobs::lake::{Lake, StorageOptions};
 
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
-}
-
-/// Lands the CSV in the lake as `batches` batches of one partition.
-fn build_lake(csv: &std::path::Path, url: &str, batches: usize) {
-    let ratings = csv_ratings(csv);
-    let lake = Lake::open(url, &StorageOptions::default()).unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut offsets = LakeOffsets::new("ratings");
-    let per = ratings.len().div_ceil(batches);
-    for (b, chunk) in ratings.chunks(per).enumerate() {
-        let mut batch = Batch::default();
-        for (i, e) in chunk.iter().enumerate() {
-            batch.partition(0).push_rating((b * per + i) as i64, e);
-        }
-        rt.block_on(commit_batch(&lake, &mut offsets, &batch, "ratings", "bench")).unwrap();
-    }
 }
 
 fn report(title: &str, out: &str, trainer: u64, executors: &[u64], wall: std::time::Duration) {

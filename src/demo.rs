@@ -99,8 +99,12 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DemoError + '_ {
 
 /// The topic the demo sends ratings to.
 const TOPIC: &str = "ratings";
-/// Partitions of that topic, as a small production topic would have.
-const PARTITIONS: i32 = 3;
+/// Fewest partitions of that topic, as a small production topic would have.
+const MIN_PARTITIONS: i32 = 3;
+/// Most messages the demo puts in one partition of the embedded broker. librdkafka's mock
+/// broker keeps only about 5 MB or 100,000 messages per partition and silently drops the
+/// oldest beyond that, so a big file is spread over more partitions to keep every message.
+const MESSAGES_PER_PARTITION: u64 = 40_000;
 
 /// Runs the demo until it has served (Ctrl-C) or, with `exit_after_train`, trained. Returns the
 /// rounds trained in this run.
@@ -178,13 +182,14 @@ async fn ingest(opts: &DemoOptions, lake: &str, shutdown: &CancellationToken) ->
 
     // librdkafka's in-process mock broker: a real Kafka protocol endpoint on loopback, gone when
     // the demo's ingest is done (the lake, not the broker, is what lasts).
+    let partitions = (lines.div_ceil(MESSAGES_PER_PARTITION) as i32).max(MIN_PARTITIONS);
     let cluster = MockCluster::new(1)?;
-    cluster.create_topic(TOPIC, PARTITIONS, 1)?;
+    cluster.create_topic(TOPIC, partitions, 1)?;
     let kafka = KafkaOptions { brokers: cluster.bootstrap_servers(), extra: vec![] };
-    println!("\n== producing {} to the embedded Kafka broker at {}", input.display(), kafka.brokers);
+    println!("\n== producing {} to the embedded Kafka broker at {} ({partitions} partitions)", input.display(), kafka.brokers);
     let mut produce_opts = ProduceOptions::new(&input, kafka.clone());
     produce_opts.topic = TOPIC.into();
-    produce_opts.partitions = PARTITIONS;
+    produce_opts.partitions = partitions;
     produce_opts.rejects = Some(opts.data_dir.join("ratings.rejects.csv"));
     produce_opts.progress = opts.progress;
     let produced = produce(produce_opts, shutdown.clone()).await?;
@@ -204,6 +209,13 @@ async fn ingest(opts: &DemoOptions, lake: &str, shutdown: &CancellationToken) ->
     let consumed = consume(consume_opts, shutdown.clone()).await?;
     println!("{}", report::consume(&consumed));
     drop(cluster);
+    let landed = consumed.rows + consumed.dead_letters;
+    if !shutdown.is_cancelled() && landed != produced.delivered {
+        return Err(DemoError::Config(format!(
+            "{} messages were delivered to the embedded broker but {landed} landed in the lake",
+            produced.delivered
+        )));
+    }
     Ok(())
 }
 

@@ -387,6 +387,12 @@ impl Ingest {
             // Already in the lake (a fetch from before the seek took effect).
             return;
         }
+        // Offsets the broker no longer has cannot land: say so rather than skip them silently.
+        // (Transaction markers and compaction also leave gaps; an idempotent producer does not.)
+        let first = expected.unwrap_or(0);
+        if m.offset > first {
+            tracing::warn!(partition = m.partition, missing_from = first, missing_to = m.offset - 1, "offsets missing at the broker (retention?)");
+        }
         *expected = Some(m.offset + 1);
         let buf = self.batch.partition(m.partition);
         match m.parsed {
