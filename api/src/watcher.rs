@@ -162,10 +162,11 @@ impl Models {
     /// Refreshes every `interval` until `shutdown`; errors are logged and retried next time.
     pub async fn watch(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
         loop {
-            if let Err(e) = self.refresh().await {
-                if !matches!(e, ApiError::BadRound { .. }) {
-                    tracing::warn!(error = %e, "cannot read the model store; trying again");
-                }
+            // A bad round was logged where it was refused; anything else is worth a warning.
+            if let Err(e) = self.refresh().await
+                && !matches!(e, ApiError::BadRound { .. })
+            {
+                tracing::warn!(error = %e, "cannot read the model store; trying again");
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,

@@ -130,7 +130,7 @@ pub struct ServingRound {
     pub priors: Priors,
     /// The user segments.
     pub segments: Vec<Segment>,
-    /// Users and movies in its lookup tables.
+    /// Users in its lookup tables.
     pub users: u64,
     /// Movies in its lookup tables.
     pub movies: u64,
