@@ -126,7 +126,7 @@ impl LoadedRound {
             users,
             movies,
             default_ts,
-            loaded_at_ms: now_ms(),
+            loaded_at_ms: lensflow_core::now_ms(),
             history: Arc::new(Vec::new()),
         })
     }
@@ -447,12 +447,4 @@ fn most_active(table: &FxHashMap<i64, SideStats>) -> Vec<i64> {
     let mut ids: Vec<(f64, i64)> = table.iter().map(|(id, s)| (s.n, *id)).collect();
     ids.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     ids.into_iter().take(SAMPLE_IDS).map(|(_, id)| id).collect()
-}
-
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

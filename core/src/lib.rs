@@ -22,3 +22,9 @@ pub mod rating;
 
 pub use lake::{BatchFile, BatchManifest, DeadLetter, DeadLetterFile, LakeError, OffsetRange};
 pub use rating::{RatingError, RatingEvent};
+
+/// Now, in the unit of every `*_at_ms` field of the contracts: milliseconds since the Unix epoch
+/// (0 on a clock set before 1970).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}

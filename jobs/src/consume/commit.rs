@@ -107,10 +107,7 @@ fn build_manifest(batch: u64, topic: &str, writer: &str, parts: &BTreeMap<i32, W
         batch,
         topic: topic.to_string(),
         writer: writer.to_string(),
-        created_at_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0),
+        created_at_ms: lensflow_core::now_ms(),
         partitions: parts.iter().map(|(p, w)| (*p, w.range)).collect(),
         rows: files.iter().map(|f| f.rows).sum(),
         dead_letter_count: dead_letters.iter().map(|d| d.count).sum(),

@@ -370,7 +370,7 @@ async fn train_round(engine: &Engine, lake: &Lake, store: &Lake, manifests: &[Ba
         format_version: ARTIFACT_FORMAT_VERSION,
         feature_fingerprint: model::feature_fingerprint(),
         round,
-        created_at_ms: now_ms(),
+        created_at_ms: lensflow_core::now_ms(),
         features: FEATURES.iter().map(|s| s.to_string()).collect(),
         priors: prep.priors,
         scaling: prep.scaling.clone(),
@@ -391,10 +391,6 @@ async fn train_round(engine: &Engine, lake: &Lake, store: &Lake, manifests: &[Ba
     watch.lap("publish");
     tracing::info!(round, rmse = metrics.rmse, auc = metrics.auc, "round published");
     Ok(RoundReport { round, batches: manifests.iter().map(|m| m.batch).collect(), metrics, seconds: watch.0, path: store.url_of(&dir) })
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 fn lineage(lake: &Lake, manifests: &[BatchManifest]) -> Lineage {
