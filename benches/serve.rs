@@ -33,10 +33,8 @@ fn field<'a>(out: &'a str, label: &str) -> &'a str {
     out.lines().find_map(|l| l.trim().strip_prefix(label)).map(str::trim).unwrap_or("?")
 }
 
-fn vm(pid: u32, key: &str) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kb: f64 = status.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0.0);
-    kb / 1024.0
+fn mib(pid: u32, key: &str) -> f64 {
+    proc_memory(pid, key).unwrap_or(0) as f64 / (1024.0 * 1024.0)
 }
 
 fn main() {
@@ -53,7 +51,7 @@ fn main() {
     let server = Server::start(&models, &[]);
     server.wait_round(3, std::time::Duration::from_secs(60));
     let pid = server.child.id();
-    let loaded = vm(pid, "VmRSS:");
+    let loaded = mib(pid, "VmRSS");
     let (users, movies) = ((n / 150) as u32, ((n / 11).min(30_000)) as u32);
     println!("\n## lensflow serve benchmark: round 3 of {n} generated ratings ({users} users, {movies} movies), wrk {seconds} s per row, 2 threads");
     println!("\nServer RSS once the round is loaded: {loaded:.0} MiB\n");
@@ -80,5 +78,5 @@ fn main() {
             );
         }
     }
-    println!("\nServer peak RSS over the whole run: {:.0} MiB", vm(pid, "VmHWM:"));
+    println!("\nServer peak RSS over the whole run: {:.0} MiB", mib(pid, "VmHWM"));
 }

@@ -157,15 +157,19 @@ where
     cmd
 }
 
+/// A memory figure of a running process from /proc, in bytes: `VmRSS` (now) or `VmHWM` (peak).
+pub fn proc_memory(pid: u32, key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.strip_prefix(key).is_some_and(|rest| rest.starts_with(':')))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+}
+
 /// Runs a command while sampling its peak resident memory (VmHWM) from /proc; returns its
 /// stdout, wall time and peak bytes. Other processes' peaks can be sampled alongside.
 pub fn run_measured(cmd: &mut Command, also: &[u32]) -> (String, Duration, u64, Vec<u64>) {
     let start = Instant::now();
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn");
-    let peak_of = |pid: u32| -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
-    };
+    let peak_of = |pid: u32| proc_memory(pid, "VmHWM");
     let (mut peak, mut others) = (0u64, vec![0u64; also.len()]);
     let stdout = child.stdout.take().expect("stdout");
     let reader = std::thread::spawn(move || {
