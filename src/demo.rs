@@ -91,6 +91,17 @@ pub enum DemoError {
     /// The options make no sense.
     #[error("{0}")]
     Config(String),
+    /// The generator thread died.
+    #[error("generating ratings: {0}")]
+    Generator(#[from] tokio::task::JoinError),
+    /// Fewer messages landed than the embedded broker took.
+    #[error("{delivered} messages were delivered to the embedded broker but {landed} landed in the lake")]
+    Lost {
+        /// Messages the broker acknowledged.
+        delivered: u64,
+        /// Ratings and dead letters in the lake.
+        landed: u64,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DemoError + '_ {
@@ -171,9 +182,7 @@ async fn ingest(opts: &DemoOptions, lake: &str, shutdown: &CancellationToken) ->
             println!("== generating {} ratings (seed {}) into {}", opts.ratings, opts.seed, path.display());
             let settings = GenerateOptions { ratings: opts.ratings, seed: opts.seed, progress: opts.progress, ..Default::default() };
             let file = std::fs::File::create(&path).map_err(io(&path))?;
-            let summary = tokio::task::spawn_blocking(move || generate(&settings, file))
-                .await
-                .map_err(|e| DemoError::Config(format!("generator stopped: {e}")))??;
+            let summary = tokio::task::spawn_blocking(move || generate(&settings, file)).await??;
             println!("{} ratings by {} users of {} movies", summary.ratings, summary.users, summary.movies);
             path
         }
@@ -211,10 +220,7 @@ async fn ingest(opts: &DemoOptions, lake: &str, shutdown: &CancellationToken) ->
     drop(cluster);
     let landed = consumed.rows + consumed.dead_letters;
     if !shutdown.is_cancelled() && landed != produced.delivered {
-        return Err(DemoError::Config(format!(
-            "{} messages were delivered to the embedded broker but {landed} landed in the lake",
-            produced.delivered
-        )));
+        return Err(DemoError::Lost { delivered: produced.delivered, landed });
     }
     Ok(())
 }
