@@ -5,7 +5,9 @@
 //!     ─▶ train, one round per batch (Ballista standalone) ─▶ <data-dir>/models ─▶ serve on --bind
 //! ```
 //!
-//! The ratings are split into `rounds` batches, so the rounds are cumulative as in production.
+//! Any pipeline runs the same way (`--pipeline`): its events come from `--input`, or, for a
+//! pipeline whose events are MovieLens-shaped ratings, from the built-in generator. The events
+//! are split into `rounds` batches, so the rounds are cumulative as in production.
 //! A second run finds the lake and models of the first: by default it keeps them (training any
 //! batch that lacks its round) and serves; `--fresh` deletes them and starts over. It never
 //! re-sends ratings into a lake that has them, because the new embedded broker's offsets start
@@ -20,7 +22,7 @@ use lensflow_jobs::JobError;
 use lensflow_jobs::consume::{ConsumeOptions, consume};
 use lensflow_jobs::generate::{GenerateOptions, generate};
 use lensflow_jobs::kafka::KafkaOptions;
-use lensflow_jobs::lake::{Lake, StorageOptions};
+use lensflow_core::{Lake, Pipeline, StorageOptions};
 use lensflow_jobs::produce::{ProduceOptions, produce};
 use lensflow_jobs::train::{RoundReport, TrainOptions, train};
 use rdkafka::mocking::MockCluster;
@@ -31,6 +33,8 @@ use crate::report;
 /// Settings of `lensflow demo`.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
+    /// The pipeline to run.
+    pub pipeline: Pipeline,
     /// Where the lake, the models and generated ratings go.
     pub data_dir: PathBuf,
     /// A ratings CSV to use instead of generated ratings.
@@ -53,8 +57,9 @@ pub struct DemoOptions {
 
 impl DemoOptions {
     /// Defaults: 300,000 generated ratings in 3 rounds, served on 127.0.0.1:5000.
-    pub fn new(data_dir: impl Into<PathBuf>) -> DemoOptions {
+    pub fn new(pipeline: Pipeline, data_dir: impl Into<PathBuf>) -> DemoOptions {
         DemoOptions {
+            pipeline,
             data_dir: data_dir.into(),
             input: None,
             ratings: 300_000,
@@ -108,8 +113,6 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DemoError + '_ {
     move |source| DemoError::Io { path: path.to_path_buf(), source }
 }
 
-/// The topic the demo sends ratings to.
-const TOPIC: &str = "ratings";
 /// Fewest partitions of that topic, as a small production topic would have.
 const MIN_PARTITIONS: i32 = 3;
 /// Most messages the demo puts in one partition of the embedded broker. librdkafka's mock
@@ -123,9 +126,11 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken, mut on_round: i
     if opts.rounds == 0 {
         return Err(DemoError::Config("--rounds must be at least 1".into()));
     }
+    let name = opts.pipeline.name().to_string();
     let (lake_dir, models_dir) = (opts.data_dir.join("lake"), opts.data_dir.join("models"));
     if opts.fresh {
-        for dir in [&lake_dir, &models_dir] {
+        // Only this pipeline's folders: another pipeline's lake and models stay.
+        for dir in [&lake_dir.join(&name), &models_dir.join(&name)] {
             if dir.exists() {
                 std::fs::remove_dir_all(dir).map_err(io(dir))?;
                 println!("removed {}", dir.display());
@@ -133,14 +138,15 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken, mut on_round: i
         }
     }
     std::fs::create_dir_all(&opts.data_dir).map_err(io(&opts.data_dir))?;
-    let lake = Lake::open(&lake_dir.to_string_lossy(), &StorageOptions::default())?;
-    let landed = lake.manifests().await?;
+    let root = Lake::open(&lake_dir.to_string_lossy(), &StorageOptions::default()).map_err(JobError::from)?;
+    let lake = root.child(&name);
+    let landed = lake.manifests().await.map_err(JobError::from)?;
     if landed.is_empty() {
-        ingest(&opts, lake.url(), &shutdown).await?;
+        ingest(&opts, root.url(), &shutdown).await?;
     } else {
         let rows: u64 = landed.iter().map(|m| m.rows).sum();
         println!(
-            "reusing {} from an earlier run: {} batches, {rows} ratings (run with --fresh to start over)",
+            "reusing {} from an earlier run: {} batches, {rows} events (run with --fresh to start over)",
             lake.url(),
             landed.len()
         );
@@ -151,7 +157,7 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken, mut on_round: i
 
     println!("\n== training: one cumulative round per batch, on Ballista standalone");
     let models = models_dir.to_string_lossy().into_owned();
-    let trained = train(TrainOptions::new(lake.url(), models.clone()), shutdown.clone(), |r| {
+    let trained = train(TrainOptions::new(opts.pipeline.clone(), root.url(), models.clone()), shutdown.clone(), |r| {
         println!("{}", report::round(r));
         on_round(r);
     })
@@ -164,7 +170,8 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken, mut on_round: i
     }
 
     let mut serve = ServeOptions::new(models);
-    serve.lake = Some(lake.url().to_string());
+    serve.default_pipeline = name;
+    serve.lake = Some(root.url().to_string());
     let listener = tokio::net::TcpListener::bind(opts.bind).await.map_err(|source| ApiError::Serve { addr: opts.bind.to_string(), source })?;
     let addr = listener.local_addr().map_err(io(Path::new("socket")))?;
     let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
@@ -173,10 +180,19 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken, mut on_round: i
     Ok(trained)
 }
 
-/// Ratings → embedded broker → lake, in `opts.rounds` batches.
+/// Events → embedded broker → lake, in `opts.rounds` batches.
 async fn ingest(opts: &DemoOptions, lake: &str, shutdown: &CancellationToken) -> Result<(), DemoError> {
     let input = match &opts.input {
         Some(path) => path.clone(),
+        // The generator writes MovieLens-shaped ratings: it can stand in for any pipeline whose
+        // events have exactly those columns, and for no other.
+        None if opts.pipeline.csv_header().join(",") != lensflow_jobs::generate::CSV_HEADER => {
+            return Err(DemoError::Config(format!(
+                "pipeline {} needs --input FILE: a CSV with the columns {} (the built-in generator writes MovieLens ratings)",
+                opts.pipeline.name(),
+                opts.pipeline.csv_header().join(",")
+            )));
+        }
         None => {
             let path = opts.data_dir.join("ratings.csv");
             println!("== generating {} ratings (seed {}) into {}", opts.ratings, opts.seed, path.display());
@@ -192,14 +208,15 @@ async fn ingest(opts: &DemoOptions, lake: &str, shutdown: &CancellationToken) ->
     // librdkafka's in-process mock broker: a real Kafka protocol endpoint on loopback, gone when
     // the demo's ingest is done (the lake, not the broker, is what lasts).
     let partitions = (lines.div_ceil(MESSAGES_PER_PARTITION) as i32).max(MIN_PARTITIONS);
+    let topic = opts.pipeline.topic().to_string();
     let cluster = MockCluster::new(1)?;
-    cluster.create_topic(TOPIC, partitions, 1)?;
+    cluster.create_topic(&topic, partitions, 1)?;
     let kafka = KafkaOptions { brokers: cluster.bootstrap_servers(), extra: vec![] };
     println!("\n== producing {} to the embedded Kafka broker at {} ({partitions} partitions)", input.display(), kafka.brokers);
-    let mut produce_opts = ProduceOptions::new(&input, kafka.clone());
-    produce_opts.topic = TOPIC.into();
+    let mut produce_opts = ProduceOptions::new(&input, kafka.clone(), opts.pipeline.clone());
+    produce_opts.topic = topic.clone();
     produce_opts.partitions = partitions;
-    produce_opts.rejects = Some(opts.data_dir.join("ratings.rejects.csv"));
+    produce_opts.rejects = Some(opts.data_dir.join(format!("{}.rejects.csv", opts.pipeline.name())));
     produce_opts.progress = opts.progress;
     let produced = produce(produce_opts, shutdown.clone()).await?;
     println!("{}", report::produce(&produced));
@@ -208,8 +225,8 @@ async fn ingest(opts: &DemoOptions, lake: &str, shutdown: &CancellationToken) ->
     }
 
     println!("\n== consuming into the lake at {lake}, {} batches", opts.rounds);
-    let mut consume_opts = ConsumeOptions::new(kafka, lake);
-    consume_opts.topic = TOPIC.into();
+    let mut consume_opts = ConsumeOptions::new(kafka, lake, opts.pipeline.clone());
+    consume_opts.topic = topic;
     consume_opts.batch_rows = lines.div_ceil(opts.rounds).max(1) as usize;
     // Batches close on size; only the last, short one waits for the broker to fall idle.
     consume_opts.batch_interval = Duration::from_secs(3600);

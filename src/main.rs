@@ -12,7 +12,7 @@ use lensflow_executor::ExecutorOptions;
 use lensflow_jobs::consume::{ConsumeOptions, ConsumeSummary, consume};
 use lensflow_jobs::generate::{GenerateOptions, generate};
 use lensflow_jobs::kafka::KafkaOptions;
-use lensflow_jobs::lake::StorageOptions;
+use lensflow_jobs::{Pipeline, StorageOptions};
 use lensflow_jobs::produce::{Pace, ProduceOptions, ProduceSummary, produce};
 use lensflow_jobs::train::{RoundReport, TrainOptions, train};
 use lensflow::demo::DemoOptions;
@@ -38,10 +38,12 @@ struct Cli {
 enum Command {
     /// Write a MovieLens-like ratings CSV (deterministic for a seed).
     Generate(GenerateArgs),
-    /// Send a ratings CSV to Kafka, one JSON message per rating, keyed by user.
+    /// Send a pipeline's CSV to Kafka, one JSON message per event, keyed by its key column.
     Produce(ProduceArgs),
-    /// Land ratings from Kafka in the Parquet lake, exactly once.
+    /// Land a pipeline's events from Kafka in the Parquet lake, exactly once.
     Consume(ConsumeArgs),
+    /// List the built-in pipelines, or check a pipeline folder (`pipelines check PATH`).
+    Pipelines(PipelinesArgs),
     /// Train the three models, one cumulative round per batch, on Ballista.
     Train(TrainArgs),
     /// Run a Ballista scheduler with lensflow's setup.
@@ -56,10 +58,12 @@ enum Command {
 
 #[derive(Args)]
 struct DemoArgs {
+    #[command(flatten)]
+    pipeline: PipelineArgs,
     /// Folder for the lake (`lake/`), the models (`models/`) and generated ratings.
     #[arg(long, env = "LENSFLOW_DATA_DIR", default_value = "data")]
     data_dir: PathBuf,
-    /// A ratings CSV (`userId,movieId,rating,timestamp`) instead of generated ratings.
+    /// A CSV of the pipeline's events [default: generated ratings, for movielens].
     #[arg(long, env = "LENSFLOW_INPUT")]
     input: Option<PathBuf>,
     /// Ratings to generate when there is no --input.
@@ -84,10 +88,14 @@ struct DemoArgs {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// The model store `lensflow train` writes to (as for train).
+    /// The model store's root `lensflow train` writes to (as for train); every pipeline found
+    /// there is served.
     #[arg(long, env = "LENSFLOW_MODELS", default_value = "data/models")]
     models: String,
-    /// The lake, for the pipeline status [default: the lake the served round was trained on].
+    /// The pipeline the original routes (`/predict`, `/models`, `/status`, …) answer for.
+    #[arg(long, env = "LENSFLOW_PIPELINE", default_value = "movielens")]
+    default_pipeline: String,
+    /// The lake's root, for the pipeline status [default: the lake each served round was trained on].
     #[arg(long, env = "LENSFLOW_LAKE")]
     lake: Option<String>,
     /// Address to serve on.
@@ -109,10 +117,13 @@ struct ServeArgs {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// The lake to read batches from (as for consume).
+    #[command(flatten)]
+    pipeline: PipelineArgs,
+    /// The lake's root to read batches from (as for consume).
     #[arg(long, env = "LENSFLOW_LAKE", default_value = "data/lake")]
     lake: String,
-    /// The model store to write rounds to: a local path, file:///abs/path or s3://bucket/prefix.
+    /// The model store's root: a local path, file:///abs/path or s3://bucket/prefix; the
+    /// pipeline's rounds go to `<root>/<pipeline>/`.
     #[arg(long, env = "LENSFLOW_MODELS", default_value = "data/models")]
     models: String,
     /// A Ballista scheduler, df://HOST:PORT [default: Ballista standalone in-process].
@@ -127,9 +138,6 @@ struct TrainArgs {
     /// How often --watch looks for new batches (e.g. 5s).
     #[arg(long, env = "LENSFLOW_POLL_INTERVAL", value_parser = humantime::parse_duration, default_value = "5s")]
     poll_interval: Duration,
-    /// Number of user segments.
-    #[arg(long, env = "LENSFLOW_SEGMENTS", default_value_t = 4)]
-    segments: usize,
     /// Query partitions per stage.
     #[arg(long, env = "LENSFLOW_TRAIN_PARTITIONS", default_value_t = 4)]
     partitions: usize,
@@ -205,9 +213,9 @@ struct KafkaArgs {
     /// Kafka bootstrap servers.
     #[arg(long, env = "LENSFLOW_BROKERS", default_value = "127.0.0.1:9092")]
     brokers: String,
-    /// Topic of the rating events.
-    #[arg(long, env = "LENSFLOW_TOPIC", default_value = "ratings")]
-    topic: String,
+    /// Topic of the events [default: the pipeline's topic].
+    #[arg(long, env = "LENSFLOW_TOPIC")]
+    topic: Option<String>,
     /// Extra librdkafka setting, KEY=VALUE (repeatable), e.g. `-X security.protocol=ssl`.
     #[arg(short = 'X', long = "kafka-config", value_parser = parse_key_value, env = "LENSFLOW_KAFKA_CONFIG", value_delimiter = ';')]
     kafka_config: Vec<(String, String)>,
@@ -222,9 +230,27 @@ impl KafkaArgs {
     }
 }
 
+/// `--pipeline`: flatten this into a command's arguments to give it one.
+#[derive(Args, Clone)]
+struct PipelineArgs {
+    /// The pipeline: a built-in name (`lensflow pipelines` lists them) or a folder with a
+    /// pipeline.toml.
+    #[arg(long, env = "LENSFLOW_PIPELINE", default_value = "movielens")]
+    pipeline: String,
+}
+
+impl PipelineArgs {
+    /// Loads the pipeline (a definition error names its file and key).
+    fn load(&self) -> anyhow::Result<Pipeline> {
+        Ok(Pipeline::resolve(&self.pipeline)?)
+    }
+}
+
 #[derive(Args)]
 struct ProduceArgs {
-    /// Ratings CSV with the header `userId,movieId,rating,timestamp`.
+    #[command(flatten)]
+    pipeline: PipelineArgs,
+    /// CSV whose header names the pipeline's columns (movielens: `userId,movieId,rating,timestamp`).
     #[arg(long, env = "LENSFLOW_INPUT")]
     input: PathBuf,
     #[command(flatten)]
@@ -238,7 +264,7 @@ struct ProduceArgs {
     /// Send at most this many messages per second [default: as fast as the broker takes them].
     #[arg(long, env = "LENSFLOW_RATE", conflicts_with = "replay_speed")]
     rate: Option<f64>,
-    /// Replay the ratings' own timeline this many times faster than real time.
+    /// Replay the events' own timeline this many times faster than real time (needs a time column).
     #[arg(long, env = "LENSFLOW_REPLAY_SPEED")]
     replay_speed: Option<f64>,
     /// Where rejected lines go [default: <input>.rejects.csv].
@@ -252,11 +278,14 @@ struct ProduceArgs {
 #[derive(Args)]
 struct ConsumeArgs {
     #[command(flatten)]
+    pipeline: PipelineArgs,
+    #[command(flatten)]
     kafka: KafkaArgs,
     /// Consumer group; consumers in one group split the partitions.
     #[arg(long, env = "LENSFLOW_GROUP", default_value = "lensflow-consumer")]
     group: String,
-    /// The lake: file:///abs/path, a local path, or s3://bucket/prefix (S3 settings from AWS_*).
+    /// The lake's root: file:///abs/path, a local path, or s3://bucket/prefix (S3 settings from
+    /// AWS_*); the pipeline's events land in `<root>/<pipeline>/`.
     #[arg(long, env = "LENSFLOW_LAKE", default_value = "data/lake")]
     lake: String,
     /// Close a batch once it holds this many messages.
@@ -271,6 +300,25 @@ struct ConsumeArgs {
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct PipelinesArgs {
+    #[command(subcommand)]
+    action: Option<PipelinesAction>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum PipelinesAction {
+    /// Load a pipeline folder and plan its SQL on empty tables; exit 2 with `file: key: fault`
+    /// if anything is wrong.
+    Check {
+        /// The folder (or its pipeline.toml).
+        path: PathBuf,
+    },
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
@@ -334,6 +382,75 @@ fn print_consume(s: &ConsumeSummary, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `lensflow pipelines [check PATH]`.
+async fn pipelines(a: PipelinesArgs) -> anyhow::Result<ExitCode> {
+    let Some(PipelinesAction::Check { path }) = a.action else {
+        let all = Pipeline::builtin_names().into_iter().map(Pipeline::resolve).collect::<Result<Vec<_>, _>>()?;
+        if a.json {
+            let defs: Vec<_> = all.iter().map(|p| &p.definition).collect();
+            println!("{}", serde_json::to_string_pretty(&defs)?);
+        } else {
+            let text: Vec<String> = all.iter().map(describe_pipeline).collect();
+            println!("{}", text.join("\n"));
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    let checked = match Pipeline::load(&path) {
+        Ok(p) => p.check_sql().await.map(|c| (p, c)),
+        Err(e) => Err(e),
+    };
+    match (checked, a.json) {
+        (Ok((p, c)), false) => println!(
+            "ok: pipeline {} ({}): {} event columns, {} features, {} lookups; a serving row has {} fields",
+            p.name(),
+            p.source,
+            p.definition.events.columns.len(),
+            p.features().len(),
+            c.lookups.len(),
+            c.serving.fields().len()
+        ),
+        (Ok((p, _)), true) => println!("{}", serde_json::json!({ "ok": true, "pipeline": p.name(), "source": p.source })),
+        (Err(e), json) => {
+            if json {
+                println!("{}", serde_json::json!({ "ok": false, "file": e.file, "key": e.key, "fault": e.fault }));
+            } else {
+                eprintln!("{e}");
+            }
+            // 2, not 1: the definition is wrong, as opposed to the command failing to run.
+            return Ok(ExitCode::from(2));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A pipeline for people: what it is, its events, its features and its three models.
+fn describe_pipeline(p: &Pipeline) -> String {
+    let d = &p.definition;
+    let mut out = format!("{} — {}\n", d.name, d.description);
+    out += &format!(
+        "  topic {}, key {}, time {}, SQL table {}\n  event columns:\n",
+        p.topic(),
+        d.events.key,
+        d.events.time.as_deref().unwrap_or("(arrival order)"),
+        d.events.table
+    );
+    for c in &d.events.columns {
+        let kind = serde_json::to_value(c.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        let rule = match &c.values {
+            Some(values) => format!("one of {}", values.join(", ")),
+            None if c.min.is_some() || c.max.is_some() || c.step.is_some() => c.rule(),
+            None => String::new(),
+        };
+        out += &format!("    {:<24} {:<8} wire {:<22} {:<28} {}\n", c.name, kind, c.wire(), rule, c.doc);
+    }
+    out += &format!("  features: {}\n", p.features().join(", "));
+    let m = &d.models;
+    out += &format!("  classification: label {} — {}\n", m.classification.label, m.classification.doc);
+    out += &format!("  regression: target {} — {}\n", m.regression.target, m.regression.doc);
+    out += &format!("  clustering: entity {}, k {} — {}", m.clustering.entity, m.clustering.k, m.clustering.doc);
+    out
+}
+
 fn print_round(r: &RoundReport, json: bool) {
     if !json {
         println!("{}", report::round(r));
@@ -370,8 +487,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
         }
         Command::Produce(a) => {
-            let mut opts = ProduceOptions::new(a.input, a.kafka.options());
-            opts.topic = a.kafka.topic.clone();
+            let mut opts = ProduceOptions::new(a.input, a.kafka.options(), a.pipeline.load()?);
+            if let Some(topic) = a.kafka.topic.clone() {
+                opts.topic = topic;
+            }
             opts.partitions = a.partitions;
             opts.replication = a.replication_factor;
             opts.pace = match (a.rate, a.replay_speed) {
@@ -388,8 +507,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Consume(a) => {
-            let mut opts = ConsumeOptions::new(a.kafka.options(), a.lake);
-            opts.topic = a.kafka.topic.clone();
+            let mut opts = ConsumeOptions::new(a.kafka.options(), a.lake, a.pipeline.load()?);
+            if let Some(topic) = a.kafka.topic.clone() {
+                opts.topic = topic;
+            }
             opts.group = a.group;
             opts.storage = storage_from_env();
             opts.batch_rows = a.batch_rows;
@@ -399,13 +520,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let s = consume(opts, shutdown).await?;
             print_consume(&s, a.json)?;
         }
+        Command::Pipelines(a) => return pipelines(a).await,
         Command::Train(a) => {
-            let mut opts = TrainOptions::new(a.lake, a.models);
+            let mut opts = TrainOptions::new(a.pipeline.load()?, a.lake, a.models);
             opts.storage = storage_from_env();
             opts.scheduler = a.scheduler;
             opts.watch = a.watch;
             opts.poll_interval = a.poll_interval;
-            opts.segments = a.segments;
             opts.partitions = a.partitions;
             opts.query_timeout = a.query_timeout;
             let (json, watch) = (a.json, a.watch);
@@ -441,6 +562,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Demo(a) => {
             let opts = DemoOptions {
+                pipeline: a.pipeline.load()?,
                 data_dir: a.data_dir,
                 input: a.input,
                 ratings: a.ratings,
@@ -455,6 +577,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Serve(a) => {
             let mut opts = ServeOptions::new(a.models);
+            opts.default_pipeline = a.default_pipeline;
             opts.lake = a.lake;
             opts.storage = storage_from_env();
             opts.poll_interval = a.poll_interval;

@@ -22,22 +22,38 @@ pub fn produce(s: &ProduceSummary) -> String {
 /// One line on what a consumer run landed.
 pub fn consume(s: &ConsumeSummary) -> String {
     format!(
-        "landed {} ratings in {} batches in {:.1}s ({:.0}/s); {} dead letters; {} dropped on rebalance; lake at batch {}",
+        "landed {} events in {} batches in {:.1}s ({:.0}/s); {} dead letters; {} dropped on rebalance; lake at batch {}",
         s.rows, s.batches, s.seconds, s.rows_per_sec, s.dead_letters, s.dropped_on_rebalance, s.last_batch
     )
 }
 
 /// A training round as a small table of metrics beside their baselines, then stage times.
+/// The regression line says plainly when the model is no better than the mean.
 pub fn round(r: &RoundReport) -> String {
     let m = &r.metrics;
-    let mut out = format!("round {} (batches 1..={}): {} train / {} hold-out ratings -> {}\n", r.round, r.round, m.train_rows, m.test_rows, r.path);
+    let mut out = format!(
+        "{} round {} (batches 1..={}): {} train / {} hold-out events -> {}\n",
+        r.pipeline, r.round, r.round, m.train_rows, m.test_rows, r.path
+    );
     out += &format!("  {:<16} {:>8} {:>10}\n", "metric", "model", "baseline");
-    out += &format!("  {:<16} {:>8.4} {:>10.4}\n", "RMSE", m.rmse, m.rmse_baseline);
+    out += &format!("  {:<16} {:>8.4} {:>10.4}  (baseline: always the training mean)\n", "RMSE", m.rmse, m.rmse_baseline);
+    out += &format!("  {:<16} {:>8.4} {:>10.4}  {}\n", "R²", m.r2, 0.0, skill(m.r2));
     out += &format!("  {:<16} {:>8.4} {:>10}\n", "MAE", m.mae, "");
-    out += &format!("  {:<16} {:>8.4} {:>10.4}\n", "AUC", m.auc, 0.5);
-    out += &format!("  {:<16} {:>8.4} {:>10.4}\n", "accuracy", m.accuracy, m.accuracy_baseline);
-    out += &format!("  {:<16} {:>8.4} {:>10}\n", "silhouette", m.silhouette, "");
+    out += &format!("  {:<16} {:>8.4} {:>10.4}  (baseline: a constant score)\n", "AUC", m.auc, m.auc_baseline);
+    out += &format!("  {:<16} {:>8.4} {:>10.4}  (baseline: always the majority class)\n", "accuracy", m.accuracy, m.accuracy_baseline);
+    out += &format!("  {:<16} {:>8.4} {:>10.4}  (0: no structure; 1: tight, separate segments)\n", "silhouette", m.silhouette, 0.0);
     let stages: Vec<String> = r.seconds.iter().map(|(k, v)| format!("{k} {v:.2}s")).collect();
     out += &format!("  time: {}", stages.join(", "));
     out
+}
+
+/// What an R² says about a regression, in words.
+pub fn skill(r2: f64) -> &'static str {
+    if r2 < 0.0 {
+        "worse than predicting the mean: no skill"
+    } else if r2 < 0.02 {
+        "no better than predicting the mean: no skill"
+    } else {
+        "better than predicting the mean"
+    }
 }

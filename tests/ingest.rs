@@ -1,5 +1,6 @@
 //! End to end: CSV → a real Kafka-protocol broker (tansu) → the lake, with the `lensflow`
-//! binary as a user runs it. Exactly once through crashes, rebalances, bad input and S3.
+//! binary as a user runs it. Exactly once through crashes, rebalances, bad input and S3, for
+//! the MovieLens pipeline and the smart-home one (no time column, a string category).
 
 mod common;
 
@@ -9,15 +10,22 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use lensflow_core::DeadLetter;
+use lensflow_core::pipeline::event::Value;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 fn produce(broker: &Broker, topic: &str, input: &std::path::Path, partitions: u32) -> serde_json::Value {
-    let out = run_ok(
-        lensflow(["produce", "--brokers", &broker.addr(), "--topic", topic, "--partitions", &partitions.to_string(), "--json", "--input"])
-            .arg(input),
-    );
+    produce_pipeline(broker, "movielens", Some(topic), input, partitions)
+}
+
+/// `lensflow produce --pipeline P` (to the pipeline's own topic unless one is given).
+fn produce_pipeline(broker: &Broker, pipeline: &str, topic: Option<&str>, input: &std::path::Path, partitions: u32) -> serde_json::Value {
+    let mut cmd = lensflow(["produce", "--pipeline", pipeline, "--brokers", &broker.addr(), "--partitions", &partitions.to_string(), "--json"]);
+    if let Some(topic) = topic {
+        cmd.args(["--topic", topic]);
+    }
+    let out = run_ok(cmd.arg("--input").arg(input));
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("summary {out:?}: {e}"))
 }
 
@@ -25,6 +33,15 @@ fn consumer(broker: &Broker, topic: &str, group: &str, lake: &str, extra: &[&str
     let mut cmd = lensflow(["consume", "--brokers", &broker.addr(), "--topic", topic, "--group", group, "--lake", lake, "--json"]);
     cmd.args(extra);
     cmd
+}
+
+/// Every dead letter in a pipeline's lake folder.
+fn dead_letters(pipeline_dir: &std::path::Path) -> Vec<DeadLetter> {
+    std::fs::read_dir(pipeline_dir.join("_dead_letters"))
+        .unwrap()
+        .flat_map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap().lines().map(str::to_owned).collect::<Vec<_>>())
+        .map(|l| serde_json::from_str(&l).unwrap())
+        .collect()
 }
 
 fn lake_url(dir: &std::path::Path) -> String {
@@ -192,14 +209,14 @@ fn malformed_lines_and_messages_are_reported_and_good_data_lands() {
 
     // Bad messages straight onto the topic, as a foreign producer might send them.
     let producer: BaseProducer = ClientConfig::new().set("bootstrap.servers", broker.addr()).create().unwrap();
-    let bad: [(&str, &str); 5] = [
-        ("not json at all", "not a JSON object"),
-        (r#"{"movieId":1,"rating":4.0,"timestamp":1}"#, "missing field `userId`"),
-        (r#"{"userId":5,"movieId":[1],"rating":4.0,"timestamp":1}"#, "field `movieId`: expected an integer, found an array"),
-        (r#"{"userId":5,"movieId":1,"rating":0.0,"timestamp":1}"#, "field `rating`: 0 is out of range"),
-        (r#"{"userId":5,"movieId":2,"rating":4.5,"timestamp":-3}"#, "field `timestamp`: -3 is out of range"),
+    let bad: [(&str, &str, Option<&str>); 5] = [
+        ("not json at all", "not a JSON object", None),
+        (r#"{"movieId":1,"rating":4.0,"timestamp":1}"#, "missing field `userId`", Some("userId")),
+        (r#"{"userId":5,"movieId":[1],"rating":4.0,"timestamp":1}"#, "field `movieId`: expected an integer, found an array", Some("movieId")),
+        (r#"{"userId":5,"movieId":1,"rating":0.0,"timestamp":1}"#, "field `rating`: 0 is out of range", Some("rating")),
+        (r#"{"userId":5,"movieId":2,"rating":4.5,"timestamp":-3}"#, "field `timestamp`: -3 is out of range", Some("timestamp")),
     ];
-    for (payload, _) in &bad {
+    for (payload, _, _) in &bad {
         producer.send(BaseRecord::<str, str>::to("mixed").payload(*payload)).unwrap();
     }
     // The seed's own producer wrote every value as a string: that is a good rating.
@@ -214,18 +231,15 @@ fn malformed_lines_and_messages_are_reported_and_good_data_lands() {
     assert_eq!((consumed["rows"].as_u64(), consumed["dead_letters"].as_u64()), (Some(4), Some(5)), "{consumed}");
 
     let rows = lake_rows(&lake, &[]);
-    let mut users: Vec<i64> = rows.iter().map(|r| r.event.user_id).collect();
+    let mut users: Vec<i64> = rows.iter().map(|r| int(&r.event.0[0])).collect();
     users.sort_unstable();
     assert_eq!(users, vec![1, 2, 4, 9]);
-    let dead: Vec<DeadLetter> = std::fs::read_dir(dir.path().join("lake/_dead_letters"))
-        .unwrap()
-        .flat_map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap().lines().map(str::to_owned).collect::<Vec<_>>())
-        .map(|l| serde_json::from_str(&l).unwrap())
-        .collect();
+    let dead = dead_letters(&dir.path().join("lake/movielens"));
     assert_eq!(dead.len(), bad.len());
-    for (payload, reason) in bad {
+    for (payload, reason, field) in bad {
         let d = dead.iter().find(|d| d.raw == payload).unwrap_or_else(|| panic!("no dead letter for {payload}"));
         assert!(d.reason.starts_with(reason), "{} should start with {reason}", d.reason);
+        assert_eq!(d.field.as_deref(), field, "{d:?}");
         assert!(!rows.iter().any(|r| (r.partition, r.offset) == (d.partition, d.offset)), "a dead letter's offset is not a rating");
     }
     let counted: u64 = lake_manifests(&lake, &[]).iter().map(|m| m.dead_letter_count).sum();
@@ -248,8 +262,121 @@ fn s3_lake_on_a_real_s3_server() {
     assert_eq!(lake_batches(lake, &s3.env()), 3);
 
     // The commit point's conditional create holds on S3 too: a second writer of batch 1 loses.
-    let store = lensflow_jobs::lake::Lake::open(lake, &lensflow_jobs::lake::StorageOptions(s3.env())).unwrap();
+    let store = pipeline_lake(lake, "movielens", &s3.env());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let first = rt.block_on(store.manifests()).unwrap().remove(0);
     assert!(!rt.block_on(store.try_commit(&first)).unwrap(), "batch 1 must not be committed twice");
+}
+
+#[test]
+fn smart_home_devices_land_exactly_once_with_typed_columns() {
+    let _heavy = heavy();
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let input = smart_home_csv();
+    // No --topic: the pipeline's own (smart-home-devices).
+    let summary = produce_pipeline(&broker, "smart-home", None, &input, 3);
+    assert_eq!((summary["delivered"].as_u64(), summary["rejected"].as_u64()), (Some(5_403), Some(0)), "{summary}");
+
+    let lake = lake_url(dir.path());
+    let consume = |group: &str| -> serde_json::Value {
+        let out = run_ok(&mut lensflow([
+            "consume", "--pipeline", "smart-home", "--brokers", &broker.addr(), "--group", group, "--lake", &lake, "--batch-rows", "2000",
+            "--exit-when-idle", "5s", "--json",
+        ]));
+        serde_json::from_str(out.trim()).unwrap()
+    };
+    let consumed = consume("g-home");
+    assert_eq!((consumed["rows"].as_u64(), consumed["dead_letters"].as_u64()), (Some(5_403), Some(0)), "{consumed}");
+
+    let expected = csv_events(&input, "smart-home");
+    assert_eq!(expected.len(), 5_403);
+    let rows = lake_rows_of(&lake, "smart-home", &[]);
+    assert_exactly_once(&rows, &expected);
+    // The events sit in the pipeline's own folder, typed as its columns say.
+    assert!(dir.path().join("lake/smart-home/events").is_dir());
+    assert!(!dir.path().join("lake/movielens").exists());
+    let home = pipeline("smart-home");
+    let first = rows.iter().find(|r| int(value(&home, &r.event, "user_id")) == 1).expect("user 1 landed");
+    assert_eq!(
+        first.event.0,
+        vec![
+            Value::Int(1),
+            Value::Text("Smart Speaker".into()),
+            Value::Float(15.30718848124909),
+            Value::Float(1.9616068166289793),
+            Value::Int(1),
+            Value::Int(4),
+            Value::Int(36),
+            Value::Int(1),
+        ]
+    );
+    let manifests = lake_manifests_of(&lake, "smart-home", &[]);
+    assert!(manifests.len() >= 3, "2,000-message batches: {}", manifests.len());
+    for m in &manifests {
+        assert_eq!((m.topic.as_str(), m.min_ts, m.max_ts), ("smart-home-devices", None, None), "no time column, no time span");
+    }
+
+    // Bad messages from a foreign producer: dead-lettered naming the field, nothing else lands.
+    let producer: BaseProducer = ClientConfig::new().set("bootstrap.servers", broker.addr()).create().unwrap();
+    let good = r#"{"UserID":9001,"DeviceType":"Thermostat","UsageHoursPerDay":"2.5","EnergyConsumption":3,"UserPreferences":0,"MalfunctionIncidents":1,"DeviceAgeMonths":7,"SmartHomeEfficiency":1}"#;
+    let bad: [(String, &str, &str); 3] = [
+        (good.replace("Thermostat", "Toaster"), "DeviceType", "field `DeviceType`: Toaster is out of range (one of Camera, Lights"),
+        (good.replace(r#""UsageHoursPerDay":"2.5""#, r#""UsageHoursPerDay":25"#), "UsageHoursPerDay", "field `UsageHoursPerDay`: 25 is out of range"),
+        (good.replace(r#""SmartHomeEfficiency":1"#, r#""SmartHomeEfficiency":null"#), "SmartHomeEfficiency", "missing field `SmartHomeEfficiency`"),
+    ];
+    for (payload, _, _) in &bad {
+        producer.send(BaseRecord::to("smart-home-devices").key("9001").payload(payload.as_str())).unwrap();
+    }
+    producer.send(BaseRecord::to("smart-home-devices").key("9001").payload(good)).unwrap();
+    producer.flush(Duration::from_secs(30)).unwrap();
+    drop(producer);
+
+    let again = consume("g-home");
+    assert_eq!((again["rows"].as_u64(), again["dead_letters"].as_u64()), (Some(1), Some(3)), "resumes after the lake: {again}");
+    let rows = lake_rows_of(&lake, "smart-home", &[]);
+    assert_eq!(rows.len(), 5_404);
+    let added = rows.iter().find(|r| int(value(&home, &r.event, "user_id")) == 9001).expect("the good message landed");
+    assert_eq!(value(&home, &added.event, "usage_hours_per_day"), &Value::Float(2.5), "a number sent as a string is still a number");
+    let dead = dead_letters(&dir.path().join("lake/smart-home"));
+    assert_eq!(dead.len(), 3);
+    for (payload, field, reason) in &bad {
+        let d = dead.iter().find(|d| &d.raw == payload).unwrap_or_else(|| panic!("no dead letter for {payload}"));
+        assert_eq!(d.field.as_deref(), Some(*field), "{d:?}");
+        assert!(d.reason.starts_with(reason), "{} should start with {reason}", d.reason);
+        assert!(!rows.iter().any(|r| (r.partition, r.offset) == (d.partition, d.offset)), "a dead letter's offset is not an event");
+    }
+}
+
+#[test]
+fn pipelines_are_listed_and_checked_and_a_wrong_file_is_refused_before_connecting() {
+    let listed = run_ok(&mut lensflow(["pipelines"]));
+    for expected in ["movielens", "smart-home", "topic smart-home-devices", "device_type", "wire DeviceType", "label efficient", "entity user"] {
+        assert!(listed.contains(expected), "`lensflow pipelines` lacks {expected:?}:\n{listed}");
+    }
+    let json: serde_json::Value = serde_json::from_str(&run_ok(&mut lensflow(["pipelines", "--json"]))).unwrap();
+    assert_eq!(json.as_array().map(Vec::len), Some(2));
+
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/smart-home");
+    let ok = run_ok(lensflow(["pipelines", "check"]).arg(&shipped));
+    assert!(ok.starts_with("ok: pipeline smart-home"), "{ok}");
+
+    // A copy whose SQL reads a column the events do not have: exit 2, naming the file.
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(&shipped).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), dir.path().join(f.file_name())).unwrap();
+    }
+    let sql = std::fs::read_to_string(dir.path().join("features.sql")).unwrap();
+    std::fs::write(dir.path().join("features.sql"), sql.replace("usage_hours_per_day", "usage_hours_per_week")).unwrap();
+    let out = lensflow(["pipelines", "check"]).arg(dir.path()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("features.sql: "), "{stderr}");
+
+    // The smart-home file is not MovieLens: produce says which columns it wanted, with no broker.
+    let out = lensflow(["produce", "--brokers", "127.0.0.1:1", "--input"]).arg(smart_home_csv()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("smart_home_device_usage_data.csv: line 1: bad header") && stderr.contains("userId,movieId,rating,timestamp"), "{stderr}");
 }

@@ -20,11 +20,19 @@ pub enum ApiError {
         /// The limit in bytes.
         limit: usize,
     },
-    /// No round is loaded yet.
+    /// No round of the pipeline is loaded yet.
     #[error(
-        "no model round is loaded yet: train one with `lensflow train` (the server picks it up on its own)"
+        "no model round of pipeline `{0}` is loaded yet: train one with `lensflow train --pipeline {0}` (the server picks it up on its own)"
     )]
-    NotReady,
+    NotReady(String),
+    /// The model store holds no pipeline of this name.
+    #[error("no pipeline `{name}` in the model store (it has: {known})")]
+    UnknownPipeline {
+        /// The name asked for.
+        name: String,
+        /// The pipelines there are, for the message.
+        known: String,
+    },
     /// A round in the model store is unusable; the server keeps serving the previous one.
     #[error("round {round} ({path}): {reason}")]
     BadRound {
@@ -37,7 +45,16 @@ pub enum ApiError {
     },
     /// Reading the model store or the lake failed.
     #[error(transparent)]
-    Store(#[from] lensflow_jobs::JobError),
+    Store(#[from] lensflow_core::StoreError),
+    /// Evaluating the round's feature expressions failed (a bug or a definition serving
+    /// cannot compute; logged, summarised to the client).
+    #[error("pipeline {pipeline}: {reason}")]
+    Evaluate {
+        /// The pipeline.
+        pipeline: String,
+        /// What failed.
+        reason: String,
+    },
     /// Binding or serving the socket failed.
     #[error("serving on {addr}: {source}")]
     Serve {
@@ -63,8 +80,9 @@ impl ApiError {
             ApiError::MalformedJson(_) => StatusCode::BAD_REQUEST,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::BadRound { .. } | ApiError::Store(_) | ApiError::Serve { .. } => {
+            ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::UnknownPipeline { .. } => StatusCode::NOT_FOUND,
+            ApiError::BadRound { .. } | ApiError::Store(_) | ApiError::Serve { .. } | ApiError::Evaluate { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         }
@@ -83,12 +101,17 @@ impl ApiError {
                 field: Some("body".into()),
                 errors: vec![],
             },
-            ApiError::NotReady => ErrorBody {
+            ApiError::NotReady(_) => ErrorBody {
                 error: self.to_string(),
                 field: None,
                 errors: vec![],
             },
-            ApiError::BadRound { .. } | ApiError::Store(_) | ApiError::Serve { .. } => ErrorBody {
+            ApiError::UnknownPipeline { .. } => ErrorBody {
+                error: self.to_string(),
+                field: Some("pipeline".into()),
+                errors: vec![],
+            },
+            ApiError::BadRound { .. } | ApiError::Store(_) | ApiError::Serve { .. } | ApiError::Evaluate { .. } => ErrorBody {
                 error: "internal error (details in the server log)".into(),
                 field: None,
                 errors: vec![],

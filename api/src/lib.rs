@@ -1,18 +1,22 @@
-//! `lensflow serve`: the REST API and web page over the newest trained round.
+//! `lensflow serve`: the REST API and web page over the newest trained round of every pipeline
+//! in the model store.
 //!
-//! - [`watcher`]: looks at the model store's `LATEST`, loads and checks a new round off the
-//!   request path ([`round`]), and swaps it in atomically; a bad round is refused and the
-//!   previous one keeps serving.
-//! - [`round`]: one loaded round (artifact plus per-user and per-movie lookup tables) and the
-//!   prediction itself, built with the trainer's own feature function from `lensflow-core`.
-//! - [`routes`]: the router: prediction endpoints (one request or a batch), `/models`,
-//!   `/status`, health, `/metrics`, `/openapi.json` and `/docs`; request limits and timeouts.
+//! - [`watcher`]: finds the store's pipelines (`ROOT/<name>/LATEST`), loads and checks each new
+//!   round off the request path ([`round`]), and swaps it in atomically; a bad round is refused
+//!   and the previous one keeps serving.
+//! - [`round`]: one loaded round (artifact, lookup tables, the pipeline's feature expressions
+//!   compiled once) and the prediction itself: a batch of requests becomes Arrow rows that the
+//!   feature SQL's own expressions are evaluated on.
+//! - [`routes`]: the router: `/pipelines/{name}/…` prediction endpoints (one request or a
+//!   batch), `/models` and `/status` per pipeline, the seed's routes for the default pipeline,
+//!   health, `/metrics`, `/openapi.json` (generated from the definitions) and `/docs`.
 //! - [`ui`]: the web page at `/`, which calls the same public endpoints.
 //! - [`metrics`]: Prometheus counters and histograms; [`error`]: the one error type, which
 //!   answers 4xx with the field at fault.
 //!
 //! ```text
-//! model store: LATEST ─▶ watcher ─▶ round (checked) ─▶ ArcSwap ─▶ handlers ─▶ JSON / page
+//! model store: <name>/LATEST ─▶ watcher ─▶ round (checked, compiled) ─▶ ArcSwap per pipeline
+//!                                                                        ─▶ handlers ─▶ JSON / page
 //! ```
 
 pub mod error;
@@ -26,7 +30,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lensflow_jobs::lake::{Lake, StorageOptions};
+use lensflow_core::pipeline::DEFAULT_PIPELINE;
+use lensflow_core::{Lake, StorageOptions};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -36,9 +41,11 @@ pub use routes::{AppState, Limits, app};
 /// Settings of `lensflow serve`.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
-    /// The model store `lensflow train` writes to (path, file:// or s3:// URL).
+    /// The model store's root `lensflow train` writes to (path, file:// or s3:// URL); each
+    /// pipeline's rounds are in its folder `<models>/<name>/`.
     pub models: String,
-    /// The lake, for `/status` [default: the one the served round was trained on].
+    /// The lake's root, for `/status`: a pipeline's lake is `<lake>/<name>` [default: the lake
+    /// the served round was trained on].
     pub lake: Option<String>,
     /// Object-store settings (`AWS_*`).
     pub storage: StorageOptions,
@@ -48,6 +55,8 @@ pub struct ServeOptions {
     pub limits: Limits,
     /// How long in-flight requests get to finish after Ctrl-C.
     pub drain: Duration,
+    /// The pipeline the seed's routes (`/predict`, `/models`, `/status`, …) answer for.
+    pub default_pipeline: String,
 }
 
 impl ServeOptions {
@@ -60,18 +69,21 @@ impl ServeOptions {
             poll_interval: Duration::from_secs(2),
             limits: Limits::default(),
             drain: Duration::from_secs(10),
+            default_pipeline: DEFAULT_PIPELINE.to_string(),
         }
     }
 }
 
-/// Opens the model store and builds the app state; the first look at `LATEST` happens here,
-/// so a server with a round ready is ready the moment it listens.
+/// Opens the model store and builds the app state; the first look at every `LATEST` happens
+/// here, so a server with rounds ready is ready the moment it listens.
 pub async fn state(opts: &ServeOptions) -> Result<AppState, ApiError> {
     let store = Lake::open(&opts.models, &opts.storage)?;
     let metrics = Arc::new(metrics::Metrics::default());
-    let models = Arc::new(watcher::Models::new(store, metrics.clone()));
-    if let Err(e) = models.refresh().await {
-        tracing::warn!(error = %e, "no round loaded at start; watching for one");
+    let models = Arc::new(watcher::Models::new(store, opts.default_pipeline.clone(), metrics.clone()));
+    match models.refresh().await {
+        Ok(r) if r.swapped.is_empty() => tracing::warn!(models = models.store_url(), "no round loaded at start; watching for one"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot list the model store at start; watching it"),
     }
     let mut state = AppState::new(models, metrics);
     state.limits = opts.limits;

@@ -1,5 +1,6 @@
-//! Prometheus metrics of the API, served at `GET /metrics`: requests by route and status, a
-//! latency histogram per route, predictions by task, the round being served, swaps and refusals.
+//! Prometheus metrics of the API, served at `GET /metrics`: requests by route, status and
+//! pipeline, a latency histogram per route and pipeline, predictions by task and pipeline, and
+//! per pipeline the round being served, swaps and refusals.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -13,16 +14,24 @@ struct RequestLabels {
     route: String,
     method: String,
     status: u16,
+    pipeline: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
     route: String,
+    pipeline: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TaskLabels {
     task: &'static str,
+    pipeline: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PipelineLabels {
+    pipeline: String,
 }
 
 type HistogramFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
@@ -33,9 +42,9 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     latency: HistogramFamily,
     predictions: Family<TaskLabels, Counter>,
-    round: Gauge,
-    swaps: Counter,
-    refused: Counter,
+    round: Family<PipelineLabels, Gauge>,
+    swaps: Family<PipelineLabels, Counter>,
+    refused: Family<PipelineLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -49,33 +58,33 @@ impl Default for Metrics {
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "http_requests",
-            "HTTP requests answered, by route, method and status",
+            "HTTP requests answered, by route, method, status and pipeline (empty for routes of no pipeline)",
             requests.clone(),
         );
         let latency = HistogramFamily::new_with_constructor(latency_histogram);
         registry.register(
             "http_request_duration_seconds",
-            "Time to answer an HTTP request, by route",
+            "Time to answer an HTTP request, by route and pipeline",
             latency.clone(),
         );
         let predictions = Family::<TaskLabels, Counter>::default();
         registry.register(
             "predictions",
-            "Predictions made (a batch counts each item), by task",
+            "Predictions made (a batch counts each item), by task and pipeline",
             predictions.clone(),
         );
-        let round = Gauge::default();
+        let round = Family::<PipelineLabels, Gauge>::default();
         registry.register(
             "model_round",
-            "The training round being served (0: none yet)",
+            "The training round being served, by pipeline",
             round.clone(),
         );
-        let swaps = Counter::default();
-        registry.register("model_swaps", "Rounds swapped in", swaps.clone());
-        let refused = Counter::default();
+        let swaps = Family::<PipelineLabels, Counter>::default();
+        registry.register("model_swaps", "Rounds swapped in, by pipeline", swaps.clone());
+        let refused = Family::<PipelineLabels, Counter>::default();
         registry.register(
             "model_refused",
-            "Rounds refused as corrupt or incomplete",
+            "Rounds refused as corrupt or incomplete, by pipeline",
             refused.clone(),
         );
         Metrics {
@@ -91,38 +100,41 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Records one answered request.
-    pub fn request(&self, route: &str, method: &str, status: u16, seconds: f64) {
+    /// Records one answered request; `pipeline` is empty for routes of no pipeline.
+    pub fn request(&self, route: &str, method: &str, status: u16, pipeline: &str, seconds: f64) {
         self.requests
             .get_or_create(&RequestLabels {
                 route: route.to_string(),
                 method: method.to_string(),
                 status,
+                pipeline: pipeline.to_string(),
             })
             .inc();
         self.latency
             .get_or_create(&RouteLabels {
                 route: route.to_string(),
+                pipeline: pipeline.to_string(),
             })
             .observe(seconds);
     }
 
-    /// Records `n` predictions of `task`.
-    pub fn predictions(&self, task: &'static str, n: u64) {
+    /// Records `n` predictions of `task` by `pipeline`.
+    pub fn predictions(&self, task: &'static str, pipeline: &str, n: u64) {
         self.predictions
-            .get_or_create(&TaskLabels { task })
+            .get_or_create(&TaskLabels { task, pipeline: pipeline.to_string() })
             .inc_by(n);
     }
 
-    /// Records that `round` is now served.
-    pub fn round_swapped(&self, round: u64) {
-        self.round.set(round as i64);
-        self.swaps.inc();
+    /// Records that `pipeline` now serves `round`.
+    pub fn round_swapped(&self, pipeline: &str, round: u64) {
+        let labels = PipelineLabels { pipeline: pipeline.to_string() };
+        self.round.get_or_create(&labels).set(round as i64);
+        self.swaps.get_or_create(&labels).inc();
     }
 
-    /// Records a refused round.
-    pub fn round_refused(&self) {
-        self.refused.inc();
+    /// Records a refused round of `pipeline`.
+    pub fn round_refused(&self, pipeline: &str) {
+        self.refused.get_or_create(&PipelineLabels { pipeline: pipeline.to_string() }).inc();
     }
 
     /// The metrics in Prometheus' text format.

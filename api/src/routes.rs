@@ -1,32 +1,42 @@
 //! The HTTP surface: `app(state)` builds the router, so tests drive it without a socket.
 //!
-//! Every prediction endpoint takes one request object or an array of them (a batch) and answers
-//! in the same shape. Bodies are read as bytes and parsed here, so malformed JSON, wrong types,
-//! missing fields and oversized bodies all get [`ApiError`]'s JSON, naming the field.
+//! Every pipeline in the model store has its routes under `/pipelines/{name}/`; the seed's
+//! routes (`/predict`, `/predict_classification`, `/predict_regression`, `/predict_clustering`,
+//! `/models`, `/status`) answer for the default pipeline, with the seed's request and answer
+//! shapes when that is MovieLens. Every prediction endpoint takes one request object or an array
+//! of them (a batch) and answers in the same shape. Bodies are read as bytes and parsed here, so
+//! malformed JSON, wrong types, missing fields and oversized bodies all get [`ApiError`]'s JSON,
+//! naming the field.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use lensflow_core::predict::{
-    ErrorBody, FieldError, ModelsResponse, PipelineStatus, PredictRequest, Prediction,
+    ErrorBody, FieldError, ModelsResponse, PipelineStatus, PipelineSummary, PipelinesResponse, Prediction, RoundSummary,
+    ServingRound,
 };
-use lensflow_jobs::lake::{Lake, StorageOptions};
+use lensflow_core::{Lake, StorageOptions};
 use serde_json::Value;
 use tower_http::timeout::TimeoutLayer;
 use utoipa::OpenApi;
 
 use crate::ApiError;
 use crate::metrics::Metrics;
-use crate::round::Task;
+use crate::round::{Task, kind};
 use crate::watcher::Models;
+
+mod openapi;
+
+pub use openapi::openapi;
 
 /// Limits on what one request may ask.
 #[derive(Debug, Clone, Copy)]
@@ -41,79 +51,51 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            body_bytes: 2 << 20,
-            batch: 10_000,
-            timeout: Duration::from_secs(10),
-        }
+        Limits { body_bytes: 2 << 20, batch: 10_000, timeout: Duration::from_secs(10) }
     }
 }
 
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
-    /// The round being served.
+    /// The pipelines and the rounds being served.
     pub models: Arc<Models>,
     /// The API's metrics.
     pub metrics: Arc<Metrics>,
     /// Request limits.
     pub limits: Limits,
-    /// The lake for `GET /status` [default: the served round's lineage names it].
+    /// The lake's root for `GET /status` (a pipeline's lake is `<lake>/<name>`) [default: the
+    /// served round's lineage names it].
     pub lake: Option<String>,
     /// Settings to open the lake with.
     pub storage: StorageOptions,
-    opened_lake: Arc<Mutex<Option<Lake>>>,
+    opened_lakes: Arc<Mutex<HashMap<String, Lake>>>,
 }
 
 impl AppState {
-    /// State over `models`, with default limits and the lake taken from the served round.
+    /// State over `models`, with default limits and each pipeline's lake taken from its round.
     pub fn new(models: Arc<Models>, metrics: Arc<Metrics>) -> AppState {
-        AppState {
-            models,
-            metrics,
-            limits: Limits::default(),
-            lake: None,
-            storage: StorageOptions::default(),
-            opened_lake: Arc::default(),
-        }
+        AppState { models, metrics, limits: Limits::default(), lake: None, storage: StorageOptions::default(), opened_lakes: Arc::default() }
     }
 }
 
 /// Most problems listed in one error answer; a batch of 10,000 bad items needs no 10,000 lines.
 const MAX_LISTED_ERRORS: usize = 100;
 
+/// The routes that answer for the default pipeline (for the metrics' `pipeline` label).
+const SEED_ROUTES: [&str; 6] = ["/predict", "/predict_classification", "/predict_regression", "/predict_clustering", "/models", "/status"];
+
+/// The part of the description that does not depend on the pipelines.
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "lensflow",
-        description = "Predictions from the newest trained round: liked or not, the rating, the user's segment."
+        description = "Predictions from the newest trained round of each pipeline in the model store. Each pipeline has its routes under /pipelines/{name}/; /predict, /predict_classification, /predict_regression, /predict_clustering, /models and /status answer for the default pipeline."
     ),
-    paths(
-        predict,
-        predict_classification,
-        predict_regression,
-        predict_clustering,
-        models,
-        status,
-        healthz,
-        readyz,
-        metrics
-    ),
-    components(schemas(
-        PredictRequest,
-        Prediction,
-        ErrorBody,
-        FieldError,
-        ModelsResponse,
-        PipelineStatus
-    ))
+    paths(pipelines, healthz, readyz, metrics),
+    components(schemas(ErrorBody, FieldError, ModelsResponse, ServingRound, RoundSummary, PipelineStatus, PipelinesResponse, PipelineSummary, Prediction))
 )]
 struct ApiDoc;
-
-/// The OpenAPI description of this API.
-pub fn openapi() -> utoipa::openapi::OpenApi {
-    ApiDoc::openapi()
-}
 
 /// The router with every route, limit and the metrics middleware.
 pub fn app(state: AppState) -> Router {
@@ -126,52 +108,50 @@ pub fn app(state: AppState) -> Router {
         .route("/predict_clustering", post(predict_clustering))
         .route("/models", get(models))
         .route("/status", get(status))
+        .route("/pipelines", get(pipelines))
+        .route("/pipelines/{name}/predict", post(pipeline_predict))
+        .route("/pipelines/{name}/predict_classification", post(pipeline_predict_classification))
+        .route("/pipelines/{name}/predict_regression", post(pipeline_predict_regression))
+        .route("/pipelines/{name}/predict_clustering", post(pipeline_predict_clustering))
+        .route("/pipelines/{name}/models", get(pipeline_models))
+        .route("/pipelines/{name}/status", get(pipeline_status))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/openapi.json", get(|| async { Json(openapi()) }))
+        .route("/openapi.json", get(|State(state): State<AppState>| async move { Json(openapi(&state.models)) }))
         .route("/docs", get(|| async { Html(SWAGGER_PAGE) }))
         .fallback(|| async {
-            (
-                StatusCode::NOT_FOUND,
-                Json(ErrorBody {
-                    error: "no such route; see /docs".into(),
-                    field: None,
-                    errors: vec![],
-                }),
-            )
+            (StatusCode::NOT_FOUND, Json(ErrorBody { error: "no such route; see /docs".into(), field: None, errors: vec![] }))
         })
         .layer(middleware::from_fn_with_state(state.clone(), track))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            limits.timeout,
-        ))
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, limits.timeout))
         .layer(DefaultBodyLimit::max(limits.body_bytes))
         .with_state(state)
 }
 
-/// Counts and times every request under its route pattern.
+/// Counts and times every request under its route pattern and pipeline.
 async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|m| m.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".into());
+    let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
+    let pipeline = if route.starts_with("/pipelines/{name}") {
+        // Only names the store has become label values: a client cannot grow the label set.
+        let name = req.uri().path().split('/').nth(2).unwrap_or_default();
+        if state.models.pipeline(name).is_some() || name == state.models.default_pipeline() { name.to_string() } else { "unknown".into() }
+    } else if SEED_ROUTES.contains(&route.as_str()) {
+        state.models.default_pipeline().to_string()
+    } else {
+        String::new()
+    };
     let method = req.method().to_string();
     let start = Instant::now();
     let response = next.run(req).await;
-    state.metrics.request(
-        &route,
-        &method,
-        response.status().as_u16(),
-        start.elapsed().as_secs_f64(),
-    );
+    state.metrics.request(&route, &method, response.status().as_u16(), &pipeline, start.elapsed().as_secs_f64());
     response
 }
 
-/// A prediction body: one request object, or an array of them.
+/// A prediction body: one request object, or an array of them. The objects are checked
+/// against the pipeline's request fields once the pipeline is known.
 pub struct PredictBody {
-    items: Vec<PredictRequest>,
+    items: Vec<Value>,
     batch: bool,
 }
 
@@ -180,182 +160,125 @@ impl FromRequest<AppState> for PredictBody {
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::TooLarge {
-                    limit: state.limits.body_bytes,
-                }
-            } else {
-                ApiError::MalformedJson(e.body_text())
-            }
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE { ApiError::TooLarge { limit: state.limits.body_bytes } } else { ApiError::MalformedJson(e.body_text()) }
         })?;
         parse_body(&bytes, state.limits.batch)
     }
 }
 
-/// Parses a body into requests, naming the element and field of every problem.
+/// Parses a body into request objects (checked later, against the pipeline).
 fn parse_body(bytes: &[u8], max_batch: usize) -> Result<PredictBody, ApiError> {
-    let value: Value =
-        serde_json::from_slice(bytes).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
-    let (values, batch) = match value {
-        Value::Array(items) if items.is_empty() => {
-            return Err(ApiError::field(
-                "body",
-                "an empty array; send at least one request",
-            ));
-        }
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    match value {
+        Value::Array(items) if items.is_empty() => Err(ApiError::field("body", "an empty array; send at least one request")),
         Value::Array(items) if items.len() > max_batch => {
-            return Err(ApiError::field(
-                "body",
-                format!(
-                    "{} requests in one batch; the most is {max_batch}",
-                    items.len()
-                ),
-            ));
+            Err(ApiError::field("body", format!("{} requests in one batch; the most is {max_batch}", items.len())))
         }
-        Value::Array(items) => (items, true),
-        object @ Value::Object(_) => (vec![object], false),
-        other => {
-            return Err(ApiError::field(
-                "body",
-                format!(
-                    "expected an object like {{\"userId\":1,\"movieId\":31}} or an array of them, got {}",
-                    kind(&other)
-                ),
-            ));
-        }
-    };
-    let mut items = Vec::with_capacity(values.len());
-    let mut errors = Vec::new();
-    for (i, value) in values.into_iter().enumerate() {
-        match serde_path_to_error::deserialize::<_, PredictRequest>(value) {
-            Ok(item) => items.push(item),
-            Err(e) => {
-                let path = e.path().to_string();
-                let at = if batch {
-                    format!("[{i}]")
-                } else {
-                    String::new()
-                };
-                let field = match (at.is_empty(), path.as_str()) {
-                    (true, ".") => "body".to_string(),
-                    (false, ".") => at,
-                    (true, _) => path,
-                    (false, _) => format!("{at}.{path}"),
-                };
-                errors.push(FieldError {
-                    field,
-                    message: e.into_inner().to_string(),
-                });
-            }
-        }
-    }
-    if !errors.is_empty() {
-        errors.truncate(MAX_LISTED_ERRORS);
-        return Err(ApiError::Invalid(errors));
-    }
-    Ok(PredictBody { items, batch })
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+        Value::Array(items) => Ok(PredictBody { items, batch: true }),
+        object @ Value::Object(_) => Ok(PredictBody { items: vec![object], batch: false }),
+        other => Err(ApiError::field("body", format!("expected a request object (e.g. {{\"userId\":1,\"movieId\":31}}) or an array of them, got {}", kind(&other)))),
     }
 }
 
-fn answer(state: &AppState, task: Task, body: PredictBody) -> Result<Response, ApiError> {
-    let round = state.models.current().ok_or(ApiError::NotReady)?;
-    let mut answers = Vec::with_capacity(body.items.len());
-    let mut errors = Vec::new();
-    for (i, item) in body.items.iter().enumerate() {
-        let at = if body.batch {
-            format!("[{i}].")
-        } else {
-            String::new()
-        };
-        match round.predict(item, task, &at) {
-            Ok(a) => answers.push(a),
-            Err(e) => errors.extend(e),
+fn answer(state: &AppState, pipeline: &str, task: Task, body: PredictBody) -> Result<Response, ApiError> {
+    let round = state.models.serving(pipeline)?;
+    let answers = round.predict(&body.items, task, body.batch).map_err(|e| match e {
+        ApiError::Invalid(mut errors) => {
+            errors.truncate(MAX_LISTED_ERRORS);
+            ApiError::Invalid(errors)
         }
-    }
-    if !errors.is_empty() {
-        errors.truncate(MAX_LISTED_ERRORS);
-        return Err(ApiError::Invalid(errors));
-    }
-    state.metrics.predictions(task.name(), answers.len() as u64);
-    Ok(if body.batch {
-        Json(answers).into_response()
-    } else {
-        Json(answers.pop()).into_response()
-    })
+        other => other,
+    })?;
+    state.metrics.predictions(task.name(), pipeline, answers.len() as u64);
+    Ok(if body.batch { Json(answers).into_response() } else { Json(&answers[0]).into_response() })
 }
 
-/// All three answers for each (user, movie).
-#[utoipa::path(post, path = "/predict", request_body(content = PredictRequest, description = "One request, or a JSON array of them (answered with an array)"),
-    responses((status = 200, body = Prediction), (status = 400, body = ErrorBody), (status = 413, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
+/// All three answers for each request (the default pipeline).
 async fn predict(State(state): State<AppState>, body: PredictBody) -> Result<Response, ApiError> {
-    answer(&state, Task::All, body)
+    answer(&state, &state.models.default_pipeline().to_owned(), Task::All, body)
 }
 
-/// Whether the user likes the movie: `probability_like` and `prediction_like` (0/1).
-#[utoipa::path(post, path = "/predict_classification", request_body(content = PredictRequest, description = "One request, or a JSON array of them"),
-    responses((status = 200, body = Prediction), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
-async fn predict_classification(
-    State(state): State<AppState>,
-    body: PredictBody,
-) -> Result<Response, ApiError> {
-    answer(&state, Task::Classification, body)
+/// The classification answer (the default pipeline).
+async fn predict_classification(State(state): State<AppState>, body: PredictBody) -> Result<Response, ApiError> {
+    answer(&state, &state.models.default_pipeline().to_owned(), Task::Classification, body)
 }
 
-/// The rating the user would give the movie: `predicted_rating`, 0.5..5.
-#[utoipa::path(post, path = "/predict_regression", request_body(content = PredictRequest, description = "One request, or a JSON array of them"),
-    responses((status = 200, body = Prediction), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
-async fn predict_regression(
-    State(state): State<AppState>,
-    body: PredictBody,
-) -> Result<Response, ApiError> {
-    answer(&state, Task::Regression, body)
+/// The regression answer (the default pipeline).
+async fn predict_regression(State(state): State<AppState>, body: PredictBody) -> Result<Response, ApiError> {
+    answer(&state, &state.models.default_pipeline().to_owned(), Task::Regression, body)
 }
 
-/// The user's segment: `cluster_id` and `segment` (a description). Needs only the user.
-#[utoipa::path(post, path = "/predict_clustering", request_body(content = PredictRequest, description = "One request, or a JSON array of them"),
-    responses((status = 200, body = Prediction), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
-async fn predict_clustering(
-    State(state): State<AppState>,
-    body: PredictBody,
-) -> Result<Response, ApiError> {
-    answer(&state, Task::Clustering, body)
+/// The segment (the default pipeline); needs only the clustered entity's fields.
+async fn predict_clustering(State(state): State<AppState>, body: PredictBody) -> Result<Response, ApiError> {
+    answer(&state, &state.models.default_pipeline().to_owned(), Task::Clustering, body)
 }
 
-/// The round being served (metrics, lineage, segments) and every round before it.
-#[utoipa::path(get, path = "/models", responses((status = 200, body = ModelsResponse), (status = 503, body = ErrorBody)))]
+/// All three answers for each request to pipeline `name`.
+async fn pipeline_predict(State(state): State<AppState>, Path(name): Path<String>, body: PredictBody) -> Result<Response, ApiError> {
+    answer(&state, &name, Task::All, body)
+}
+
+/// Pipeline `name`'s classification answer.
+async fn pipeline_predict_classification(State(state): State<AppState>, Path(name): Path<String>, body: PredictBody) -> Result<Response, ApiError> {
+    answer(&state, &name, Task::Classification, body)
+}
+
+/// Pipeline `name`'s regression answer.
+async fn pipeline_predict_regression(State(state): State<AppState>, Path(name): Path<String>, body: PredictBody) -> Result<Response, ApiError> {
+    answer(&state, &name, Task::Regression, body)
+}
+
+/// Pipeline `name`'s segment.
+async fn pipeline_predict_clustering(State(state): State<AppState>, Path(name): Path<String>, body: PredictBody) -> Result<Response, ApiError> {
+    answer(&state, &name, Task::Clustering, body)
+}
+
+fn models_of(state: &AppState, name: &str) -> Result<Json<ModelsResponse>, ApiError> {
+    let round = state.models.serving(name)?;
+    Ok(Json(ModelsResponse { serving: round.describe(), rounds: round.history.to_vec() }))
+}
+
+/// The default pipeline's round (metrics, lineage, request fields, segments) and every round
+/// before it.
 async fn models(State(state): State<AppState>) -> Result<Json<ModelsResponse>, ApiError> {
-    let round = state.models.current().ok_or(ApiError::NotReady)?;
-    Ok(Json(ModelsResponse {
-        serving: round.describe(),
-        rounds: round.history.to_vec(),
-    }))
+    models_of(&state, state.models.default_pipeline())
 }
 
-/// How far the pipeline has got: batches and ratings in the lake, the round served.
-#[utoipa::path(get, path = "/status", responses((status = 200, body = PipelineStatus), (status = 503, body = ErrorBody)))]
+/// Pipeline `name`'s round and every round before it.
+async fn pipeline_models(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<ModelsResponse>, ApiError> {
+    models_of(&state, &name)
+}
+
+/// How far the default pipeline has got.
 async fn status(State(state): State<AppState>) -> Result<Json<PipelineStatus>, ApiError> {
-    let round = state.models.current();
-    let lake = match state.opened_lake.lock().ok().and_then(|l| l.clone()) {
+    let name = state.models.default_pipeline().to_owned();
+    status_of(&state, &name).await
+}
+
+/// How far pipeline `name` has got.
+async fn pipeline_status(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<PipelineStatus>, ApiError> {
+    status_of(&state, &name).await
+}
+
+/// Batches and events in the pipeline's lake, the round served.
+async fn status_of(state: &AppState, name: &str) -> Result<Json<PipelineStatus>, ApiError> {
+    let round = match state.models.serving(name) {
+        Ok(round) => Some(round),
+        // Without a round, the status still shows what the lake holds, if the lake is known.
+        Err(ApiError::NotReady(_)) if state.lake.is_some() => None,
+        Err(e) => return Err(e),
+    };
+    let opened = state.opened_lakes.lock().ok().and_then(|l| l.get(name).cloned());
+    let lake = match opened {
         Some(lake) => lake,
         None => {
-            let url = state
-                .lake
-                .clone()
-                .or_else(|| round.as_ref().map(|r| r.artifact.lineage.lake.clone()))
-                .ok_or(ApiError::NotReady)?;
-            let lake = Lake::open(&url, &state.storage)?;
-            if let Ok(mut opened) = state.opened_lake.lock() {
-                *opened = Some(lake.clone());
+            let lake = match (&state.lake, &round) {
+                (Some(root), _) => Lake::open(root, &state.storage)?.child(name),
+                (None, Some(round)) => Lake::open(&round.artifact.lineage.lake, &state.storage)?,
+                (None, None) => return Err(ApiError::NotReady(name.to_string())),
+            };
+            if let Ok(mut opened) = state.opened_lakes.lock() {
+                opened.insert(name.to_string(), lake.clone());
             }
             lake
         }
@@ -364,25 +287,49 @@ async fn status(State(state): State<AppState>) -> Result<Json<PipelineStatus>, A
     let mut partitions = std::collections::BTreeMap::new();
     for m in &manifests {
         for (p, range) in &m.partitions {
-            partitions
-                .entry(*p)
-                .and_modify(|r: &mut lensflow_core::OffsetRange| r.last = r.last.max(range.last))
-                .or_insert(*range);
+            partitions.entry(*p).and_modify(|r: &mut lensflow_core::OffsetRange| r.last = r.last.max(range.last)).or_insert(*range);
         }
     }
     let batches = manifests.len() as u64;
-    let served = round.as_ref().map(|r| r.round());
+    let trained = round.as_ref().map(|r| r.artifact.lineage.batches.iter().copied().max().unwrap_or(r.round()));
     Ok(Json(PipelineStatus {
+        pipeline: name.to_string(),
         lake: lake.url().to_string(),
         batches,
-        ratings: manifests.iter().map(|m| m.rows).sum(),
+        events: manifests.iter().map(|m| m.rows).sum(),
         dead_letters: manifests.iter().map(|m| m.dead_letter_count).sum(),
         partitions,
         last_batch_at_ms: manifests.last().map(|m| m.created_at_ms),
-        round: served,
+        round: round.as_ref().map(|r| r.round()),
         round_created_at_ms: round.as_ref().map(|r| r.artifact.created_at_ms),
-        batches_behind: batches.saturating_sub(served.unwrap_or(0)),
+        batches_behind: batches.saturating_sub(trained.unwrap_or(0)),
     }))
+}
+
+/// Every pipeline in the model store, with the round each serves.
+#[utoipa::path(get, path = "/pipelines", responses((status = 200, body = PipelinesResponse)))]
+async fn pipelines(State(state): State<AppState>) -> Json<PipelinesResponse> {
+    let default = state.models.default_pipeline().to_string();
+    let found = state.models.pipelines();
+    let mut list: Vec<PipelineSummary> = found
+        .values()
+        .map(|p| {
+            let round = p.current();
+            PipelineSummary {
+                name: p.name().to_string(),
+                description: round.as_ref().map(|r| r.pipeline().definition.description.clone()).unwrap_or_default(),
+                round: round.as_ref().map(|r| r.round()),
+                default: p.name() == default,
+            }
+        })
+        .collect();
+    if !found.contains_key(&default) {
+        // Listed even before its first round, so clients see what the seed routes wait for.
+        list.push(PipelineSummary { name: default.clone(), description: String::new(), round: None, default: true });
+    }
+    // The default first, then by name.
+    list.sort_by(|a, b| b.default.cmp(&a.default).then_with(|| a.name.cmp(&b.name)));
+    Json(PipelinesResponse { default, pipelines: list })
 }
 
 /// Up: answers as long as the process runs.
@@ -391,23 +338,32 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Ready once a round is loaded (503 before).
-#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "A round is loaded"), (status = 503, body = ErrorBody)))]
+/// Ready once every pipeline in the model store has a round loaded (503 before). The body
+/// names the default pipeline's round first, unnamed (`ready: round 3`), then the others'
+/// (`, smart-home round 2`).
+#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "Every pipeline has a round loaded"), (status = 503, body = ErrorBody)))]
 async fn readyz(State(state): State<AppState>) -> Result<String, ApiError> {
-    let round = state.models.current().ok_or(ApiError::NotReady)?;
-    Ok(format!("ready: round {}", round.round()))
+    let default = state.models.default_pipeline();
+    let found = state.models.pipelines();
+    if found.is_empty() {
+        return Err(ApiError::NotReady(default.to_string()));
+    }
+    let mut parts = Vec::with_capacity(found.len());
+    for (name, p) in found.iter() {
+        let round = p.current().ok_or_else(|| ApiError::NotReady(name.clone()))?;
+        if name == default {
+            parts.insert(0, format!("round {}", round.round()));
+        } else {
+            parts.push(format!("{name} round {}", round.round()));
+        }
+    }
+    Ok(format!("ready: {}", parts.join(", ")))
 }
 
 /// Prometheus metrics.
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format")))]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.metrics.render(),
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.render())
 }
 
 /// Swagger UI over `/openapi.json`. Its script and style load from a CDN in the reader's browser,

@@ -2,7 +2,11 @@
 //! lake and everything that reads it.
 //!
 //! ```text
-//! <lake>/ratings/p<P>-o<FIRST>-<LAST>-<WRITER>.parquet   one file per partition per batch
+//! <lake>/<pipeline>/events/p<P>-o<FIRST>-<LAST>-<WRITER>.parquet   one file per partition per batch
+//! <lake>/<pipeline>/_dead_letters/…, _batches/…                     as below, per pipeline
+//!
+//! Within one pipeline's folder:
+//! events/p<P>-o<FIRST>-<LAST>-<WRITER>.parquet            the events, in the pipeline's lake schema
 //! <lake>/_dead_letters/p<P>-o<FIRST>-<LAST>-<WRITER>.jsonl  rejected messages of that range
 //! <lake>/_batches/<SEQ>.json                              the manifest: written last, commits the batch
 //! ```
@@ -13,54 +17,22 @@
 //! writer that crashed before its commit) are not part of the lake.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
-use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use serde::{Deserialize, Serialize};
 
 /// The version of the manifest format this crate writes and reads.
 pub const MANIFEST_FORMAT_VERSION: u32 = 1;
 /// Folder of the Parquet batch files.
-pub const RATINGS_DIR: &str = "ratings";
+pub const EVENTS_DIR: &str = "events";
 /// Folder of the batch manifests.
 pub const BATCHES_DIR: &str = "_batches";
 /// Folder of the dead-letter files.
 pub const DEAD_LETTERS_DIR: &str = "_dead_letters";
 
-/// Column names of a batch file, in order.
-pub mod columns {
-    /// MovieLens user id.
-    pub const USER_ID: &str = "user_id";
-    /// MovieLens movie id.
-    pub const MOVIE_ID: &str = "movie_id";
-    /// The rating, 0.5..5.0.
-    pub const RATING: &str = "rating";
-    /// Unix seconds of the rating.
-    pub const TS: &str = "ts";
-    /// The Kafka partition the rating was read from.
-    pub const KAFKA_PARTITION: &str = "kafka_partition";
-    /// The Kafka offset of the rating within its partition.
-    pub const KAFKA_OFFSET: &str = "kafka_offset";
-}
-
-/// The Arrow schema of every batch file (snake_case, so the same SQL reads it on Spark and
-/// DataFusion without quoting).
-pub fn ratings_schema() -> SchemaRef {
-    use columns::*;
-    Arc::new(Schema::new(vec![
-        Field::new(USER_ID, DataType::Int64, false),
-        Field::new(MOVIE_ID, DataType::Int64, false),
-        Field::new(RATING, DataType::Float64, false),
-        Field::new(TS, DataType::Int64, false),
-        Field::new(KAFKA_PARTITION, DataType::Int32, false),
-        Field::new(KAFKA_OFFSET, DataType::Int64, false),
-    ]))
-}
-
 /// Path (relative to the lake root) of the Parquet file holding `range` of `partition`.
 pub fn batch_file_path(partition: i32, range: OffsetRange, writer: &str) -> String {
     format!(
-        "{RATINGS_DIR}/{}.parquet",
+        "{EVENTS_DIR}/{}.parquet",
         segment_name(partition, range, writer)
     )
 }
@@ -125,13 +97,13 @@ pub struct BatchFile {
     pub partition: i32,
     /// The offsets it covers (dead-lettered offsets in the range are not in the file).
     pub offsets: OffsetRange,
-    /// Number of ratings in the file.
+    /// Number of events in the file.
     pub rows: u64,
     /// Size of the file in bytes.
     pub bytes: u64,
-    /// Earliest rating timestamp in the file.
+    /// Earliest event time in the file (0 without a time column).
     pub min_ts: i64,
-    /// Latest rating timestamp in the file.
+    /// Latest event time in the file (0 without a time column).
     pub max_ts: i64,
 }
 
@@ -162,17 +134,17 @@ pub struct BatchManifest {
     /// Offsets consumed per partition, dead letters included: the next batch of a partition
     /// starts right after `last`.
     pub partitions: BTreeMap<i32, OffsetRange>,
-    /// The Parquet files, one per partition that had good ratings.
+    /// The Parquet files, one per partition that had good events.
     pub files: Vec<BatchFile>,
     /// The dead-letter files, one per partition that had bad messages.
     pub dead_letters: Vec<DeadLetterFile>,
-    /// Ratings in the batch.
+    /// Events in the batch.
     pub rows: u64,
     /// Messages dead-lettered in the batch.
     pub dead_letter_count: u64,
-    /// Earliest rating timestamp in the batch, if it has ratings.
+    /// Earliest event time in the batch, if it has events and a time column.
     pub min_ts: Option<i64>,
-    /// Latest rating timestamp in the batch, if it has ratings.
+    /// Latest event time in the batch, if it has events and a time column.
     pub max_ts: Option<i64>,
 }
 
@@ -305,7 +277,7 @@ mod tests {
         };
         assert_eq!(
             batch_file_path(2, range, "ab12"),
-            "ratings/p002-o0000000000000000012-0000000000000003456-ab12.parquet"
+            "events/p002-o0000000000000000012-0000000000000003456-ab12.parquet"
         );
         assert_eq!(manifest_path(42), "_batches/0000000042.json");
         assert_eq!(parse_manifest_path(&manifest_path(42)), Some(42));

@@ -1,27 +1,33 @@
-//! lensflow's shared contracts. Every other crate imports these instead of keeping a copy,
-//! because copies drift.
+//! lensflow's shared contracts and storage. Every other crate imports these instead of keeping
+//! a copy, because copies drift. Light on purpose: no Kafka, no Ballista, so ingest, training
+//! and serving can all depend on it.
 //!
-//! - [`rating`]: the rating event, from a CSV line or a Kafka JSON payload, validated once
-//!   here so the producer, the consumer and (later) the API agree on what a rating is.
-//! - [`model`]: the model artifact (models, scaling, metrics, lineage, checksums) and the
-//!   feature list with the one function that turns statistics into a feature row.
-//! - [`predict`]: the API's request, answer and error bodies, shared with the web page and tests.
+//! - [`pipeline`]: a pipeline as data: `pipeline.toml` plus SQL files, loaded and checked once;
+//!   its events (CSV and Kafka JSON in, Arrow out) and its feature expressions, compiled for
+//!   serving from the same SQL training runs.
 //! - [`lake`]: the lake layout (where batch files, manifests and dead letters live and how they
-//!   are named), the Arrow schema of a batch file, and the batch manifest that commits a batch.
+//!   are named) and the batch manifest that commits a batch.
+//! - [`store`]: the lake and the model store on an object store (`file://` or `s3://`).
+//! - [`model`]: the model artifact (models, scaling, metrics, lineage, the pipeline, checksums).
+//! - [`predict`]: the API's request, answer and error bodies, shared with the web page and tests.
 //!
 //! Data moves through them like this: a CSV line or a Kafka payload becomes a
-//! [`rating::RatingEvent`]; the consumer buffers events per partition and writes them as one
-//! Parquet file per partition ([`lake::batch_file_path`], [`lake::ratings_schema`]); the batch
-//! is committed by writing its [`lake::BatchManifest`] last, and readers trust only what a
-//! manifest lists.
+//! [`pipeline::event::Event`]; the consumer buffers events per partition as
+//! [`pipeline::event::EventColumns`] and writes one Parquet file per partition
+//! ([`lake::batch_file_path`], [`pipeline::Pipeline::lake_schema`]); the batch is committed by
+//! writing its [`lake::BatchManifest`] last through [`store::Lake`], and readers trust only what
+//! a manifest lists. A round's [`model::ModelArtifact`] carries its [`pipeline::Pipeline`], from
+//! which serving compiles [`pipeline::expr::FeatureExprs`].
 
 pub mod lake;
 pub mod model;
+pub mod pipeline;
 pub mod predict;
-pub mod rating;
+pub mod store;
 
 pub use lake::{BatchFile, BatchManifest, DeadLetter, DeadLetterFile, LakeError, OffsetRange};
-pub use rating::{RatingError, RatingEvent};
+pub use pipeline::{Pipeline, PipelineError};
+pub use store::{Lake, StorageOptions, StoreError};
 
 /// Now, in the unit of every `*_at_ms` field of the contracts: milliseconds since the Unix epoch
 /// (0 on a clock set before 1970).

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use lensflow_core::LakeError;
+use lensflow_core::{PipelineError, StoreError};
 use rdkafka::error::KafkaError;
 
 /// What can go wrong in a job.
@@ -24,28 +24,12 @@ pub enum JobError {
         /// Why it is refused.
         reason: String,
     },
-    /// The object store behind the lake failed (worth retrying: storage may be down).
-    #[error("lake storage, {path}: {source}")]
-    Store {
-        /// The object's path in the lake.
-        path: String,
-        /// What the store said.
-        source: object_store::Error,
-    },
-    /// A manifest in the lake is unreadable or breaks the manifest rules.
+    /// The lake or the model store failed, or holds something it should not.
     #[error(transparent)]
-    Manifest(#[from] LakeError),
-    /// The lake's content contradicts itself (not worth retrying: it needs a person).
-    #[error("lake content: {0}")]
-    LakeContent(String),
-    /// A batch file named by a manifest cannot be decoded.
-    #[error("batch file {path}: {reason}")]
-    BatchFile {
-        /// The file's path in the lake.
-        path: String,
-        /// What is wrong with it.
-        reason: String,
-    },
+    Store(#[from] StoreError),
+    /// The pipeline definition cannot be used.
+    #[error("pipeline {0}")]
+    Pipeline(#[from] PipelineError),
     /// Kafka refused or failed an operation.
     #[error("kafka, {operation}: {source}")]
     Kafka {
@@ -89,7 +73,15 @@ impl JobError {
     /// Whether trying again later may succeed (storage or broker unavailable), as opposed to a
     /// problem with the input or the configuration.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, JobError::Store { .. } | JobError::Kafka { .. } | JobError::Undelivered { .. } | JobError::Engine { .. })
+        match self {
+            // Content and settings need a person; the store itself being down does not.
+            JobError::Store(e) => !matches!(
+                e,
+                StoreError::LakeContent(_) | StoreError::BatchFile { .. } | StoreError::Manifest(_) | StoreError::Config { .. }
+            ),
+            JobError::Kafka { .. } | JobError::Undelivered { .. } | JobError::Engine { .. } => true,
+            _ => false,
+        }
     }
 
     pub(crate) fn kafka(operation: impl Into<String>) -> impl FnOnce(KafkaError) -> JobError {
@@ -97,13 +89,26 @@ impl JobError {
         move |source| JobError::Kafka { operation, source }
     }
 
-    pub(crate) fn store(path: impl std::fmt::Display) -> impl FnOnce(object_store::Error) -> JobError {
-        let path = path.to_string();
-        move |source| JobError::Store { path, source }
-    }
-
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> JobError {
         let path = path.into();
         move |source| JobError::Io { path, source }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_outages_are_retried_and_lake_content_is_not() {
+        let down = StoreError::store("_batches/x")(object_store::Error::Generic { store: "test", source: "connection refused".into() });
+        assert!(JobError::from(down).is_retryable());
+        assert!(!JobError::from(StoreError::LakeContent("batch 3 is missing".into())).is_retryable());
+        let bad = StoreError::BatchFile { path: "events/x".into(), reason: "bad".into() };
+        assert!(!JobError::from(bad).is_retryable());
+        let pipeline = PipelineError { file: "p/pipeline.toml".into(), key: "name".into(), fault: "bad".into() };
+        let err = JobError::from(pipeline);
+        assert!(!err.is_retryable());
+        assert_eq!(err.to_string(), "pipeline p/pipeline.toml: name: bad");
     }
 }

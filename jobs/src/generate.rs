@@ -11,6 +11,8 @@
 //! - a user rates a movie at most once, and timestamps never decrease.
 //!
 //! The same options and seed always give the same bytes (ChaCha8 is a portable generator).
+//! It is a tool for the `movielens` pipeline's tests and demo, not pipeline logic: it writes
+//! MovieLens' own CSV header and lines directly.
 
 use std::io::Write;
 
@@ -19,9 +21,10 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, LogNormal, Normal};
 use rustc_hash::FxHashSet;
 
-use lensflow_core::rating::CSV_HEADER;
-
 use crate::{JobError, Result};
+
+/// The header of MovieLens' `ratings.csv`, which the `movielens` pipeline reads.
+pub const CSV_HEADER: &str = "userId,movieId,rating,timestamp";
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -187,7 +190,7 @@ pub fn generate(opts: &GenerateOptions, out: impl Write) -> Result<GenerateSumma
     let movie_pop = Population::new(movie_weights, 0.3);
 
     let bar = if opts.progress { crate::progress_bar(opts.ratings, "generate") } else { indicatif::ProgressBar::hidden() };
-    writeln!(out, "{}", CSV_HEADER.join(",")).map_err(io)?;
+    writeln!(out, "{CSV_HEADER}").map_err(io)?;
     let mut seen: FxHashSet<u64> = FxHashSet::default();
     seen.reserve(opts.ratings as usize);
     let mut sum = 0.0;
@@ -227,15 +230,46 @@ pub fn generate(opts: &GenerateOptions, out: impl Write) -> Result<GenerateSumma
 mod tests {
     use std::collections::{HashMap, HashSet};
 
-    use lensflow_core::RatingEvent;
+    use lensflow_core::Pipeline;
 
     use super::*;
+    use crate::events_csv::{CsvLine, EventsCsv};
 
-    fn parse(bytes: &[u8]) -> Vec<RatingEvent> {
+    /// One generated rating.
+    struct Rating {
+        user_id: i64,
+        movie_id: i64,
+        rating: f64,
+        timestamp: i64,
+    }
+
+    fn parse(bytes: &[u8]) -> Vec<Rating> {
         let text = std::str::from_utf8(bytes).unwrap();
         let mut lines = text.lines();
-        assert_eq!(lines.next(), Some("userId,movieId,rating,timestamp"));
-        lines.map(|l| RatingEvent::from_csv_fields(l.split(',').map(str::as_bytes).collect::<Vec<_>>().into_iter()).unwrap()).collect()
+        assert_eq!(lines.next(), Some(CSV_HEADER));
+        lines
+            .map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                Rating { user_id: f[0].parse().unwrap(), movie_id: f[1].parse().unwrap(), rating: f[2].parse().unwrap(), timestamp: f[3].parse().unwrap() }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_line_is_a_valid_movielens_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.csv");
+        generate(&GenerateOptions { ratings: 20_000, ..Default::default() }, std::fs::File::create(&path).unwrap()).unwrap();
+        let pipeline = Pipeline::builtin("movielens").unwrap().unwrap();
+        let mut csv = EventsCsv::open(&path, &pipeline).unwrap();
+        let mut n = 0;
+        while let Some(line) = csv.next_line().unwrap() {
+            match line {
+                CsvLine::Event { .. } => n += 1,
+                CsvLine::Reject(r) => panic!("line {}: {}", r.line, r.reason),
+            }
+        }
+        assert_eq!(n, 20_000);
     }
 
     #[test]
@@ -262,7 +296,7 @@ mod tests {
         let pairs: HashSet<_> = rows.iter().map(|r| (r.user_id, r.movie_id)).collect();
         assert_eq!(pairs.len(), rows.len());
         // Liked share near MovieLens' ~48%, and whole stars dominate as in MovieLens.
-        let liked = rows.iter().filter(|r| r.liked()).count() as f64 / rows.len() as f64;
+        let liked = rows.iter().filter(|r| r.rating >= 4.0).count() as f64 / rows.len() as f64;
         assert!((0.35..0.6).contains(&liked), "liked share {liked}");
         let halves = rows.iter().filter(|r| r.rating.fract() != 0.0).count() as f64 / rows.len() as f64;
         assert!((0.1..0.45).contains(&halves), "half-star share {halves}");
@@ -286,7 +320,7 @@ mod tests {
         assert!(sd > 0.3, "per-user mean spread {sd}");
     }
 
-    fn count_by(rows: &[RatingEvent], key: impl Fn(&RatingEvent) -> i64) -> HashMap<i64, usize> {
+    fn count_by(rows: &[Rating], key: impl Fn(&Rating) -> i64) -> HashMap<i64, usize> {
         let mut m = HashMap::new();
         for r in rows {
             *m.entry(key(r)).or_default() += 1;

@@ -1,33 +1,37 @@
 //! lensflow's pipeline jobs as a library; the `lensflow` binary only parses flags and calls in.
+//! Every job works on a [`Pipeline`] (a definition loaded by `lensflow_core`): nothing here
+//! knows the columns of any particular data set.
 //!
-//! - [`generate`]: a deterministic generator of MovieLens-like ratings CSV.
-//! - [`produce`]: CSV → Kafka. Reads the file line by line ([`ratings_csv`]), rejects bad lines to
-//!   a rejects file, sends good ones keyed by user and waits for every delivery report.
-//! - [`consume`]: Kafka → lake, exactly once. Buffers ratings per partition, writes one Parquet
-//!   file per partition per batch, dead-letters bad messages, then commits the batch by creating
-//!   its manifest. The manifests, not the consumer group, say where each partition resumes.
-//! - [`lake`]: the object store behind a lake URL (`file://` or `s3://`), manifest listing and
-//!   the conditional create that makes a commit atomic; also reads batch files back.
+//! - [`generate`]: a deterministic generator of MovieLens-like ratings CSV (a test and demo tool).
+//! - [`produce`]: CSV → Kafka. Reads the file record by record ([`events_csv`]) against the
+//!   pipeline's columns, rejects bad records to a rejects file, sends good ones as JSON keyed by
+//!   the pipeline's key column and waits for every delivery report.
+//! - [`consume`]: Kafka → lake, exactly once. Buffers events per partition as Arrow columns,
+//!   writes one Parquet file per partition per batch, dead-letters bad messages, then commits
+//!   the batch by creating its manifest. The manifests, not the consumer group, say where each
+//!   partition resumes. The lake is `lensflow_core`'s [`Lake`], in the pipeline's folder.
 //! - [`kafka`]: client settings and topic creation shared by producer and consumer.
-//! - [`train`]: one cumulative round per batch on Ballista (standalone or a cluster): the feature
-//!   SQL in `jobs/sql/`, solvers whose passes over the ratings are cluster aggregates, k-means
-//!   segments, and the round's artifacts with `LATEST` written last.
+//! - [`train`]: one cumulative round per batch on Ballista (standalone or a cluster): the
+//!   pipeline's feature SQL, solvers whose passes over the events are cluster aggregates,
+//!   k-means segments, and the round's artifacts with `LATEST` written last.
 //!
 //! ```text
-//! generate ─▶ CSV ─▶ produce ─▶ Kafka ─▶ consume ─▶ lake: ratings/*.parquet, _dead_letters/*, _batches/N.json
+//! generate ─▶ CSV ─▶ produce ─▶ Kafka ─▶ consume ─▶ <lake>/<pipeline>/{events/*.parquet, _dead_letters/*, _batches/N.json}
 //!                                                     │ train (Ballista)
 //!                                                     ▼
-//!                                        models: round-N/{model.json, users.parquet, movies.parquet}, LATEST
+//!                                        <models>/<pipeline>/round-N/…, LATEST
 //! ```
 
 pub mod consume;
 pub mod error;
+pub mod events_csv;
 pub mod generate;
 pub mod kafka;
-pub mod lake;
 pub mod produce;
-pub mod ratings_csv;
 pub mod train;
+
+/// The contracts the jobs' options take, re-exported so a caller needs no second dependency.
+pub use lensflow_core::{Lake, Pipeline, PipelineError, StorageOptions, StoreError};
 
 pub use error::JobError;
 

@@ -1,6 +1,7 @@
-//! CSV → Kafka. Each good line becomes one JSON message keyed by its user id (so one user's
-//! ratings stay in order on one partition); bad lines go to the rejects file. Every message's
-//! delivery report is awaited: the run fails if any message was not acknowledged.
+//! CSV → Kafka. Each good record becomes one JSON message (the pipeline's wire names) keyed by
+//! the pipeline's key column, so one key's events stay in order on one partition; bad records
+//! go to the rejects file. Every message's delivery report is awaited: the run fails if any
+//! message was not acknowledged.
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -15,7 +16,9 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::kafka::{KafkaOptions, ensure_topic};
-use crate::ratings_csv::{CsvLine, RatingsCsv, RejectsFile};
+use lensflow_core::Pipeline;
+
+use crate::events_csv::{CsvLine, EventsCsv, RejectsFile};
 use crate::{JobError, Result};
 
 /// How fast to send.
@@ -26,18 +29,20 @@ pub enum Pace {
     Unlimited,
     /// A fixed number of messages per second.
     Rate(f64),
-    /// Replay the file's own timeline, `x` times faster than real time.
+    /// Replay the file's own timeline, `x` times faster than real time (needs a time column).
     Replay(f64),
 }
 
 /// What to produce, and where.
 #[derive(Debug, Clone)]
 pub struct ProduceOptions {
-    /// The ratings CSV.
+    /// The pipeline whose events the CSV holds.
+    pub pipeline: Pipeline,
+    /// The CSV, with a header naming the pipeline's columns by their wire names.
     pub input: PathBuf,
     /// Broker and client settings.
     pub kafka: KafkaOptions,
-    /// Topic to send to.
+    /// Topic to send to [default: the pipeline's topic].
     pub topic: String,
     /// Partitions of the topic if it has to be created.
     pub partitions: i32,
@@ -52,12 +57,14 @@ pub struct ProduceOptions {
 }
 
 impl ProduceOptions {
-    /// Options for `input` with every other setting at its default.
-    pub fn new(input: impl Into<PathBuf>, kafka: KafkaOptions) -> Self {
+    /// Options for sending `pipeline`'s events in `input` to its topic, every other setting at
+    /// its default.
+    pub fn new(input: impl Into<PathBuf>, kafka: KafkaOptions, pipeline: Pipeline) -> Self {
         ProduceOptions {
             input: input.into(),
             kafka,
-            topic: "ratings".into(),
+            topic: pipeline.topic().to_string(),
+            pipeline,
             partitions: 3,
             replication: 1,
             pace: Pace::Unlimited,
@@ -73,6 +80,9 @@ impl ProduceOptions {
             Pace::Replay(x) if !(x.is_finite() && x > 0.0) => {
                 return bad("replay-speed", format!("{x} is not a positive number"));
             }
+            Pace::Replay(_) if self.pipeline.definition.events.time.is_none() => {
+                return bad("replay-speed", format!("pipeline {} has no time column to replay", self.pipeline.name()));
+            }
             _ => {}
         }
         if self.topic.is_empty() {
@@ -81,6 +91,8 @@ impl ProduceOptions {
         if !self.input.is_file() {
             return bad("input", format!("{} is not a readable file", self.input.display()));
         }
+        // A header without the pipeline's columns fails here, before any connection is opened.
+        EventsCsv::open(&self.input, &self.pipeline)?;
         Ok(())
     }
 }
@@ -137,7 +149,7 @@ impl ProducerContext for DeliveryCounter {
     }
 }
 
-/// Sends the ratings of `opts.input` to Kafka; stops early (after flushing) when `shutdown` fires.
+/// Sends the events of `opts.input` to Kafka; stops early (after flushing) when `shutdown` fires.
 pub async fn produce(opts: ProduceOptions, shutdown: CancellationToken) -> Result<ProduceSummary> {
     opts.validate()?;
     ensure_topic(&opts.kafka, &opts.topic, opts.partitions, opts.replication).await?;
@@ -161,7 +173,8 @@ fn produce_blocking(opts: &ProduceOptions, shutdown: &CancellationToken) -> Resu
         .create_with_context(DeliveryCounter::default())
         .map_err(JobError::kafka("create producer"))?;
 
-    let mut csv = RatingsCsv::open(&opts.input)?;
+    let pipeline = &opts.pipeline;
+    let mut csv = EventsCsv::open(&opts.input, pipeline)?;
     let total_bytes = std::fs::metadata(&opts.input).map(|m| m.len()).unwrap_or(0);
     let mut rejects = RejectsFile::new(opts.rejects.clone().unwrap_or_else(|| RejectsFile::beside(&opts.input)));
     let bar = if opts.progress { crate::progress_bar(total_bytes, "produce") } else { indicatif::ProgressBar::hidden() };
@@ -172,9 +185,9 @@ fn produce_blocking(opts: &ProduceOptions, shutdown: &CancellationToken) -> Resu
     while let Some(line) = csv.next_line()? {
         lines += 1;
         let (line_no, event) = match line {
-            CsvLine::Rating { line, event } => (line, event),
+            CsvLine::Event { line, event } => (line, event),
             CsvLine::Reject(reject) => {
-                tracing::warn!(line = reject.line, reason = %reject.reason, "rejected CSV line");
+                tracing::warn!(line = reject.line, reason = %reject.reason, "rejected CSV record");
                 rejects.write(&reject)?;
                 continue;
             }
@@ -188,15 +201,17 @@ fn produce_blocking(opts: &ProduceOptions, shutdown: &CancellationToken) -> Resu
             Pace::Unlimited => None,
             Pace::Rate(r) => Some(Duration::from_secs_f64(sent as f64 / r)),
             Pace::Replay(x) => {
-                let t0 = *first_ts.get_or_insert(event.timestamp);
-                Some(Duration::from_secs_f64((event.timestamp - t0).max(0) as f64 / x))
+                // validate() refused replay without a time column; every event has its time.
+                let ts = pipeline.event_time(&event).unwrap_or(0);
+                let t0 = *first_ts.get_or_insert(ts);
+                Some(Duration::from_secs_f64((ts - t0).max(0) as f64 / x))
             }
         };
         if let Some(wait) = due.and_then(|d| d.checked_sub(start.elapsed())) {
             std::thread::sleep(wait.min(Duration::from_secs(1)));
         }
-        let key = event.user_id.to_string();
-        let payload = event.to_json();
+        let key = pipeline.event_key(&event);
+        let payload = pipeline.event_to_json(&event);
         let mut record = BaseRecord::with_opaque_to(&opts.topic, line_no as usize).key(&key).payload(&payload);
         loop {
             match producer.send(record) {
@@ -244,4 +259,72 @@ fn produce_blocking(opts: &ProduceOptions, shutdown: &CancellationToken) -> Resu
         seconds,
         messages_per_sec: if seconds > 0.0 { delivered as f64 / seconds } else { 0.0 },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    use rdkafka::mocking::MockCluster;
+
+    use super::*;
+
+    fn builtin(name: &str) -> Pipeline {
+        Pipeline::builtin(name).unwrap().unwrap()
+    }
+
+    #[test]
+    fn the_topic_defaults_to_the_pipelines_and_bad_settings_are_refused_early() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("h.csv");
+        std::fs::write(&input, "x,y\n1,2\n").unwrap();
+        let opts = ProduceOptions::new(&input, KafkaOptions::default(), builtin("smart-home"));
+        assert_eq!(opts.topic, "smart-home-devices");
+        let err = opts.validate().unwrap_err().to_string();
+        assert!(err.contains("h.csv: line 1: bad header") && err.contains("UserID,DeviceType"), "{err}");
+        let replay = ProduceOptions { pace: Pace::Replay(10.0), ..opts };
+        assert!(replay.validate().unwrap_err().to_string().contains("no time column"));
+    }
+
+    /// Against librdkafka's in-process mock broker: keys and payloads follow the pipeline, and
+    /// a bad record is rejected naming its line and field while the good ones still go out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sends_each_good_record_keyed_by_the_pipelines_key() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("smart-home-devices", 1, 1).unwrap();
+        let kafka = KafkaOptions { brokers: cluster.bootstrap_servers(), extra: vec![] };
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("h.csv");
+        std::fs::write(
+            &input,
+            "UserID,DeviceType,UsageHoursPerDay,EnergyConsumption,UserPreferences,MalfunctionIncidents,DeviceAgeMonths,SmartHomeEfficiency\n\
+             7,Lights,1.5,2.25,1,0,12,1\n\
+             8,Toaster,1.5,2.25,1,0,12,1\n\
+             9,Camera,3,4,0,2,30,0\n",
+        )
+        .unwrap();
+        let mut opts = ProduceOptions::new(&input, kafka.clone(), builtin("smart-home"));
+        opts.partitions = 1;
+        let summary = produce(opts, CancellationToken::new()).await.unwrap();
+        assert_eq!((summary.sent, summary.delivered, summary.rejected), (2, 2, 1));
+        let rejects = std::fs::read_to_string(summary.rejects_file.unwrap()).unwrap();
+        // The reason lists the allowed values, with commas, so the CSV writer quotes it.
+        assert!(rejects.lines().nth(1).is_some_and(|l| l.starts_with("3,\"field `DeviceType`: Toaster is out of range")), "{rejects}");
+
+        let consumer: BaseConsumer = kafka.client_config(&[("group.id", "t"), ("auto.offset.reset", "earliest")]).create().unwrap();
+        consumer.subscribe(&["smart-home-devices"]).unwrap();
+        let mut got = vec![];
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while got.len() < 2 && Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                got.push((m.key().map(|k| String::from_utf8_lossy(k).into_owned()), m.payload().map(|p| String::from_utf8_lossy(p).into_owned())));
+            }
+        }
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].0.as_deref(), Some("7"));
+        let first: serde_json::Value = serde_json::from_str(got[0].1.as_deref().unwrap()).unwrap();
+        assert_eq!(first["DeviceType"], "Lights");
+        assert_eq!(first["EnergyConsumption"], 2.25);
+        assert_eq!(got[1].0.as_deref(), Some("9"));
+    }
 }

@@ -11,8 +11,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use lensflow_core::RatingEvent;
-use lensflow_jobs::lake::{Lake, LakeRow, StorageOptions};
+use arrow_array::{Array, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray};
+use lensflow_core::pipeline::event::{Event, Value};
+use lensflow_core::pipeline::{KAFKA_OFFSET, KAFKA_PARTITION};
+use lensflow_core::{Lake, Pipeline, StorageOptions};
 
 /// Tests that start brokers and move a million messages run one at a time on this 2-core
 /// machine, so that their timing-sensitive parts (session timeouts, kill points) stay meaningful.
@@ -237,39 +239,139 @@ pub fn ratings_small() -> PathBuf {
     path
 }
 
-/// The valid ratings of a CSV file, in file order.
-pub fn csv_ratings(path: &Path) -> Vec<RatingEvent> {
+/// The smart-home devices file shipped beside the repository (never inside it).
+pub fn smart_home_csv() -> PathBuf {
+    let path = std::env::var("LENSFLOW_SMART_HOME_CSV").map(PathBuf::from).unwrap_or_else(|_| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/smart_home_device_usage_data.csv")
+    });
+    assert!(path.is_file(), "{} not found (set LENSFLOW_SMART_HOME_CSV)", path.display());
+    path
+}
+
+/// A built-in pipeline by name.
+pub fn pipeline(name: &str) -> Pipeline {
+    Pipeline::builtin(name).unwrap_or_else(|| panic!("no built-in pipeline {name}")).unwrap()
+}
+
+/// The valid events of a CSV file of `pipeline_name`, in file order: split by the `csv` crate
+/// (not the reader under test), typed by the pipeline's columns.
+pub fn csv_events(path: &Path, pipeline_name: &str) -> Vec<Event> {
+    let p = pipeline(pipeline_name);
     let mut reader = csv::ReaderBuilder::new().flexible(true).from_path(path).unwrap();
-    reader
-        .byte_records()
-        .filter_map(|r| RatingEvent::from_csv_fields(r.unwrap().iter()).ok())
+    let layout = p.csv_layout(reader.byte_headers().unwrap().iter()).unwrap();
+    reader.byte_records().filter_map(|r| p.event_from_csv(&layout, r.unwrap().iter()).ok()).collect()
+}
+
+/// The valid ratings of a MovieLens CSV file, in file order.
+pub fn csv_ratings(path: &Path) -> Vec<Event> {
+    csv_events(path, "movielens")
+}
+
+/// One event in the lake, with where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LakeRow {
+    /// The Kafka partition.
+    pub partition: i32,
+    /// The Kafka offset.
+    pub offset: i64,
+    /// The event's columns, in the pipeline's order.
+    pub event: Event,
+}
+
+/// The value of column `name` of an event of `p`.
+pub fn value<'a>(p: &Pipeline, event: &'a Event, name: &str) -> &'a Value {
+    let i = p.definition.events.columns.iter().position(|c| c.name == name).unwrap_or_else(|| panic!("no column {name}"));
+    &event.0[i]
+}
+
+/// An integer value (panics on another type: a test's expectation).
+pub fn int(v: &Value) -> i64 {
+    match v {
+        Value::Int(i) => *i,
+        other => panic!("{other:?} is not an integer"),
+    }
+}
+
+fn rows_of(p: &Pipeline, batch: &RecordBatch) -> Vec<LakeRow> {
+    assert_eq!(batch.schema(), p.lake_schema(), "a batch file of another schema");
+    let col = |name: &str| batch.column_by_name(name).unwrap_or_else(|| panic!("no column {name}"));
+    let partitions = col(KAFKA_PARTITION).as_any().downcast_ref::<Int32Array>().unwrap();
+    let offsets = col(KAFKA_OFFSET).as_any().downcast_ref::<Int64Array>().unwrap();
+    let columns: Vec<&dyn Array> = p.definition.events.columns.iter().map(|c| col(&c.name).as_ref()).collect();
+    (0..batch.num_rows())
+        .map(|i| {
+            let values = columns
+                .iter()
+                .map(|a| {
+                    assert!(a.is_valid(i), "a null in the lake");
+                    if let Some(a) = a.as_any().downcast_ref::<Int64Array>() {
+                        Value::Int(a.value(i))
+                    } else if let Some(a) = a.as_any().downcast_ref::<Float64Array>() {
+                        Value::Float(a.value(i))
+                    } else if let Some(a) = a.as_any().downcast_ref::<StringArray>() {
+                        Value::Text(a.value(i).to_string())
+                    } else {
+                        panic!("unexpected column type {:?}", a.data_type())
+                    }
+                })
+                .collect();
+            LakeRow { partition: partitions.value(i), offset: offsets.value(i), event: Event(values) }
+        })
         .collect()
 }
 
-/// Everything the lake's manifests commit, read back through the library's own reader.
-pub fn lake_rows(url: &str, storage: &[(String, String)]) -> Vec<LakeRow> {
-    let lake = Lake::open(url, &StorageOptions(storage.to_vec())).unwrap();
-    tokio::runtime::Runtime::new().unwrap().block_on(lake.read_all_rows()).unwrap()
+/// The lake of pipeline `pipeline_name` inside the lake root `url`.
+pub fn pipeline_lake(url: &str, pipeline_name: &str, storage: &[(String, String)]) -> Lake {
+    Lake::open(url, &StorageOptions(storage.to_vec())).unwrap().child(pipeline_name)
 }
 
-/// The lake's committed batch manifests, in order.
-pub fn lake_manifests(url: &str, storage: &[(String, String)]) -> Vec<lensflow_core::BatchManifest> {
-    let lake = Lake::open(url, &StorageOptions(storage.to_vec())).unwrap();
+/// Every event the manifests of `pipeline_name`'s lake commit, read back through the library's
+/// own reader.
+pub fn lake_rows_of(url: &str, pipeline_name: &str, storage: &[(String, String)]) -> Vec<LakeRow> {
+    let p = pipeline(pipeline_name);
+    let lake = pipeline_lake(url, pipeline_name, storage);
+    let batches = tokio::runtime::Runtime::new().unwrap().block_on(lake.read_all()).unwrap();
+    batches.iter().flat_map(|b| rows_of(&p, b)).collect()
+}
+
+/// Every rating the MovieLens lake inside the lake root `url` commits.
+pub fn lake_rows(url: &str, storage: &[(String, String)]) -> Vec<LakeRow> {
+    lake_rows_of(url, "movielens", storage)
+}
+
+/// The committed batch manifests of `pipeline_name`'s lake, in order.
+pub fn lake_manifests_of(url: &str, pipeline_name: &str, storage: &[(String, String)]) -> Vec<lensflow_core::BatchManifest> {
+    let lake = pipeline_lake(url, pipeline_name, storage);
     tokio::runtime::Runtime::new().unwrap().block_on(lake.manifests()).unwrap()
 }
 
-/// Number of batches committed in the lake.
+/// The MovieLens lake's committed batch manifests, in order.
+pub fn lake_manifests(url: &str, storage: &[(String, String)]) -> Vec<lensflow_core::BatchManifest> {
+    lake_manifests_of(url, "movielens", storage)
+}
+
+/// Number of batches committed in the MovieLens lake.
 pub fn lake_batches(url: &str, storage: &[(String, String)]) -> usize {
     lake_manifests(url, storage).len()
 }
 
-fn sort_key(e: &RatingEvent) -> (i64, i64, i64, i64) {
-    (e.user_id, e.movie_id, e.timestamp, (e.rating * 2.0) as i64)
+/// An event as one sortable string: compares values exactly (floats by their bits).
+fn sort_key(e: &Event) -> String {
+    let parts: Vec<String> = e
+        .0
+        .iter()
+        .map(|v| match v {
+            Value::Int(i) => format!("i{i}"),
+            Value::Float(f) => format!("f{:016x}", f.to_bits()),
+            Value::Text(t) => format!("t{t}"),
+        })
+        .collect();
+    parts.join("\u{1f}")
 }
 
-/// Asserts that the lake holds each expected rating exactly once: the same multiset of ratings,
+/// Asserts that the lake holds each expected event exactly once: the same multiset of events,
 /// every (partition, offset) once, and per partition the offsets `0..n` without a hole.
-pub fn assert_exactly_once(rows: &[LakeRow], expected: &[RatingEvent]) {
+pub fn assert_exactly_once(rows: &[LakeRow], expected: &[Event]) {
     let mut seen = HashSet::new();
     let dupes: Vec<_> = rows.iter().filter(|r| !seen.insert((r.partition, r.offset))).take(5).collect();
     assert!(dupes.is_empty(), "duplicated (partition, offset): {dupes:?}");
@@ -282,7 +384,7 @@ pub fn assert_exactly_once(rows: &[LakeRow], expected: &[RatingEvent]) {
         let holes = offsets.iter().enumerate().find(|(i, o)| **o != *i as i64);
         assert!(holes.is_none(), "partition {p}: offset {:?} is missing", holes.map(|(i, _)| i));
     }
-    assert_eq!(rows.len(), expected.len(), "lake holds {} ratings, expected {}", rows.len(), expected.len());
+    assert_eq!(rows.len(), expected.len(), "lake holds {} events, expected {}", rows.len(), expected.len());
     let mut got: Vec<_> = rows.iter().map(|r| sort_key(&r.event)).collect();
     let mut want: Vec<_> = expected.iter().map(sort_key).collect();
     got.sort_unstable();
@@ -371,12 +473,21 @@ impl Drop for Cluster {
 }
 
 /// Produces `input` through a real broker and consumes it into `dir/lake` in batches of
-/// `batch_rows` messages; returns the lake's URL.
+/// `batch_rows` messages; returns the lake root's URL (the events are in `<root>/movielens/`).
 pub fn land(broker: &Broker, dir: &Path, input: &Path, topic: &str, batch_rows: u64) -> String {
-    run_ok(lensflow(["produce", "--brokers", &broker.addr(), "--topic", topic, "--input"]).arg(input));
+    land_pipeline(broker, dir, input, "movielens", topic, batch_rows)
+}
+
+/// [`land`] for any pipeline (a built-in name or a folder); the events land in
+/// `<root>/<pipeline name>/`.
+pub fn land_pipeline(broker: &Broker, dir: &Path, input: &Path, pipeline: &str, topic: &str, batch_rows: u64) -> String {
+    run_ok(lensflow(["produce", "--pipeline", pipeline, "--brokers", &broker.addr(), "--topic", topic, "--input"]).arg(input));
     let lake = format!("file://{}", dir.join("lake").display());
     let rows = batch_rows.to_string();
-    run_ok(&mut lensflow(["consume", "--brokers", &broker.addr(), "--topic", topic, "--group", "g", "--lake", &lake, "--batch-rows", &rows, "--exit-when-idle", "5s"]));
+    run_ok(&mut lensflow([
+        "consume", "--pipeline", pipeline, "--brokers", &broker.addr(), "--topic", topic, "--group", "g", "--lake", &lake, "--batch-rows", &rows,
+        "--exit-when-idle", "5s",
+    ]));
     lake
 }
 
@@ -438,19 +549,25 @@ impl Drop for Server {
     }
 }
 
-/// Lands the CSV in the lake as `batches` batches of one partition, straight through the
-/// library (for benchmarks of what comes after ingest).
+/// Lands the MovieLens CSV in the lake root `url` as `batches` batches of one partition,
+/// straight through the library (for benchmarks of what comes after ingest).
 pub fn build_lake(csv: &std::path::Path, url: &str, batches: usize) {
-    let ratings = csv_ratings(csv);
-    let lake = Lake::open(url, &StorageOptions::default()).unwrap();
+    build_lake_of(csv, url, "movielens", batches)
+}
+
+/// [`build_lake`] for any built-in pipeline.
+pub fn build_lake_of(csv: &std::path::Path, url: &str, pipeline_name: &str, batches: usize) {
+    let p = pipeline(pipeline_name);
+    let events = csv_events(csv, pipeline_name);
+    let lake = pipeline_lake(url, pipeline_name, &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut offsets = lensflow_jobs::consume::offsets::LakeOffsets::new("ratings");
-    let per = ratings.len().div_ceil(batches);
-    for (b, chunk) in ratings.chunks(per).enumerate() {
-        let mut batch = lensflow_jobs::consume::writer::Batch::default();
+    let mut offsets = lensflow_jobs::consume::offsets::LakeOffsets::new(p.topic());
+    let per = events.len().div_ceil(batches);
+    for (b, chunk) in events.chunks(per).enumerate() {
+        let mut batch = lensflow_jobs::consume::writer::Batch::new(&p);
         for (i, e) in chunk.iter().enumerate() {
-            batch.partition(0).push_rating((b * per + i) as i64, e);
+            batch.partition(0).push_event((b * per + i) as i64, e);
         }
-        rt.block_on(lensflow_jobs::consume::commit::commit_batch(&lake, &mut offsets, &batch, "ratings", "bench")).unwrap();
+        rt.block_on(lensflow_jobs::consume::commit::commit_batch(&lake, &mut offsets, &batch, p.topic(), "bench")).unwrap();
     }
 }

@@ -1,4 +1,5 @@
-//! The router through `oneshot`, on hand-made rounds in a temporary model store.
+//! The router through `oneshot`, on hand-made rounds of the shipped pipelines in a temporary
+//! model store.
 
 use axum::Router;
 use axum::body::Body;
@@ -7,7 +8,7 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-use crate::testing::publish;
+use crate::testing::{self, publish, publish_artifact};
 use crate::{AppState, Limits, ServeOptions, app};
 
 async fn state_for(models: &std::path::Path, limits: Limits) -> AppState {
@@ -17,17 +18,11 @@ async fn state_for(models: &std::path::Path, limits: Limits) -> AppState {
 }
 
 async fn call(app: &Router, method: &str, uri: &str, body: impl Into<Body>) -> (StatusCode, Value) {
-    let req = Request::builder()
-        .method(method)
-        .uri(uri)
-        .header("content-type", "application/json")
-        .body(body.into())
-        .unwrap();
+    let req = Request::builder().method(method).uri(uri).header("content-type", "application/json").body(body.into()).unwrap();
     let res = app.clone().oneshot(req).await.unwrap();
     let status = res.status();
     let bytes = res.into_body().collect().await.unwrap().to_bytes();
-    let value = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
     (status, value)
 }
 
@@ -35,446 +30,485 @@ async fn post(app: &Router, uri: &str, body: Value) -> (StatusCode, Value) {
     call(app, "POST", uri, body.to_string()).await
 }
 
+async fn get(app: &Router, uri: &str) -> (StatusCode, Value) {
+    call(app, "GET", uri, Body::empty()).await
+}
+
 fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
+}
+
+fn close(a: &Value, b: f64) -> bool {
+    a.as_f64().is_some_and(|a| (a - b).abs() < 1e-12)
+}
+
+/// A camera: 10 h a day, 2 kWh, automation preferred, no malfunctions, 20 months old.
+fn camera() -> Value {
+    json!({"DeviceType": "Camera", "UsageHoursPerDay": 10, "EnergyConsumption": 2.0, "UserPreferences": 1, "MalfunctionIncidents": 0, "DeviceAgeMonths": 20})
 }
 
 #[tokio::test]
 async fn the_seed_request_gets_the_seed_answer_and_more() {
     let dir = tempfile::tempdir().unwrap();
-    publish(dir.path(), 3);
+    publish(dir.path(), "movielens", 3);
     let app = app(state_for(dir.path(), Limits::default()).await);
 
     let (status, v) = post(&app, "/predict", json!({"userId": 1, "movieId": 31})).await;
     assert_eq!(status, StatusCode::OK, "{v}");
-    assert_eq!(
-        (
-            v["userId"].as_i64(),
-            v["movieId"].as_i64(),
-            v["round"].as_u64()
-        ),
-        (Some(1), Some(31), Some(3))
-    );
+    assert_eq!((v["userId"].as_i64(), v["movieId"].as_i64(), v["round"].as_u64()), (Some(1), Some(31), Some(3)));
+    assert!(v.get("timestamp").is_none(), "only the fields given are echoed: {v}");
     // Regression: the movie's shrunk mean (90 + 5·3.5) / 25 = 4.3, plus round/100.
     assert_eq!(v["predicted_rating"], 4.33);
     // Classification: sigmoid(2·(u_mean − 3.5)) with u_mean = (45 + 17.5) / 15.
-    let p = sigmoid(2.0 * (62.5 / 15.0 - 3.5));
-    assert!(
-        (v["probability_like"].as_f64().unwrap() - p).abs() < 1e-12,
-        "{v}"
-    );
+    assert!(close(&v["probability_like"], sigmoid(2.0 * (62.5 / 15.0 - 3.5))), "{v}");
     assert_eq!(v["prediction_like"], 1);
-    assert_eq!(
-        (v["cluster_id"].as_u64(), v["segment"].as_str()),
-        (Some(1), Some("raters who rate high"))
-    );
-    assert_eq!(
-        (v["known_user"].as_bool(), v["known_movie"].as_bool()),
-        (Some(true), Some(true))
-    );
-    assert_eq!(v["features"].as_object().unwrap().len(), 12);
+    assert_eq!((v["cluster_id"].as_u64(), v["segment"].as_str()), (Some(1), Some("raters who rate high")));
+    assert_eq!((v["known_user"].as_bool(), v["known_movie"].as_bool()), (Some(true), Some(true)));
+    let features = v["features"].as_object().unwrap();
+    assert_eq!(features.len(), 12);
+    // The SQL's own expressions, on the lookup rows: ln(1 + 10), and the user's recency from
+    // their last rating (1,000,000) to the default time, the newest rating (2,000,000).
+    assert!(close(&v["features"]["u_log_n"], 11f64.ln()), "{v}");
+    assert!(close(&v["features"]["u_recency"], (1.0 + 1_000_000.0 / 86_400.0f64).ln()), "{v}");
+    assert!(close(&v["features"]["m_mean"], 4.3), "{v}");
+
+    // The pipeline's own route answers the same.
+    let (status, same) = post(&app, "/pipelines/movielens/predict", json!({"userId": 1, "movieId": 31})).await;
+    assert_eq!((status, &same), (StatusCode::OK, &v));
 
     // Each seed endpoint answers its own part only; a batch is answered with an array in order.
-    let (status, v) = post(
-        &app,
-        "/predict_classification",
-        json!([{"userId": 1, "movieId": 31}, {"userId": 2, "movieId": 31}]),
-    )
-    .await;
+    let (status, v) = post(&app, "/predict_classification", json!([{"userId": 1, "movieId": 31}, {"userId": 2, "movieId": 31}])).await;
     assert_eq!(status, StatusCode::OK, "{v}");
-    assert_eq!(
-        (
-            v[0]["prediction_like"].as_u64(),
-            v[1]["prediction_like"].as_u64()
-        ),
-        (Some(1), Some(0))
-    );
-    assert!(
-        v[0].get("predicted_rating").is_none() && v[0].get("cluster_id").is_none(),
-        "{v}"
-    );
-    let (_, v) = post(
-        &app,
-        "/predict_regression",
-        json!([{"userId": 2, "movieId": 31}]),
-    )
-    .await;
+    assert_eq!((v[0]["prediction_like"].as_u64(), v[1]["prediction_like"].as_u64()), (Some(1), Some(0)));
+    assert!(v[0].get("predicted_rating").is_none() && v[0].get("cluster_id").is_none(), "{v}");
+    let (_, v) = post(&app, "/predict_regression", json!([{"userId": 2, "movieId": 31}])).await;
     assert_eq!(v[0]["predicted_rating"], 4.33);
     assert!(v[0].get("prediction_like").is_none());
     let (status, v) = post(&app, "/predict_clustering", json!({"userId": 2})).await;
     assert_eq!(status, StatusCode::OK, "clustering needs no movie: {v}");
     assert_eq!(v["cluster_id"], 0);
-    assert_eq!(
-        v["features"].as_object().unwrap().len(),
-        4,
-        "only the segment features: {v}"
-    );
+    assert_eq!(v["features"].as_object().unwrap().len(), 4, "only the profile features: {v}");
+    assert_eq!(v["known_movie"], false, "no movie asked");
+
+    // The seed's snake_case names and numbers as strings (the seed's producer sent those) work too.
+    let (status, v) = post(&app, "/predict", json!({"user_id": "1", "movie_id": 31, "ts": 1_000_000})).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!((v["userId"].as_i64(), v["timestamp"].as_i64()), (Some(1), Some(1_000_000)), "echoed by wire name: {v}");
+    assert_eq!(v["features"]["u_recency"], 0.0);
 }
 
 #[tokio::test]
-async fn unknown_ids_get_the_priors_and_what_ifs_override_features() {
+async fn unknown_ids_get_zero_state_and_what_ifs_override_features() {
     let dir = tempfile::tempdir().unwrap();
-    publish(dir.path(), 1);
+    publish(dir.path(), "movielens", 1);
     let app = app(state_for(dir.path(), Limits::default()).await);
 
     let (status, v) = post(&app, "/predict", json!({"userId": 999, "movieId": 12345})).await;
     assert_eq!(status, StatusCode::OK, "{v}");
-    assert_eq!(
-        (v["known_user"].as_bool(), v["known_movie"].as_bool()),
-        (Some(false), Some(false))
-    );
+    assert_eq!((v["known_user"].as_bool(), v["known_movie"].as_bool()), (Some(false), Some(false)));
+    // No history: the shrunk means are the prior, exactly as training treats a first rating.
     assert_eq!(v["features"]["m_mean"], 3.5);
+    assert_eq!(v["features"]["u_log_n"], 0.0);
     assert_eq!(v["predicted_rating"], 3.51);
-    assert!((v["probability_like"].as_f64().unwrap() - 0.5).abs() < 1e-12);
+    assert!(close(&v["probability_like"], 0.5), "{v}");
 
-    let (_, v) = post(
-        &app,
-        "/predict",
-        json!({"userId": 1, "movieId": 31, "features": {"m_mean": 2.0, "u_mean": 2.0}}),
-    )
-    .await;
+    let (_, v) = post(&app, "/predict", json!({"userId": 1, "movieId": 31, "features": {"m_mean": 2.0, "u_mean": 2.0}})).await;
     assert_eq!(v["predicted_rating"], 2.01, "{v}");
     assert_eq!(v["prediction_like"], 0);
-    assert_eq!(
-        v["cluster_id"], 0,
-        "the segment follows the overridden user features"
-    );
+    assert_eq!(v["cluster_id"], 0, "the segment follows the overridden profile features");
+    assert_eq!(v["features"]["m_mean"], 2.0);
 
     // Every feature given: no ids needed.
-    let all: serde_json::Map<String, Value> = lensflow_core::model::FEATURES
-        .iter()
-        .map(|f| {
-            (
-                f.to_string(),
-                json!(if f.ends_with("mean") { 4.0 } else { 0.5 }),
-            )
-        })
-        .collect();
+    let all: serde_json::Map<String, Value> =
+        testing::pipeline("movielens").features().iter().map(|f| (f.clone(), json!(if f.ends_with("mean") { 4.0 } else { 0.5 }))).collect();
     let (status, v) = post(&app, "/predict", json!({"features": all})).await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v["predicted_rating"], 4.01);
     assert!(v.get("userId").is_none());
+    assert_eq!((v["known_user"].as_bool(), v["features"].as_object().unwrap().len()), (Some(false), 12));
+
+    // The movie's features given, the user's looked up: no movie id needed.
+    let movie: serde_json::Map<String, Value> = all.iter().filter(|(k, _)| k.starts_with("m_")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let (status, v) = post(&app, "/predict_regression", json!({"userId": 1, "features": movie})).await;
+    assert_eq!((status, v["predicted_rating"].as_f64()), (StatusCode::OK, Some(4.01)), "{v}");
+}
+
+#[tokio::test]
+async fn a_second_pipeline_answers_on_its_own_routes_with_its_own_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    publish(dir.path(), "movielens", 1);
+    publish(dir.path(), "smart-home", 2);
+    let app = app(state_for(dir.path(), Limits::default()).await);
+
+    let (status, v) = post(&app, "/pipelines/smart-home/predict", camera()).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!((v["DeviceType"].as_str(), v["UsageHoursPerDay"].as_f64(), v["round"].as_u64()), (Some("Camera"), Some(10.0), Some(2)));
+    // sigmoid(−1.5 + 2·low_energy + young), both 1.
+    assert!(close(&v["probability_efficient"], sigmoid(1.5)), "{v}");
+    assert_eq!(v["prediction_efficient"], 1);
+    // 0.5 + 2/100 + 0.1·10 h + 1 (a camera).
+    assert_eq!(v["predicted_incidents"], 2.52);
+    // Profile (10 h, 2 kWh, 20 months, 0): nearer the light-use centroid.
+    assert_eq!((v["cluster_id"].as_u64(), v["segment"].as_str()), (Some(0), Some("lightly used")));
+    assert_eq!((v["features"]["heavy_use"].as_f64(), v["features"]["is_camera"].as_f64(), v["features"]["is_lights"].as_f64()), (Some(1.0), Some(1.0), Some(0.0)));
+    assert!(v.as_object().unwrap().keys().all(|k| !k.starts_with("known_")), "no lookups, no known_ fields: {v}");
+    assert!(v.get("prediction_like").is_none(), "MovieLens names do not leak: {v}");
+
+    // A batch of two in one evaluation; numbers as strings are read as numbers.
+    let thermostat = json!({"DeviceType": "Thermostat", "UsageHoursPerDay": "22", "EnergyConsumption": 9, "UserPreferences": 0, "MalfunctionIncidents": 2, "DeviceAgeMonths": 50});
+    let (status, v) = post(&app, "/pipelines/smart-home/predict", json!([camera(), thermostat])).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!((v[0]["cluster_id"].as_u64(), v[1]["cluster_id"].as_u64()), (Some(0), Some(1)));
+    assert_eq!((v[1]["prediction_efficient"].as_u64(), v[1]["predicted_incidents"].as_f64()), (Some(0), Some(2.72)));
+
+    // Regression does not read the incidents (they are its target): it needs no MalfunctionIncidents,
+    // and the features that read them are left out of the answer.
+    let mut no_incidents = camera();
+    no_incidents.as_object_mut().unwrap().remove("MalfunctionIncidents");
+    let (status, v) = post(&app, "/pipelines/smart-home/predict_regression", no_incidents.clone()).await;
+    assert_eq!((status, v["predicted_incidents"].as_f64()), (StatusCode::OK, Some(2.52)), "{v}");
+    assert!(v["features"].get("malfunctions").is_none() && v["features"].get("usage_hours").is_some(), "{v}");
+    // Classification does read them: the error names the field and what could stand in.
+    let (status, v) = post(&app, "/pipelines/smart-home/predict_classification", no_incidents.clone()).await;
+    assert_eq!((status, v["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("MalfunctionIncidents")), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("or these features: no_malfunctions, malfunctions"), "{v}");
+    no_incidents["features"] = json!({"no_malfunctions": 1, "malfunctions": 0});
+    let (status, v) = post(&app, "/pipelines/smart-home/predict", no_incidents).await;
+    assert_eq!((status, v["cluster_id"].as_u64()), (StatusCode::OK, Some(0)), "{v}");
+
+    // A what-if beyond the clip: 0.52 + 1 + 5 = 6.52 is clipped to 4.
+    let mut what_if = camera();
+    what_if["features"] = json!({"is_camera": 5});
+    let (_, v) = post(&app, "/pipelines/smart-home/predict_regression", what_if).await;
+    assert_eq!(v["predicted_incidents"], 4.0, "{v}");
+
+    // Clustering needs only what the profile reads.
+    let (status, v) =
+        post(&app, "/pipelines/smart-home/predict_clustering", json!({"UsageHoursPerDay": 22, "EnergyConsumption": 9, "DeviceAgeMonths": 50, "MalfunctionIncidents": 2}))
+            .await;
+    assert_eq!((status, v["segment"].as_str()), (StatusCode::OK, Some("heavily used")), "{v}");
+    assert_eq!(v["features"].as_object().unwrap().len(), 4, "{v}");
+
+    // The two pipelines at once, and the seed routes still on MovieLens.
+    let (_, v) = post(&app, "/predict", json!({"userId": 1, "movieId": 31})).await;
+    assert_eq!(v["predicted_rating"], 4.31, "{v}");
+    let (status, v) = post(&app, "/predict", camera()).await;
+    assert_eq!((status, v["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("userId")), "smart-home fields on the MovieLens route: {v}");
+
+    let (_, v) = get(&app, "/pipelines").await;
+    assert_eq!(v["default"], "movielens");
+    let listed: Vec<(&str, u64)> = v["pipelines"].as_array().unwrap().iter().map(|p| (p["name"].as_str().unwrap(), p["round"].as_u64().unwrap())).collect();
+    assert_eq!(listed, [("movielens", 1), ("smart-home", 2)], "{v}");
+
+    // /models describes the request fields a form needs.
+    let (status, v) = get(&app, "/pipelines/smart-home/models").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let fields = v["serving"]["request"].as_array().unwrap();
+    let device = fields.iter().find(|f| f["wire"] == "DeviceType").unwrap();
+    assert_eq!((device["type"].as_str(), device["values"][0].as_str()), (Some("string"), Some("Camera")), "{device}");
+    let hours = fields.iter().find(|f| f["wire"] == "UsageHoursPerDay").unwrap();
+    assert_eq!((hours["min"].as_f64(), hours["max"].as_f64()), (Some(0.0), Some(24.0)));
+    assert_eq!(v["serving"]["models"]["regression"]["answer"], "predicted_incidents");
+    assert_eq!(v["serving"]["models"]["regression"]["features"].as_array().unwrap().len(), 11);
+    assert_eq!(v["serving"]["pipeline"], "smart-home");
+    let (_, v) = get(&app, "/models").await;
+    let user = v["serving"]["request"].as_array().unwrap().iter().find(|f| f["wire"] == "userId").unwrap().clone();
+    assert_eq!((user["lookup"].as_str(), &user["suggestions"]), (Some("user"), &json!([1, 2])), "most active first, ties by id: {user}");
+    let ts = v["serving"]["request"].as_array().unwrap().iter().find(|f| f["wire"] == "timestamp").unwrap().clone();
+    assert_eq!(ts["default"].as_f64(), Some(testing::NEWEST_TS));
+    assert_eq!(v["serving"]["lookups"], json!([{"name": "user", "key": "user_id", "rows": 2}, {"name": "movie", "key": "movie_id", "rows": 1}]));
+
+    let (status, v) = post(&app, "/pipelines/nope/predict", camera()).await;
+    assert_eq!((status, v["field"].as_str()), (StatusCode::NOT_FOUND, Some("pipeline")));
+    assert!(v["error"].as_str().unwrap().contains("movielens, smart-home"), "{v}");
 }
 
 #[tokio::test]
 async fn bad_input_is_a_4xx_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();
-    publish(dir.path(), 1);
-    let limits = Limits {
-        body_bytes: 4096,
-        batch: 5,
-        ..Limits::default()
-    };
+    publish(dir.path(), "movielens", 1);
+    publish(dir.path(), "smart-home", 1);
+    let limits = Limits { body_bytes: 4096, batch: 5, ..Limits::default() };
     let app = app(state_for(dir.path(), limits).await);
+    let unprocessable = StatusCode::UNPROCESSABLE_ENTITY;
+    let mut toaster = camera();
+    toaster["DeviceType"] = json!("Toaster");
+    let mut hours = camera();
+    hours["UsageHoursPerDay"] = json!(25);
+    let mut no_type = camera();
+    no_type.as_object_mut().unwrap().remove("DeviceType");
     let cases: Vec<(&str, String, StatusCode, &str, &str)> = vec![
+        ("/predict", "{\"userId\": 1,".into(), StatusCode::BAD_REQUEST, "body", "EOF while parsing"),
+        ("/predict", "[{\"userId\": 1, \"movieId\": 1e999}]".into(), StatusCode::BAD_REQUEST, "body", "out of range"),
+        ("/predict", json!({"userId": "one", "movieId": 31}).to_string(), unprocessable, "userId", "expected an integer, found \"one\""),
+        ("/predict", json!({"userId": 1.5, "movieId": 31}).to_string(), unprocessable, "userId", "expected an integer, found 1.5"),
+        ("/predict", json!({"userId": 1}).to_string(), unprocessable, "movieId", "missing: give movieId, or these features: m_log_n"),
+        ("/predict_clustering", json!({"movieId": 31}).to_string(), unprocessable, "userId", "missing"),
+        ("/predict", json!([{"userId": 1, "movieId": 31}, {"userId": 1}]).to_string(), unprocessable, "[1].movieId", "missing"),
+        ("/predict", json!([{"userId": 1, "movieId": 31}, {"userId": 1, "movieId": []}]).to_string(), unprocessable, "[1].movieId", "found an array"),
+        ("/predict", json!([{"userId": 1, "movieId": 31}, "x"]).to_string(), unprocessable, "[1]", "expected an object"),
+        ("/predict", json!({"userId": -4, "movieId": 31}).to_string(), unprocessable, "userId", "-4 is out of range (at least 1)"),
+        ("/predict", json!({"userId": 1, "movieId": 31, "ts": 1.7e12}).to_string(), unprocessable, "ts", "out of range"),
+        ("/predict", json!({"userId": 1, "movieId": 31, "timestamp": "soon"}).to_string(), unprocessable, "timestamp", "expected an integer"),
+        ("/predict", json!({"userId": 1, "movieId": 31, "features": {"u_mean": 7}}).to_string(), unprocessable, "features.u_mean", "between 0.5 and 5, got 7"),
+        ("/predict", json!({"userId": 1, "movieId": 31, "features": {"age": 3}}).to_string(), unprocessable, "features.age", "unknown feature"),
+        ("/predict", json!({"userId": 1, "movieId": 31, "features": {"u_sd": "x"}}).to_string(), unprocessable, "features.u_sd", "expected a number"),
+        ("/predict", json!({"userId": 1, "movieId": 31, "features": [1]}).to_string(), unprocessable, "features", "expected an object"),
+        ("/predict", "[]".into(), unprocessable, "body", "empty array"),
+        ("/predict", "42".into(), unprocessable, "body", "got a number"),
+        ("/predict", json!(vec![json!({"userId": 1, "movieId": 31}); 6]).to_string(), unprocessable, "body", "6 requests in one batch; the most is 5"),
         (
             "/predict",
-            "{\"userId\": 1,".into(),
-            StatusCode::BAD_REQUEST,
-            "body",
-            "EOF while parsing",
-        ),
-        (
-            "/predict",
-            "[{\"userId\": 1, \"movieId\": 1e999}]".into(),
-            StatusCode::BAD_REQUEST,
-            "body",
-            "out of range",
-        ),
-        (
-            "/predict",
-            json!({"userId": "one", "movieId": 31}).to_string(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "userId",
-            "invalid type: string \"one\"",
-        ),
-        (
-            "/predict",
-            json!({"userId": 1.5, "movieId": 31}).to_string(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "userId",
-            "invalid type: floating point",
-        ),
-        (
-            "/predict",
-            json!({"userId": 1}).to_string(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "movieId",
-            "missing",
-        ),
-        (
-            "/predict_clustering",
-            json!({"movieId": 31}).to_string(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "userId",
-            "missing",
-        ),
-        (
-            "/predict",
-            json!([{"userId": 1, "movieId": 31}, {"userId": 1}]).to_string(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "[1].movieId",
-            "missing",
-        ),
-        (
-            "/predict",
-            json!([{"userId": 1, "movieId": 31}, {"userId": 1, "movieId": []}]).to_string(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "[1].movieId",
-            "invalid type: sequence",
-        ),
-        (
-            "/predict",
-            json!({"userId": -4, "movieId": 31}).to_string(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "userId",
-            "positive id, got -4",
-        ),
-        (
-            "/predict",
-            json!({"userId": 1, "movieId": 31, "ts": 1.7e12}).to_string(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "ts",
-            "unix seconds",
-        ),
-        (
-            "/predict",
-            json!({"userId": 1, "movieId": 31, "features": {"u_mean": 7}}).to_string(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "features.u_mean",
-            "between 0.5 and 5, got 7",
-        ),
-        (
-            "/predict",
-            json!({"userId": 1, "movieId": 31, "features": {"age": 3}}).to_string(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "features.age",
-            "unknown feature",
-        ),
-        (
-            "/predict",
-            json!({"userId": 1, "movieId": 31, "features": {"u_sd": "x"}}).to_string(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "features.u_sd",
-            "invalid type: string",
-        ),
-        (
-            "/predict",
-            "[]".into(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "body",
-            "empty array",
-        ),
-        (
-            "/predict",
-            "42".into(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "body",
-            "got a number",
-        ),
-        (
-            "/predict",
-            json!(vec![json!({"userId": 1, "movieId": 31}); 6]).to_string(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "body",
-            "6 requests in one batch; the most is 5",
-        ),
-        (
-            "/predict",
-            format!(
-                "{{\"userId\": 1, \"movieId\": 31, \"pad\": \"{}\"}}",
-                "x".repeat(5000)
-            ),
+            format!("{{\"userId\": 1, \"movieId\": 31, \"pad\": \"{}\"}}", "x".repeat(5000)),
             StatusCode::PAYLOAD_TOO_LARGE,
             "body",
             "4096 byte limit",
         ),
+        ("/pipelines/smart-home/predict", toaster.to_string(), unprocessable, "DeviceType", "\"Toaster\" is not a known value (one of Camera, Lights"),
+        ("/pipelines/smart-home/predict", hours.to_string(), unprocessable, "UsageHoursPerDay", "25 is out of range (0 to 24)"),
+        ("/pipelines/smart-home/predict", no_type.to_string(), unprocessable, "DeviceType", "or these features: is_camera, is_lights, is_security_system, is_thermostat"),
+        ("/pipelines/smart-home/predict", json!([camera(), toaster]).to_string(), unprocessable, "[1].DeviceType", "Toaster"),
+        ("/pipelines/smart-home/predict", json!({"features": {"usage_hours": 30}}).to_string(), unprocessable, "features.usage_hours", "between 0 and 24"),
     ];
     for (uri, body, status, field, message) in cases {
         let (got, v) = call(&app, "POST", uri, body.clone()).await;
         let shown = &body[..body.len().min(80)];
         assert_eq!(got, status, "{shown}: {v}");
         assert_eq!(v["field"], field, "{shown}: {v}");
-        assert!(
-            v["error"].as_str().unwrap().contains(message),
-            "{shown}: error {:?} lacks {message:?}",
-            v["error"]
-        );
+        assert!(v["error"].as_str().unwrap().contains(message), "{shown}: error {:?} lacks {message:?}", v["error"]);
     }
     // Several bad items: every one is listed, each with its index.
     let (_, v) = post(&app, "/predict", json!([{"userId": 0, "movieId": 31}, {"userId": 1, "movieId": 31}, {"userId": 1, "movieId": -1}])).await;
-    let fields: Vec<&str> = v["errors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["field"].as_str().unwrap())
-        .collect();
+    let fields: Vec<&str> = v["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap()).collect();
     assert_eq!(fields, ["[0].userId", "[2].movieId"], "{v}");
-    let (status, _) = call(&app, "GET", "/no-such-page", Body::empty()).await;
+    let (status, _) = get(&app, "/no-such-page").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
 #[tokio::test]
-async fn not_ready_until_a_round_exists_then_ready() {
+async fn not_ready_until_every_pipeline_has_a_round() {
     let dir = tempfile::tempdir().unwrap();
     let state = state_for(dir.path(), Limits::default()).await;
     let app = app(state.clone());
-    assert_eq!(
-        call(&app, "GET", "/healthz", Body::empty()).await.0,
-        StatusCode::OK
-    );
-    let (status, v) = call(&app, "GET", "/readyz", Body::empty()).await;
+    assert_eq!(get(&app, "/healthz").await.0, StatusCode::OK);
+    let (status, v) = get(&app, "/readyz").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(
-        v["error"].as_str().unwrap().contains("lensflow train"),
-        "{v}"
-    );
-    assert_eq!(
-        post(&app, "/predict", json!({"userId": 1, "movieId": 31}))
-            .await
-            .0,
-        StatusCode::SERVICE_UNAVAILABLE
-    );
+    assert!(v["error"].as_str().unwrap().contains("lensflow train --pipeline movielens"), "{v}");
+    assert_eq!(post(&app, "/predict", json!({"userId": 1, "movieId": 31})).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    let (_, v) = get(&app, "/pipelines").await;
+    assert_eq!(v["pipelines"], json!([{"name": "movielens", "description": "", "default": true}]), "the default is listed, not trained yet");
 
-    publish(dir.path(), 1);
-    assert_eq!(state.models.refresh().await.unwrap(), Some(1));
-    assert_eq!(
-        call(&app, "GET", "/readyz", Body::empty()).await.0,
-        StatusCode::OK
-    );
+    publish(dir.path(), "movielens", 1);
+    let refreshed = state.models.refresh().await.unwrap();
+    assert_eq!(refreshed.swapped, [("movielens".to_string(), 1)]);
+    let (status, v) = get(&app, "/readyz").await;
+    assert_eq!((status, v.as_str()), (StatusCode::OK, Some("ready: round 1")));
+
+    // A second pipeline whose first round is refused: not ready until it has one.
+    let pointer = publish(dir.path(), "smart-home", 1);
+    std::fs::write(dir.path().join("smart-home").join(&pointer.path).join("model.json"), b"{}").unwrap();
+    let refreshed = state.models.refresh().await.unwrap();
+    assert!(refreshed.swapped.is_empty() && refreshed.failed[0].0 == "smart-home", "{refreshed:?}");
+    assert_eq!(get(&app, "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(post(&app, "/pipelines/smart-home/predict", camera()).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(post(&app, "/predict", json!({"userId": 1, "movieId": 31})).await.0, StatusCode::OK, "movielens is unaffected");
+    publish(dir.path(), "smart-home", 2);
+    state.models.refresh().await.unwrap();
+    let (status, v) = get(&app, "/readyz").await;
+    assert_eq!((status, v.as_str()), (StatusCode::OK, Some("ready: round 1, smart-home round 2")));
 }
 
 #[tokio::test]
 async fn a_new_round_swaps_in_and_a_corrupt_or_partial_one_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    publish(dir.path(), 1);
-    let state = state_for(dir.path(), Limits::default()).await;
+    let models = dir.path();
+    publish(models, "movielens", 1);
+    publish(models, "smart-home", 1);
+    let state = state_for(models, Limits::default()).await;
     let app = app(state.clone());
     let rating = |v: Value| v["predicted_rating"].as_f64().unwrap();
     let ask = json!({"userId": 1, "movieId": 31});
+    let refresh = || async { state.models.refresh().await.unwrap() };
+    let refused = |r: crate::watcher::Refreshed| r.failed.into_iter().map(|(p, e)| format!("{p}: {e}")).collect::<Vec<_>>().join("; ");
     assert_eq!(rating(post(&app, "/predict", ask.clone()).await.1), 4.31);
 
-    publish(dir.path(), 2);
-    assert_eq!(state.models.refresh().await.unwrap(), Some(2));
+    publish(models, "movielens", 2);
+    assert_eq!(refresh().await.swapped, [("movielens".to_string(), 2)]);
     assert_eq!(rating(post(&app, "/predict", ask.clone()).await.1), 4.32);
-    assert_eq!(
-        state.models.refresh().await.unwrap(),
-        None,
-        "nothing new: nothing swapped"
-    );
+    let again = refresh().await;
+    assert!(again.swapped.is_empty() && again.failed.is_empty(), "nothing new: nothing swapped");
 
     // Round 3's lookup table is damaged after its checksum was recorded.
-    publish(dir.path(), 3);
-    std::fs::write(
-        dir.path().join("round-000003/users.parquet"),
-        b"not parquet",
-    )
-    .unwrap();
-    let err = state.models.refresh().await.unwrap_err().to_string();
-    assert!(
-        err.contains("round 3") && err.contains("users.parquet") && err.contains("SHA-256"),
-        "{err}"
-    );
-    assert_eq!(
-        rating(post(&app, "/predict", ask.clone()).await.1),
-        4.32,
-        "round 2 keeps serving"
-    );
-    assert_eq!(
-        state.models.refresh().await.unwrap(),
-        None,
-        "a refused round is not retried at once"
-    );
+    publish(models, "movielens", 3);
+    std::fs::write(models.join("movielens/round-000003/lookup-user.parquet"), b"not parquet").unwrap();
+    let err = refused(refresh().await);
+    assert!(err.contains("round 3") && err.contains("lookup-user.parquet") && err.contains("SHA-256"), "{err}");
+    assert_eq!(rating(post(&app, "/predict", ask.clone()).await.1), 4.32, "round 2 keeps serving");
+    assert!(refresh().await.failed.is_empty(), "a refused round is not retried at once");
 
     // Round 4 lacks a file (a partial copy); round 5 has a model.json that LATEST's checksum disowns.
-    publish(dir.path(), 4);
-    std::fs::remove_file(dir.path().join("round-000004/movies.parquet")).unwrap();
-    let err = state.models.refresh().await.unwrap_err().to_string();
-    assert!(
-        err.contains("movies.parquet") && err.contains("incomplete"),
-        "{err}"
-    );
-    publish(dir.path(), 5);
-    std::fs::write(dir.path().join("round-000005/model.json"), b"{}").unwrap();
-    assert!(
-        state
-            .models
-            .refresh()
-            .await
-            .unwrap_err()
-            .to_string()
-            .contains("model.json")
-    );
+    publish(models, "movielens", 4);
+    std::fs::remove_file(models.join("movielens/round-000004/lookup-movie.parquet")).unwrap();
+    let err = refused(refresh().await);
+    assert!(err.contains("lookup-movie.parquet") && err.contains("incomplete"), "{err}");
+    publish(models, "movielens", 5);
+    std::fs::write(models.join("movielens/round-000005/model.json"), b"{}").unwrap();
+    assert!(refused(refresh().await).contains("model.json"));
     assert_eq!(rating(post(&app, "/predict", ask.clone()).await.1), 4.32);
 
-    publish(dir.path(), 6);
-    assert_eq!(state.models.refresh().await.unwrap(), Some(6));
-    assert_eq!(rating(post(&app, "/predict", ask).await.1), 4.36);
+    publish(models, "movielens", 6);
+    assert_eq!(refresh().await.swapped, [("movielens".to_string(), 6)]);
+    assert_eq!(rating(post(&app, "/predict", ask.clone()).await.1), 4.36);
 
-    let (_, v) = call(&app, "GET", "/models", Body::empty()).await;
+    // Round 7 was trained with a definition edited afterwards; round 8 is a smart-home round
+    // copied into the movielens folder; round 9 names a lookup table the pipeline does not have.
+    let mut edited = testing::movielens(7);
+    edited.pipeline.definition.description.push_str(" (edited)");
+    publish_artifact(models, edited, testing::tables("movielens"));
+    assert!(refused(refresh().await).contains("fingerprint"));
+    let mut moved = testing::smart_home(8);
+    let store = tempfile::tempdir().unwrap();
+    let pointer = publish_artifact(store.path(), moved.clone(), vec![]);
+    std::fs::create_dir_all(models.join("movielens/round-000008")).unwrap();
+    std::fs::copy(store.path().join("smart-home/round-000008/model.json"), models.join("movielens/round-000008/model.json")).unwrap();
+    std::fs::write(models.join("movielens/LATEST"), serde_json::to_vec(&pointer).unwrap()).unwrap();
+    assert!(refused(refresh().await).contains("lies in the model store's folder `movielens`"));
+    moved = testing::movielens(9);
+    moved.segmentation.segments[0].centroid.push(1.0);
+    publish_artifact(models, moved, testing::tables("movielens"));
+    assert!(refused(refresh().await).contains("segment 0 centroid has 5 values, expected 4"));
+    assert_eq!(rating(post(&app, "/predict", ask.clone()).await.1), 4.36);
+    assert_eq!(post(&app, "/pipelines/smart-home/predict", camera()).await.1["round"], 1, "smart-home is unaffected");
+
+    let (_, v) = get(&app, "/models").await;
     assert_eq!(v["serving"]["round"], 6);
-    let listed: Vec<u64> = v["rounds"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["round"].as_u64().unwrap())
-        .collect();
+    let listed: Vec<u64> = v["rounds"].as_array().unwrap().iter().map(|r| r["round"].as_u64().unwrap()).collect();
     // The store's rounds whose model.json reads (5's does not); 3 and 4 were trained, just not served.
     assert_eq!(listed, [1, 2, 3, 4, 6], "{v}");
-    assert_eq!(v["serving"]["sample_users"], json!([1, 2]));
 
-    let (_, metrics) = call(&app, "GET", "/metrics", Body::empty()).await;
+    let (_, metrics) = get(&app, "/metrics").await;
     let text = metrics.as_str().unwrap();
     for line in [
-        "lensflow_model_round 6",
-        "lensflow_model_swaps_total 3",
-        "lensflow_model_refused_total 3",
+        "lensflow_model_round{pipeline=\"movielens\"} 6",
+        "lensflow_model_round{pipeline=\"smart-home\"} 1",
+        "lensflow_model_swaps_total{pipeline=\"movielens\"} 3",
+        "lensflow_model_refused_total{pipeline=\"movielens\"} 6",
+        "lensflow_http_requests_total{route=\"/predict\",method=\"POST\",status=\"200\",pipeline=\"movielens\"} 6",
+        "lensflow_http_requests_total{route=\"/pipelines/{name}/predict\",method=\"POST\",status=\"200\",pipeline=\"smart-home\"} 1",
+        "lensflow_predictions_total{task=\"all\",pipeline=\"movielens\"} 6",
     ] {
-        assert!(
-            text.lines().any(|l| l == line),
-            "metrics lack `{line}`:\n{text}"
-        );
+        assert!(text.lines().any(|l| l == line), "metrics lack `{line}`:\n{text}");
     }
-    assert!(
-        text.contains(
-            "lensflow_http_requests_total{route=\"/predict\",method=\"POST\",status=\"200\"} 5"
-        ),
-        "{text}"
-    );
-    assert!(
-        text.contains("lensflow_http_request_duration_seconds_bucket{le="),
-        "{text}"
-    );
-    assert!(
-        text.contains("lensflow_predictions_total{task=\"all\"} 5"),
-        "{text}"
-    );
+    assert!(text.contains("lensflow_http_request_duration_seconds_bucket{le="), "{text}");
 }
 
 #[tokio::test]
-async fn the_openapi_description_lists_every_endpoint() {
+async fn status_reads_each_pipelines_own_lake() {
+    use lensflow_core::lake::MANIFEST_FORMAT_VERSION;
+    use lensflow_core::{BatchFile, BatchManifest, Lake, OffsetRange, StorageOptions};
+
     let dir = tempfile::tempdir().unwrap();
-    let app = app(state_for(dir.path(), Limits::default()).await);
-    let (status, v) = call(&app, "GET", "/openapi.json", Body::empty()).await;
-    assert_eq!(status, StatusCode::OK);
-    for path in [
-        "/predict",
-        "/predict_classification",
-        "/predict_regression",
-        "/predict_clustering",
-        "/models",
-        "/status",
-        "/healthz",
-        "/readyz",
-        "/metrics",
-    ] {
-        assert!(
-            v["paths"].get(path).is_some(),
-            "{path} missing from the OpenAPI paths"
-        );
+    let (models, lakes) = (dir.path().join("models"), dir.path().join("lake"));
+    publish(&models, "movielens", 1);
+    publish(&models, "smart-home", 1);
+    for (pipeline, batches) in [("movielens", 3u64), ("smart-home", 1)] {
+        let lake = Lake::open(lakes.join(pipeline).to_str().unwrap(), &StorageOptions::default()).unwrap();
+        for batch in 1..=batches {
+            let offsets = OffsetRange { first: (batch as i64 - 1) * 100, last: batch as i64 * 100 - 1 };
+            let file = BatchFile { path: format!("events/{batch}.parquet"), partition: 0, offsets, rows: 100, bytes: 1, min_ts: 0, max_ts: 0 };
+            let manifest = BatchManifest {
+                format_version: MANIFEST_FORMAT_VERSION,
+                batch,
+                topic: pipeline.into(),
+                writer: "test".into(),
+                created_at_ms: batch as i64,
+                partitions: [(0, offsets)].into(),
+                files: vec![file],
+                dead_letters: vec![],
+                rows: 100,
+                dead_letter_count: 1,
+                min_ts: None,
+                max_ts: None,
+            };
+            assert!(lake.try_commit(&manifest).await.unwrap());
+        }
     }
-    assert!(v["components"]["schemas"].get("PredictRequest").is_some());
-    let (status, page) = call(&app, "GET", "/docs", Body::empty()).await;
+    let mut opts = ServeOptions::new(models.to_str().unwrap());
+    opts.lake = Some(lakes.to_str().unwrap().to_string());
+    let app = app(crate::state(&opts).await.unwrap());
+    let (status, v) = get(&app, "/status").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!((v["pipeline"].as_str(), v["batches"].as_u64(), v["events"].as_u64(), v["round"].as_u64()), (Some("movielens"), Some(3), Some(300), Some(1)));
+    assert_eq!((v["batches_behind"].as_u64(), v["dead_letters"].as_u64()), (Some(2), Some(3)));
+    assert!(v["lake"].as_str().unwrap().ends_with("/lake/movielens"), "{v}");
+    let (_, v) = get(&app, "/pipelines/smart-home/status").await;
+    assert_eq!((v["batches"].as_u64(), v["batches_behind"].as_u64()), (Some(1), Some(0)), "{v}");
+    assert_eq!(get(&app, "/pipelines/nope/status").await.0, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn the_openapi_description_has_every_pipelines_paths_and_schemas() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = state_for(dir.path(), Limits::default()).await;
+    let app = app(state.clone());
+    // Before any round: the fixed routes, and the default pipeline's from its built-in definition.
+    let (status, v) = get(&app, "/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    for path in ["/predict", "/predict_classification", "/predict_regression", "/predict_clustering", "/models", "/status", "/pipelines", "/healthz", "/readyz", "/metrics", "/pipelines/movielens/predict"] {
+        assert!(v["paths"].get(path).is_some(), "{path} missing from the OpenAPI paths");
+    }
+    assert!(v["paths"].get("/pipelines/smart-home/predict").is_none());
+
+    publish(dir.path(), "movielens", 1);
+    publish(dir.path(), "smart-home", 1);
+    state.models.refresh().await.unwrap();
+    let (_, v) = get(&app, "/openapi.json").await;
+    for name in ["movielens", "smart-home"] {
+        for suffix in ["predict", "predict_classification", "predict_regression", "predict_clustering"] {
+            let op = &v["paths"][format!("/pipelines/{name}/{suffix}")]["post"];
+            assert!(op["requestBody"]["content"]["application/json"]["schema"]["oneOf"][0]["$ref"].as_str().unwrap().ends_with(&format!("{name}.PredictRequest")), "{op}");
+        }
+        assert!(v["paths"][format!("/pipelines/{name}/models")].get("get").is_some());
+        assert!(v["paths"][format!("/pipelines/{name}/status")].get("get").is_some());
+    }
+    let schemas = &v["components"]["schemas"];
+    let device = &schemas["smart-home.PredictRequest"]["properties"]["DeviceType"];
+    assert_eq!((device["type"].as_str(), device["enum"][0].as_str()), (Some("string"), Some("Camera")), "{device}");
+    assert_eq!(schemas["smart-home.PredictRequest"]["properties"]["UsageHoursPerDay"]["maximum"], 24.0);
+    assert_eq!(schemas["movielens.PredictRequest"]["properties"]["userId"]["type"], "integer");
+    assert!(schemas["movielens.PredictRequest"]["properties"]["features"]["properties"].get("u_mean").is_some());
+    assert!(schemas["movielens.Prediction"]["properties"].get("prediction_like").is_some());
+    assert!(schemas["movielens.Prediction"]["required"].as_array().unwrap().contains(&json!("known_user")));
+    assert!(schemas["smart-home.Prediction"]["properties"].get("predicted_incidents").is_some());
+    assert!(schemas.get("ErrorBody").is_some());
+    // The seed routes are described with the default pipeline's schemas.
+    assert!(v["paths"]["/predict"]["post"]["requestBody"].to_string().contains("movielens.PredictRequest"));
+    let (status, page) = get(&app, "/docs").await;
     assert_eq!(status, StatusCode::OK);
     assert!(page.as_str().unwrap().contains("/openapi.json"));
+}
+
+/// Exploration, not a test of time: what one request costs, evaluation included. Run with
+/// `cargo test -p lensflow-api --release -- --ignored --nocapture cost_of_one`.
+#[tokio::test]
+#[ignore]
+async fn cost_of_one_request() {
+    let dir = tempfile::tempdir().unwrap();
+    publish(dir.path(), "movielens", 1);
+    publish(dir.path(), "smart-home", 1);
+    let state = state_for(dir.path(), Limits::default()).await;
+    for (pipeline, ask) in [("movielens", json!({"userId": 1, "movieId": 31})), ("smart-home", camera())] {
+        let round = state.models.serving(pipeline).unwrap();
+        for batch in [1usize, 100] {
+            let items = vec![ask.clone(); batch];
+            let n = 20_000 / batch;
+            let start = std::time::Instant::now();
+            for _ in 0..n {
+                let answers = round.predict(&items, crate::round::Task::All, batch > 1).unwrap();
+                std::hint::black_box(serde_json::to_vec(&answers).unwrap());
+            }
+            let per = start.elapsed().as_secs_f64() / (n * batch) as f64 * 1e6;
+            eprintln!("{pipeline}, batches of {batch}: {per:.2} µs per request (parse, rows, evaluation, models, JSON)");
+        }
+    }
 }

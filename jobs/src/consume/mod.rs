@@ -8,8 +8,9 @@
 //! The loop runs on its own thread around a `BaseConsumer`, because librdkafka calls the
 //! rebalance callback from inside `poll`, and the callback must read the lake (to tell Kafka
 //! where a newly assigned partition resumes) before the first message of that partition is
-//! fetched. Per message: parse it (a bad one becomes a dead letter), skip it if the lake already
-//! holds its offset, buffer it. A batch closes on `batch_rows`, on `batch_interval`, and on
+//! fetched. Per message: parse it against the pipeline's columns (a bad one becomes a dead
+//! letter naming the field at fault), skip it if the lake already holds its offset, buffer it.
+//! The lake is the pipeline's folder inside the `--lake` root. A batch closes on `batch_rows`, on `batch_interval`, and on
 //! shutdown; closing commits it ([`commit::commit_batch`]) and then, for Kafka tools' sake only,
 //! commits the group offsets. On revocation a partition's buffered messages are dropped unwritten:
 //! its new owner resumes from the lake.
@@ -23,7 +24,8 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use lensflow_core::{DeadLetter, RatingError, RatingEvent};
+use lensflow_core::pipeline::event::{Event, EventError};
+use lensflow_core::{DeadLetter, Lake, Pipeline, StorageOptions};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
@@ -36,19 +38,21 @@ use tokio_util::sync::CancellationToken;
 use self::offsets::LakeOffsets;
 use self::writer::Batch;
 use crate::kafka::KafkaOptions;
-use crate::lake::{Lake, StorageOptions};
 use crate::{JobError, Result};
 
 /// What to consume, and where to land it.
 #[derive(Debug, Clone)]
 pub struct ConsumeOptions {
+    /// The pipeline whose events the topic carries.
+    pub pipeline: Pipeline,
     /// Broker and client settings.
     pub kafka: KafkaOptions,
-    /// Topic to read.
+    /// Topic to read [default: the pipeline's topic].
     pub topic: String,
     /// Consumer group; consumers in one group split the partitions.
     pub group: String,
-    /// The lake: `file:///abs/path`, a local path, or `s3://bucket/prefix`.
+    /// The lake's root: `file:///abs/path`, a local path, or `s3://bucket/prefix`. The
+    /// pipeline's events land in its folder `<root>/<pipeline name>/`.
     pub lake: String,
     /// Object-store settings for an `s3://` lake.
     pub storage: StorageOptions,
@@ -63,11 +67,13 @@ pub struct ConsumeOptions {
 }
 
 impl ConsumeOptions {
-    /// Options for landing `topic` into `lake` with every other setting at its default.
-    pub fn new(kafka: KafkaOptions, lake: impl Into<String>) -> Self {
+    /// Options for landing `pipeline`'s topic into the lake at `lake` (a root) with every
+    /// other setting at its default.
+    pub fn new(kafka: KafkaOptions, lake: impl Into<String>, pipeline: Pipeline) -> Self {
         ConsumeOptions {
             kafka,
-            topic: "ratings".into(),
+            topic: pipeline.topic().to_string(),
+            pipeline,
             group: "lensflow-consumer".into(),
             lake: lake.into(),
             storage: StorageOptions::default(),
@@ -103,7 +109,7 @@ pub struct ConsumeSummary {
     pub writer: String,
     /// Batches this consumer committed.
     pub batches: u64,
-    /// Ratings this consumer landed.
+    /// Events this consumer landed.
     pub rows: u64,
     /// Messages this consumer dead-lettered.
     pub dead_letters: u64,
@@ -113,7 +119,7 @@ pub struct ConsumeSummary {
     pub last_batch: u64,
     /// Wall time in seconds.
     pub seconds: f64,
-    /// Ratings landed per second.
+    /// Events landed per second.
     pub rows_per_sec: f64,
 }
 
@@ -121,12 +127,12 @@ pub struct ConsumeSummary {
 /// `exit_when_idle`), committing the open batch before it returns.
 pub async fn consume(opts: ConsumeOptions, shutdown: CancellationToken) -> Result<ConsumeSummary> {
     opts.validate()?;
-    let lake = Lake::open(&opts.lake, &opts.storage)?;
+    let lake = Lake::open(&opts.lake, &opts.storage)?.child(opts.pipeline.name());
     // Read the lake before joining the group: a lake that cannot be read fails here, not
     // halfway through a rebalance.
     let mut offsets = LakeOffsets::new(&opts.topic);
     offsets.refresh(&lake).await?;
-    tracing::info!(lake = lake.url(), batches = offsets.last_batch(), "lake opened");
+    tracing::info!(lake = lake.url(), pipeline = opts.pipeline.name(), batches = offsets.last_batch(), "lake opened");
     let handle = Handle::current();
     tokio::task::spawn_blocking(move || Ingest::start(opts, lake, offsets, handle)?.run(&shutdown))
         .await
@@ -214,16 +220,16 @@ const JOIN_GRACE: Duration = Duration::from_secs(30);
 struct Incoming {
     partition: i32,
     offset: i64,
-    parsed: std::result::Result<RatingEvent, DeadLetter>,
+    parsed: std::result::Result<Event, DeadLetter>,
 }
 
 impl Incoming {
-    fn judge(m: &BorrowedMessage<'_>) -> Incoming {
+    fn judge(m: &BorrowedMessage<'_>, pipeline: &Pipeline) -> Incoming {
         let (partition, offset) = (m.partition(), m.offset());
         let payload = m.payload().unwrap_or_default();
         let parsed = match m.payload() {
-            None => Err(RatingError::NotJson("empty message".into())),
-            Some(bytes) => RatingEvent::from_json(bytes),
+            None => Err(EventError::NotJson("empty message".into())),
+            Some(bytes) => pipeline.event_from_json(bytes),
         }
         .map_err(|reason| {
             let (raw, raw_encoding) = match std::str::from_utf8(payload) {
@@ -286,9 +292,10 @@ impl Ingest {
         } else {
             indicatif::ProgressBar::hidden()
         };
-        tracing::info!(writer, topic = opts.topic, group = opts.group, "consumer started");
+        tracing::info!(writer, topic = opts.topic, group = opts.group, pipeline = opts.pipeline.name(), "consumer started");
         let summary = ConsumeSummary { writer: writer.clone(), ..Default::default() };
-        Ok(Ingest { opts, lake, handle, consumer, shared, writer, batch: Batch::default(), expected: BTreeMap::new(), summary, bar })
+        let batch = Batch::new(&opts.pipeline);
+        Ok(Ingest { opts, lake, handle, consumer, shared, writer, batch, expected: BTreeMap::new(), summary, bar })
     }
 
     fn run(mut self, shutdown: &CancellationToken) -> Result<ConsumeSummary> {
@@ -300,7 +307,7 @@ impl Ingest {
         while !shutdown.is_cancelled() {
             let incoming = match self.consumer.poll(Duration::from_millis(100)) {
                 None => None,
-                Some(Ok(m)) => Some(Incoming::judge(&m)),
+                Some(Ok(m)) => Some(Incoming::judge(&m, &self.opts.pipeline)),
                 Some(Err(e)) => {
                     self.on_kafka_error(e)?;
                     None
@@ -396,7 +403,7 @@ impl Ingest {
         *expected = Some(m.offset + 1);
         let buf = self.batch.partition(m.partition);
         match m.parsed {
-            Ok(event) => buf.push_rating(m.offset, &event),
+            Ok(event) => buf.push_event(m.offset, &event),
             Err(dead) => {
                 tracing::warn!(partition = dead.partition, offset = dead.offset, reason = dead.reason, "dead letter");
                 buf.push_dead(dead)
@@ -432,7 +439,7 @@ impl Ingest {
                 Err(e) => return Err(e),
             }
         };
-        let batch = std::mem::take(&mut self.batch);
+        let batch = std::mem::replace(&mut self.batch, Batch::new(&self.opts.pipeline));
         for p in &outcome.dropped {
             self.summary.dropped_on_rebalance += batch.partitions.get(p).map(|b| b.rows() + b.dead.len()).unwrap_or(0) as u64;
             // Still ours (a zombie moment)? Resume where the lake now says.
@@ -451,7 +458,7 @@ impl Ingest {
         self.summary.rows += manifest.rows;
         self.summary.dead_letters += manifest.dead_letter_count;
         tracing::info!(batch = manifest.batch, rows = manifest.rows, dead_letters = manifest.dead_letter_count, "batch committed");
-        self.bar.set_message(format!("landed {} ratings in {} batches", self.summary.rows, self.summary.batches));
+        self.bar.set_message(format!("landed {} events in {} batches", self.summary.rows, self.summary.batches));
         // Only so that Kafka tools show the lag: the lake is what a restart resumes from.
         let mut tpl = TopicPartitionList::new();
         for (p, range) in &manifest.partitions {
@@ -470,10 +477,15 @@ impl Ingest {
 
 #[cfg(test)]
 mod tests {
+    use arrow_array::Int64Array;
     use rdkafka::mocking::MockCluster;
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
     use super::*;
+
+    fn movielens() -> Pipeline {
+        Pipeline::builtin("movielens").unwrap().unwrap()
+    }
 
     /// The loop against librdkafka's in-process mock broker: fast, and enough to show that a
     /// second run resumes from the lake. The real-broker tests live in the workspace's `tests/`.
@@ -482,33 +494,54 @@ mod tests {
         let cluster = MockCluster::new(1).unwrap();
         cluster.create_topic("r", 2, 1).unwrap();
         let kafka = KafkaOptions { brokers: cluster.bootstrap_servers(), extra: vec![] };
+        let pipeline = movielens();
         let send = |range: std::ops::Range<i64>| {
             let producer: BaseProducer = kafka.client_config(&[]).create().unwrap();
             for i in range {
-                let payload = RatingEvent::new(1 + i % 5, 100 + i, 4.0, i).unwrap().to_json();
+                let payload = format!(r#"{{"userId":{},"movieId":{},"rating":4.0,"timestamp":{i}}}"#, 1 + i % 5, 100 + i);
                 let key = (i % 5).to_string();
                 producer.send(BaseRecord::to("r").key(&key).payload(&payload)).unwrap();
             }
             producer.send(BaseRecord::<str, str>::to("r").key("x").payload("{oops")).unwrap();
+            producer.send(BaseRecord::<str, str>::to("r").key("x").payload(r#"{"userId":1,"movieId":1,"rating":4.2,"timestamp":1}"#)).unwrap();
             producer.flush(Duration::from_secs(10)).unwrap();
         };
         send(0..500);
         let dir = tempfile::tempdir().unwrap();
-        let mut opts = ConsumeOptions::new(kafka.clone(), dir.path().to_str().unwrap());
+        let mut opts = ConsumeOptions::new(kafka.clone(), dir.path().to_str().unwrap(), pipeline);
+        assert_eq!(opts.topic, "ratings", "the pipeline's topic unless told otherwise");
         opts.topic = "r".into();
         opts.batch_rows = 200;
         opts.exit_when_idle = Some(Duration::from_secs(6));
         let first = consume(opts.clone(), CancellationToken::new()).await.unwrap();
-        assert_eq!((first.rows, first.dead_letters), (500, 1));
+        assert_eq!((first.rows, first.dead_letters), (500, 2));
         assert!(first.batches >= 3, "200-message batches: {first:?}");
 
         send(500..700);
         let second = consume(opts, CancellationToken::new()).await.unwrap();
-        assert_eq!((second.rows, second.dead_letters), (200, 1), "resumes after the lake's offsets");
+        assert_eq!((second.rows, second.dead_letters), (200, 2), "resumes after the lake's offsets");
 
-        let lake = Lake::open(dir.path().to_str().unwrap(), &StorageOptions::default()).unwrap();
-        let mut movies: Vec<i64> = lake.read_all_rows().await.unwrap().iter().map(|r| r.event.movie_id).collect();
+        // The pipeline's folder inside the root holds the events.
+        let lake = Lake::open(dir.path().to_str().unwrap(), &StorageOptions::default()).unwrap().child("movielens");
+        let mut movies: Vec<i64> = vec![];
+        for b in lake.read_all().await.unwrap() {
+            let col = b.column_by_name("movie_id").unwrap().as_any().downcast_ref::<Int64Array>().unwrap().clone();
+            movies.extend(col.values().iter().copied());
+        }
         movies.sort_unstable();
         assert_eq!(movies, (100..800).collect::<Vec<_>>());
+        let dead: Vec<DeadLetter> = lake
+            .manifests()
+            .await
+            .unwrap()
+            .iter()
+            .flat_map(|m| m.dead_letters.iter().map(|d| d.path.clone()).collect::<Vec<_>>())
+            .flat_map(|path| {
+                let text = std::fs::read_to_string(dir.path().join("movielens").join(path)).unwrap();
+                text.lines().map(|l| serde_json::from_str::<DeadLetter>(l).unwrap()).collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(dead.len(), 4);
+        assert!(dead.iter().any(|d| d.field.as_deref() == Some("rating") && d.reason.contains("4.2 is out of range")), "{dead:?}");
     }
 }

@@ -1,13 +1,12 @@
 //! Where each partition resumes, as the lake's manifests say. This, not the consumer group's
 //! committed offset, is the source of truth: a batch is in the lake exactly when its manifest
-//! is, so resuming right after the manifests' offsets neither loses nor repeats a rating.
+//! is, so resuming right after the manifests' offsets neither loses nor repeats an event.
 
 use std::collections::BTreeMap;
 
-use lensflow_core::BatchManifest;
+use lensflow_core::{BatchManifest, Lake, StoreError};
 
-use crate::lake::Lake;
-use crate::{JobError, Result};
+use crate::Result;
 
 /// The lake's view of the topic: the last batch read and the next offset of every partition.
 #[derive(Debug, Clone, Default)]
@@ -36,22 +35,22 @@ impl LakeOffsets {
     /// nor covers offsets an earlier batch already holds.
     pub fn apply(&mut self, m: &BatchManifest) -> Result<()> {
         if m.topic != self.topic {
-            return Err(JobError::LakeContent(format!(
+            return Err(StoreError::LakeContent(format!(
                 "batch {} holds topic `{}`, this consumer reads `{}`: one lake per topic",
                 m.batch, m.topic, self.topic
-            )));
+            )).into());
         }
         if m.batch != self.last_batch + 1 {
-            return Err(JobError::LakeContent(format!("batch {} follows batch {}", m.batch, self.last_batch)));
+            return Err(StoreError::LakeContent(format!("batch {} follows batch {}", m.batch, self.last_batch)).into());
         }
         for (&p, range) in &m.partitions {
             if let Some(&next) = self.next.get(&p)
                 && range.first < next
             {
-                return Err(JobError::LakeContent(format!(
+                return Err(StoreError::LakeContent(format!(
                     "batch {} holds offsets {}..={} of partition {p}, but offsets below {next} were already in the lake",
                     m.batch, range.first, range.last
-                )));
+                )).into());
             }
             self.next.insert(p, range.next());
         }

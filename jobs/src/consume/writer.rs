@@ -1,14 +1,13 @@
-//! The open batch: ratings and dead letters buffered per partition, and their encoding as one
+//! The open batch: events and dead letters buffered per partition, and their encoding as one
 //! Parquet file (and one dead-letter file) per partition.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Instant;
 
-use arrow_array::{ArrayRef, Float64Array, Int32Array, Int64Array, RecordBatch};
 use bytes::Bytes;
-use lensflow_core::lake::{columns, ratings_schema};
-use lensflow_core::{DeadLetter, OffsetRange, RatingEvent};
+use lensflow_core::pipeline::event::{Event, EventColumns};
+use lensflow_core::pipeline::{ColumnType, KAFKA_OFFSET};
+use lensflow_core::{DeadLetter, OffsetRange, Pipeline};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, Encoding, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -17,33 +16,30 @@ use parquet::schema::types::ColumnPath;
 use crate::{JobError, Result};
 
 /// What one partition contributed to the open batch.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PartitionBuffer {
     first: Option<i64>,
     last: i64,
-    user_id: Vec<i64>,
-    movie_id: Vec<i64>,
-    rating: Vec<f64>,
-    ts: Vec<i64>,
-    offset: Vec<i64>,
-    /// Messages that were not ratings.
+    events: EventColumns,
+    /// Messages that were not events.
     pub dead: Vec<DeadLetter>,
 }
 
 impl PartitionBuffer {
+    /// An empty buffer for `pipeline`'s events.
+    pub fn new(pipeline: &Pipeline) -> PartitionBuffer {
+        PartitionBuffer { first: None, last: 0, events: EventColumns::new(pipeline), dead: Vec::new() }
+    }
+
     fn note_offset(&mut self, offset: i64) {
         self.first.get_or_insert(offset);
         self.last = offset;
     }
 
-    /// Adds a good rating read at `offset`.
-    pub fn push_rating(&mut self, offset: i64, event: &RatingEvent) {
+    /// Adds a good event read at `offset`.
+    pub fn push_event(&mut self, offset: i64, event: &Event) {
         self.note_offset(offset);
-        self.user_id.push(event.user_id);
-        self.movie_id.push(event.movie_id);
-        self.rating.push(event.rating);
-        self.ts.push(event.timestamp);
-        self.offset.push(offset);
+        self.events.push(offset, event);
     }
 
     /// Adds a message that could not be used.
@@ -57,32 +53,23 @@ impl PartitionBuffer {
         self.first.map(|first| OffsetRange { first, last: self.last })
     }
 
-    /// Good ratings buffered.
+    /// Good events buffered.
     pub fn rows(&self) -> usize {
-        self.offset.len()
+        self.events.len()
     }
 
-    /// Earliest and latest rating timestamps, if any rating is buffered.
-    pub fn ts_span(&self) -> Option<(i64, i64)> {
-        Some((*self.ts.iter().min()?, *self.ts.iter().max()?))
+    /// Earliest and latest event time, if events are buffered and the pipeline has a time column.
+    pub fn time_span(&self) -> Option<(i64, i64)> {
+        self.events.time_span()
     }
 
-    /// Encodes the ratings as a Parquet file of [`ratings_schema`].
-    pub fn to_parquet(&self, partition: i32) -> Result<Bytes> {
-        let n = self.rows();
-        let cols: Vec<ArrayRef> = vec![
-            Arc::new(Int64Array::from(self.user_id.clone())),
-            Arc::new(Int64Array::from(self.movie_id.clone())),
-            Arc::new(Float64Array::from(self.rating.clone())),
-            Arc::new(Int64Array::from(self.ts.clone())),
-            Arc::new(Int32Array::from(vec![partition; n])),
-            Arc::new(Int64Array::from(self.offset.clone())),
-        ];
+    /// Encodes the events as a Parquet file of `pipeline`'s lake schema.
+    pub fn to_parquet(&self, pipeline: &Pipeline, partition: i32) -> Result<Bytes> {
         let fail = |e: String| JobError::Internal(format!("encode batch of partition {partition}: {e}"));
-        let batch = RecordBatch::try_new(ratings_schema(), cols).map_err(|e| fail(e.to_string()))?;
-        let mut out = Vec::with_capacity(n * 4 + 1024);
+        let batch = self.events.to_record_batch(pipeline, partition).map_err(fail)?;
+        let mut out = Vec::with_capacity(self.rows() * 4 + 1024);
         let mut writer =
-            ArrowWriter::try_new(&mut out, ratings_schema(), Some(writer_properties())).map_err(|e| fail(e.to_string()))?;
+            ArrowWriter::try_new(&mut out, batch.schema(), Some(writer_properties(pipeline))).map_err(|e| fail(e.to_string()))?;
         writer.write(&batch).map_err(|e| fail(e.to_string()))?;
         writer.close().map_err(|e| fail(e.to_string()))?;
         Ok(Bytes::from(out))
@@ -100,9 +87,9 @@ impl PartitionBuffer {
     }
 }
 
-/// Offsets and timestamps climb steadily within a partition: delta encoding stores them in a
+/// Offsets and event times climb steadily within a partition: delta encoding stores them in a
 /// few bits each, where dictionaries would not help at all.
-fn writer_properties() -> WriterProperties {
+fn writer_properties(pipeline: &Pipeline) -> WriterProperties {
     let delta = |b: parquet::file::properties::WriterPropertiesBuilder, col: &str| {
         b.set_column_dictionary_enabled(ColumnPath::from(col), false)
             .set_column_encoding(ColumnPath::from(col), Encoding::DELTA_BINARY_PACKED)
@@ -110,14 +97,18 @@ fn writer_properties() -> WriterProperties {
     let mut b = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
         .set_max_row_group_row_count(Some(1 << 20));
-    b = delta(b, columns::KAFKA_OFFSET);
-    b = delta(b, columns::TS);
+    b = delta(b, KAFKA_OFFSET);
+    // Delta encoding is for integers only; the checks require an int64 time column anyway.
+    if let Some(time) = pipeline.definition.events.time.as_deref().filter(|t| pipeline.column(t).is_some_and(|c| c.kind == ColumnType::Int64)) {
+        b = delta(b, time);
+    }
     b.build()
 }
 
 /// The batch being filled: one buffer per partition, closed by size, age or shutdown.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Batch {
+    pipeline: Pipeline,
     /// Buffers by partition.
     pub partitions: BTreeMap<i32, PartitionBuffer>,
     opened_at: Option<Instant>,
@@ -125,14 +116,25 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// An empty batch of `pipeline`'s events.
+    pub fn new(pipeline: &Pipeline) -> Batch {
+        // A copy per batch costs microseconds and keeps the batch free of borrows.
+        Batch { pipeline: pipeline.clone(), partitions: BTreeMap::new(), opened_at: None, messages: 0 }
+    }
+
+    /// The pipeline whose events the batch holds.
+    pub fn pipeline(&self) -> &Pipeline {
+        &self.pipeline
+    }
+
     /// The buffer of `partition`, opening the batch's clock on first use.
     pub fn partition(&mut self, partition: i32) -> &mut PartitionBuffer {
         self.opened_at.get_or_insert_with(Instant::now);
         self.messages += 1;
-        self.partitions.entry(partition).or_default()
+        self.partitions.entry(partition).or_insert_with(|| PartitionBuffer::new(&self.pipeline))
     }
 
-    /// Messages buffered (ratings and dead letters).
+    /// Messages buffered (events and dead letters).
     pub fn messages(&self) -> usize {
         self.messages
     }
@@ -160,38 +162,66 @@ impl Batch {
 
 #[cfg(test)]
 mod tests {
+    use arrow_array::{Array, Float64Array, Int64Array, RecordBatch, StringArray};
+    use lensflow_core::pipeline::event::Value;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
     use super::*;
 
+    fn builtin(name: &str) -> Pipeline {
+        Pipeline::builtin(name).unwrap().unwrap()
+    }
+
+    fn read(bytes: Bytes) -> Vec<RecordBatch> {
+        ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap().build().unwrap().map(|b| b.unwrap()).collect()
+    }
+
     #[test]
     fn parquet_holds_exactly_what_was_buffered() {
-        let mut buf = PartitionBuffer::default();
+        let p = builtin("movielens");
+        let mut buf = PartitionBuffer::new(&p);
         for i in 0..1000 {
-            let event = RatingEvent::new(1 + i % 7, 10 + i, 0.5 + (i % 10) as f64 / 2.0, 1_000 + i).unwrap();
-            buf.push_rating(500 + i, &event);
+            let event = Event(vec![Value::Int(1 + i % 7), Value::Int(10 + i), Value::Float(0.5 + (i % 10) as f64 / 2.0), Value::Int(1_000 + i)]);
+            buf.push_event(500 + i, &event);
         }
         assert_eq!(buf.range(), Some(OffsetRange { first: 500, last: 1499 }));
-        let bytes = buf.to_parquet(2).unwrap();
-        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes.clone()).unwrap().build().unwrap();
-        let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
+        assert_eq!(buf.time_span(), Some((1_000, 1_999)));
+        let bytes = buf.to_parquet(&p, 2).unwrap();
+        let batches = read(bytes.clone());
         assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 1000);
         let b = &batches[0];
-        assert_eq!(b.schema(), ratings_schema());
-        let offsets = b.column(5).as_any().downcast_ref::<Int64Array>().unwrap();
-        assert_eq!(offsets.value(0), 500);
-        assert_eq!(offsets.value(999), 1499);
+        assert_eq!(b.schema(), p.lake_schema());
+        let offsets = b.column_by_name(KAFKA_OFFSET).unwrap().as_any().downcast_ref::<Int64Array>().unwrap();
+        assert_eq!((offsets.value(0), offsets.value(999)), (500, 1499));
         // Delta-encoded offsets and timestamps keep a rating well under 8 bytes here.
         assert!(bytes.len() < 8 * 1000, "{} bytes", bytes.len());
     }
 
     #[test]
+    fn a_pipeline_without_time_writes_its_own_columns() {
+        let p = builtin("smart-home");
+        let mut buf = PartitionBuffer::new(&p);
+        let text = |s: &str| Value::Text(s.into());
+        buf.push_event(0, &Event(vec![Value::Int(1), text("Camera"), Value::Float(1.5), Value::Float(2.0), Value::Int(1), Value::Int(0), Value::Int(12), Value::Int(1)]));
+        buf.push_event(1, &Event(vec![Value::Int(2), text("Lights"), Value::Float(3.0), Value::Float(0.5), Value::Int(0), Value::Int(2), Value::Int(40), Value::Int(0)]));
+        assert_eq!(buf.time_span(), None);
+        let batches = read(buf.to_parquet(&p, 0).unwrap());
+        let b = &batches[0];
+        assert_eq!(b.schema(), p.lake_schema());
+        let kinds = b.column_by_name("device_type").unwrap().as_any().downcast_ref::<StringArray>().unwrap();
+        assert_eq!((kinds.value(0), kinds.value(1)), ("Camera", "Lights"));
+        let energy = b.column_by_name("energy_consumption").unwrap().as_any().downcast_ref::<Float64Array>().unwrap();
+        assert_eq!(energy.value(1), 0.5);
+        assert_eq!(b.column_by_name("smart_home_efficiency").unwrap().null_count(), 0);
+    }
+
+    #[test]
     fn dropping_a_partition_forgets_only_it() {
-        let mut batch = Batch::default();
-        let event = RatingEvent::new(1, 2, 3.0, 4).unwrap();
-        batch.partition(0).push_rating(0, &event);
-        batch.partition(1).push_rating(0, &event);
-        batch.partition(1).push_rating(1, &event);
+        let mut batch = Batch::new(&builtin("movielens"));
+        let event = Event(vec![Value::Int(1), Value::Int(2), Value::Float(3.0), Value::Int(4)]);
+        batch.partition(0).push_event(0, &event);
+        batch.partition(1).push_event(0, &event);
+        batch.partition(1).push_event(1, &event);
         assert_eq!(batch.drop_partition(1), 2);
         assert_eq!(batch.messages(), 1);
         assert!(batch.partitions.contains_key(&0));

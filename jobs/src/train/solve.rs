@@ -11,28 +11,30 @@ use ndarray::{Array1, Array2};
 
 use lensflow_core::model::{LinearModel, Scaling};
 
-/// SQL expression of feature `i` standardised.
-fn z(features: &[&str], scaling: &Scaling, i: usize) -> String {
+/// SQL expression of feature `i` of all `features` standardised.
+fn z(features: &[String], scaling: &Scaling, i: usize) -> String {
     format!("(({} - ({:?})) / {:?})", features[i], scaling.mean[i], scaling.scale[i])
 }
 
-/// SQL expression of a model's score (the linear predictor) on a row of `features`.
-pub fn score_sql(features: &[&str], scaling: &Scaling, model: &LinearModel) -> String {
+/// SQL expression of a model's score (the linear predictor) on a row of `features` (all of the
+/// pipeline's features, which `scaling` standardises; the model uses those in `model.uses`).
+pub fn score_sql(features: &[String], scaling: &Scaling, model: &LinearModel) -> String {
     let mut s = format!("({:?}", model.intercept);
-    for (i, c) in model.coefficients.iter().enumerate() {
+    for (c, &i) in model.coefficients.iter().zip(&model.uses) {
         s.push_str(&format!(" + ({c:?}) * {}", z(features, scaling, i)));
     }
     s.push(')');
     s
 }
 
-/// The aggregate query of a weighted Gram matrix over `[1, z_1..z_d]` and the weighted
-/// products with `target`: `SUM(w·x_j·x_k)` for `j <= k`, then `SUM(t·x_j)`.
-/// `weight` and `target` are SQL expressions over `rating`, `liked`, `z0..` and `score` (the
-/// given model score of the row, when one is given).
-pub fn gram_sql(features: &[&str], scaling: &Scaling, filter: &str, score: Option<&str>, weight: &str, target: &str) -> String {
-    let d = features.len();
-    let zs: Vec<String> = (0..d).map(|i| format!("{} AS z{i}", z(features, scaling, i))).collect();
+/// The aggregate query of a weighted Gram matrix over `[1, z_u1..z_ud]` (the features at
+/// positions `uses`) and the weighted products with `target`: `SUM(w·x_j·x_k)` for `j <= k`,
+/// then `SUM(t·x_j)`. `weight` and `target` are SQL expressions over the `carry` columns,
+/// `z0..` and `score` (the given model score of the row, when one is given).
+#[allow(clippy::too_many_arguments)]
+pub fn gram_sql(features: &[String], scaling: &Scaling, uses: &[usize], filter: &str, carry: &[&str], score: Option<&str>, weight: &str, target: &str) -> String {
+    let d = uses.len();
+    let zs: Vec<String> = uses.iter().enumerate().map(|(j, &i)| format!("{} AS z{j}", z(features, scaling, i))).collect();
     let x = |j: usize| if j == 0 { "1.0".to_string() } else { format!("z{}", j - 1) };
     let mut aggs = Vec::new();
     for j in 0..=d {
@@ -44,7 +46,7 @@ pub fn gram_sql(features: &[&str], scaling: &Scaling, filter: &str, score: Optio
         aggs.push(format!("SUM({target} * {})", x(j)));
     }
     let score = score.map(|s| format!(", {s} AS score")).unwrap_or_default();
-    format!("WITH zs AS (SELECT rating, liked, {}{score} FROM features WHERE {filter}) SELECT {} FROM zs", zs.join(", "), aggs.join(", "))
+    format!("WITH zs AS (SELECT {}, {}{score} FROM features WHERE {filter}) SELECT {} FROM zs", carry.join(", "), zs.join(", "), aggs.join(", "))
 }
 
 /// Unpacks [`gram_sql`]'s row into the matrix and vector.
@@ -81,9 +83,9 @@ pub fn solve_spd(a: &Array2<f64>, b: &Array1<f64>, ridge: f64) -> Option<Array1<
     None
 }
 
-/// A model from a solution vector `[intercept, coefficients…]`.
-pub fn model_of(x: &Array1<f64>) -> LinearModel {
-    LinearModel { intercept: x[0], coefficients: x.iter().skip(1).copied().collect() }
+/// A model over the features at `uses` from a solution vector `[intercept, coefficients…]`.
+pub fn model_of(x: &Array1<f64>, uses: &[usize]) -> LinearModel {
+    LinearModel { uses: uses.to_vec(), intercept: x[0], coefficients: x.iter().skip(1).copied().collect() }
 }
 
 #[cfg(test)]

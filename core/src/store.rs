@@ -1,5 +1,6 @@
-//! The lake on an object store: open it from a URL, list and read manifests, commit a batch by
-//! creating its manifest, and read batch files back.
+//! Storage: the lake and the model store on an object store. Open one from a URL, list and read
+//! manifests, commit a batch by creating its manifest, and read batch files back. Both ingest
+//! and serving use it, so it lives with the contracts.
 //!
 //! `file:///abs/path` (or a plain local path) is a folder; `s3://bucket/prefix` is an S3 bucket
 //! configured by the `AWS_*` settings the caller passes in ([`StorageOptions`]), which is also
@@ -7,11 +8,9 @@
 
 use std::sync::Arc;
 
-use arrow_array::{Array, Float64Array, Int32Array, Int64Array, RecordBatch};
+use arrow_array::RecordBatch;
 use bytes::Bytes;
 use futures::TryStreamExt;
-use lensflow_core::lake::{columns, manifest_path, parse_manifest_path, BATCHES_DIR};
-use lensflow_core::{BatchFile, BatchManifest, RatingEvent};
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
@@ -19,7 +18,66 @@ use object_store::prefix::PrefixStore;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-use crate::{JobError, Result};
+use crate::lake::{manifest_path, parse_manifest_path, BATCHES_DIR};
+use crate::{BatchFile, BatchManifest, LakeError};
+
+/// What can go wrong with storage; each variant names the object or setting at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A lake or model store URL or setting that cannot work.
+    #[error("invalid --{option}: {reason}")]
+    Config {
+        /// The flag's name.
+        option: &'static str,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// A local folder could not be created.
+    #[error("{path}: {source}")]
+    Io {
+        /// The folder.
+        path: std::path::PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The object store failed (worth retrying: storage may be down).
+    #[error("storage, {path}: {source}")]
+    Store {
+        /// The object's path.
+        path: String,
+        /// What the store said.
+        source: object_store::Error,
+    },
+    /// A manifest is unreadable or breaks the manifest rules.
+    #[error(transparent)]
+    Manifest(#[from] LakeError),
+    /// The lake's content contradicts itself (not worth retrying: it needs a person).
+    #[error("lake content: {0}")]
+    LakeContent(String),
+    /// A batch file named by a manifest cannot be decoded.
+    #[error("batch file {path}: {reason}")]
+    BatchFile {
+        /// The file's path in the lake.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl StoreError {
+    /// Whether the object was simply not there.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StoreError::Store { source: object_store::Error::NotFound { .. }, .. })
+    }
+
+    /// A mapper that names the object at fault.
+    pub fn store(path: impl std::fmt::Display) -> impl FnOnce(object_store::Error) -> StoreError {
+        let path = path.to_string();
+        move |source| StoreError::Store { path, source }
+    }
+}
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// Object-store settings as `(key, value)` pairs, e.g. the process's `AWS_*` variables
 /// (`AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, …).
@@ -34,22 +92,11 @@ pub struct Lake {
     url: String,
 }
 
-/// One rating as stored in the lake, with where it came from in Kafka.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LakeRow {
-    /// The rating.
-    pub event: RatingEvent,
-    /// The Kafka partition it was read from.
-    pub partition: i32,
-    /// Its offset in that partition.
-    pub offset: i64,
-}
-
 impl Lake {
     /// Opens the lake at `url`: `file:///abs/path`, a plain local path, or `s3://bucket/prefix`.
     /// A local folder is created if it does not exist yet.
     pub fn open(url: &str, storage: &StorageOptions) -> Result<Lake> {
-        let bad = |reason: String| JobError::Config { option: "lake", reason: format!("{url}: {reason}") };
+        let bad = |reason: String| StoreError::Config { option: "lake", reason: format!("{url}: {reason}") };
         let store: Arc<dyn ObjectStore> = if let Some(rest) = url.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
@@ -72,8 +119,8 @@ impl Lake {
                 None if url.contains("://") => return Err(bad("only file:// and s3:// lakes are supported".into())),
                 None => std::path::PathBuf::from(url),
             };
-            std::fs::create_dir_all(&dir).map_err(JobError::io(&dir))?;
-            let dir = std::fs::canonicalize(&dir).map_err(JobError::io(&dir))?;
+            std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io { path: dir.clone(), source })?;
+            let dir = std::fs::canonicalize(&dir).map_err(|source| StoreError::Io { path: dir.clone(), source })?;
             let store = Arc::new(LocalFileSystem::new_with_prefix(&dir).map_err(|e| bad(e.to_string()))?);
             return Ok(Lake { store, url: format!("file://{}", dir.display()) });
         };
@@ -88,6 +135,12 @@ impl Lake {
     /// The absolute URL of an object in the lake, as a query engine on another machine needs it.
     pub fn url_of(&self, path: &str) -> String {
         format!("{}/{}", self.url, path.trim_start_matches('/'))
+    }
+
+    /// The folder `name` inside this store, as a store of its own: each pipeline's lake and
+    /// models live in a folder named after it, so pipelines can share a bucket.
+    pub fn child(&self, name: &str) -> Lake {
+        Lake { store: Arc::new(PrefixStore::new(self.store.clone(), name)), url: self.url_of(name) }
     }
 
     /// The object store behind the lake, rooted at the lake.
@@ -110,7 +163,7 @@ impl Lake {
             .list_with_offset(Some(&prefix), &offset)
             .try_collect()
             .await
-            .map_err(JobError::store(BATCHES_DIR))?;
+            .map_err(StoreError::store(BATCHES_DIR))?;
         let mut numbered: Vec<(u64, Path)> = metas
             .into_iter()
             .filter_map(|m| parse_manifest_path(m.location.as_ref()).map(|n| (n, m.location)))
@@ -120,7 +173,7 @@ impl Lake {
         let mut manifests = Vec::with_capacity(numbered.len());
         for (expected, (n, path)) in (after + 1..).zip(numbered) {
             if n != expected {
-                return Err(JobError::LakeContent(format!(
+                return Err(StoreError::LakeContent(format!(
                     "batch {expected} is missing while batch {n} exists ({})",
                     manifest_path(expected)
                 )));
@@ -133,7 +186,7 @@ impl Lake {
 
     /// Writes an object, replacing any earlier one at the same path.
     pub async fn put(&self, path: &str, bytes: Bytes) -> Result<()> {
-        self.store.put(&Path::from(path), PutPayload::from(bytes)).await.map_err(JobError::store(path))?;
+        self.store.put(&Path::from(path), PutPayload::from(bytes)).await.map_err(StoreError::store(path))?;
         Ok(())
     }
 
@@ -145,7 +198,7 @@ impl Lake {
         match self.store.put_opts(&Path::from(path.as_str()), manifest.to_json().into(), opts).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. }) | Err(object_store::Error::Precondition { .. }) => Ok(false),
-            Err(e) => Err(JobError::store(path)(e)),
+            Err(e) => Err(StoreError::store(path)(e)),
         }
     }
 
@@ -153,73 +206,48 @@ impl Lake {
     pub async fn delete(&self, path: &str) -> Result<()> {
         match self.store.delete(&Path::from(path)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(JobError::store(path)(e)),
+            Err(e) => Err(StoreError::store(path)(e)),
         }
     }
 
     /// Reads an object whole.
     pub async fn get(&self, path: &Path) -> Result<Bytes> {
-        let result = self.store.get(path).await.map_err(JobError::store(path))?;
-        result.bytes().await.map_err(JobError::store(path))
+        let result = self.store.get(path).await.map_err(StoreError::store(path))?;
+        result.bytes().await.map_err(StoreError::store(path))
     }
 
-    /// Reads the ratings of one batch file, checking them against what its manifest says.
-    pub async fn read_batch_file(&self, file: &BatchFile) -> Result<Vec<LakeRow>> {
+    /// Reads one batch file, checking its row count against its manifest.
+    pub async fn read_batch_file(&self, file: &BatchFile) -> Result<Vec<RecordBatch>> {
         let bytes = self.get(&Path::from(file.path.as_str())).await?;
-        let bad = |reason: String| JobError::BatchFile { path: file.path.clone(), reason };
+        let bad = |reason: String| StoreError::BatchFile { path: file.path.clone(), reason };
         let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
             .and_then(|b| b.build())
             .map_err(|e| bad(e.to_string()))?;
-        let mut rows = Vec::with_capacity(file.rows as usize);
-        for batch in reader {
-            rows.extend(rows_of(&batch.map_err(|e| bad(e.to_string()))?).map_err(bad)?);
+        let batches = reader.collect::<Result<Vec<_>, _>>().map_err(|e| bad(e.to_string()))?;
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        if rows as u64 != file.rows {
+            return Err(bad(format!("holds {rows} rows, its manifest says {}", file.rows)));
         }
-        if rows.len() as u64 != file.rows {
-            return Err(bad(format!("holds {} rows, its manifest says {}", rows.len(), file.rows)));
-        }
-        Ok(rows)
+        Ok(batches)
     }
 
-    /// Every rating of every committed batch, in batch order.
-    pub async fn read_all_rows(&self) -> Result<Vec<LakeRow>> {
-        let mut rows = Vec::new();
+    /// Every event of every committed batch, in batch order.
+    pub async fn read_all(&self) -> Result<Vec<RecordBatch>> {
+        let mut out = Vec::new();
         for manifest in self.manifests().await? {
             for file in &manifest.files {
-                rows.extend(self.read_batch_file(file).await?);
+                out.extend(self.read_batch_file(file).await?);
             }
         }
-        Ok(rows)
+        Ok(out)
     }
-}
-
-fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T, String> {
-    batch
-        .column_by_name(name)
-        .and_then(|c| c.as_any().downcast_ref::<T>())
-        .ok_or_else(|| format!("column `{name}` is missing or has the wrong type"))
-}
-
-fn rows_of(batch: &RecordBatch) -> Result<Vec<LakeRow>, String> {
-    let user = column::<Int64Array>(batch, columns::USER_ID)?;
-    let movie = column::<Int64Array>(batch, columns::MOVIE_ID)?;
-    let rating = column::<Float64Array>(batch, columns::RATING)?;
-    let ts = column::<Int64Array>(batch, columns::TS)?;
-    let partition = column::<Int32Array>(batch, columns::KAFKA_PARTITION)?;
-    let offset = column::<Int64Array>(batch, columns::KAFKA_OFFSET)?;
-    (0..batch.num_rows())
-        .map(|i| {
-            let event = RatingEvent::new(user.value(i), movie.value(i), rating.value(i), ts.value(i))
-                .map_err(|e| format!("row {i}: {e}"))?;
-            Ok(LakeRow { event, partition: partition.value(i), offset: offset.value(i) })
-        })
-        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
 
-    use lensflow_core::lake::MANIFEST_FORMAT_VERSION;
+    use crate::lake::MANIFEST_FORMAT_VERSION;
 
     use super::*;
 

@@ -1,12 +1,14 @@
 -- Point-in-time features of every rating in `ratings`.
 --
 -- A rating's features use only ratings with strictly earlier timestamps (the window frames end
--- at `1 PRECEDING` of the integer `ts`): exactly what a live system knew at that moment. The
--- formulas match lensflow_core::model::feature_row, which the API uses for "now"; the trainer
--- checks the two agree.
+-- at `1 PRECEDING` of the integer `ts`): exactly what a live system knew at that moment.
+-- Serving evaluates the final SELECT's feature expressions on a request's row, whose state
+-- columns (u_n … m_ts) come from the lookup tables (lookup_*.sql) instead of the windows; the
+-- trainer checks, every round, that the two agree.
 --
 -- Written in the common subset of Spark SQL and DataFusion SQL; ${...} are Spark-style
--- variables (spark.sql.variable.substitute), substituted by lensflow before running:
+-- variables (spark.sql.variable.substitute), substituted by lensflow before running (see
+-- pipeline.toml's [features.constants] and [features.variables]):
 --   ${shrink}       weight of the prior in every shrunk statistic
 --   ${prior_mean}   mean training rating
 --   ${prior_var}    variance of the training ratings
