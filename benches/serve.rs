@@ -1,27 +1,31 @@
 //! Serving benchmark: requests/s and latency percentiles of `lensflow serve` under `wrk`
-//! (Debian's `wrk`) at 8 and 64 connections, single requests and batches of 100, plus the
-//! server's memory. The rounds come from the real trainer on generated ratings.
+//! (Debian's `wrk`) at 8 and 64 connections, single requests and batches of 100, for both shipped
+//! pipelines in one model store, plus the server's memory. The rounds come from the real trainer
+//! (`lensflow demo --exit-after-train`): MovieLens on generated ratings, smart-home on the
+//! published device file when it is there.
 //!
-//! `cargo bench --bench serve` (1M generated ratings; `LENSFLOW_BENCH_RATINGS` for more).
-//! Prints a report; nothing here is asserted on time.
+//! `cargo bench --bench serve` (1M generated ratings; `LENSFLOW_BENCH_RATINGS` for more,
+//! `LENSFLOW_BENCH_SECONDS` per row). Prints a report; nothing here is asserted on time.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
 
-/// A wrk script posting `batch` random (user, movie) pairs per request to `path`.
-fn script(path: &str, batch: usize, users: u32, movies: u32) -> String {
+/// A wrk script posting `batch` requests made by the Lua expression `item` per request to `path`.
+fn script(path: &str, batch: usize, item: &str) -> String {
     format!(
         r#"wrk.method = "POST"
 wrk.path = "{path}"
 wrk.headers["Content-Type"] = "application/json"
+local types = {{"Camera", "Lights", "Security System", "Smart Speaker", "Thermostat"}}
 request = function()
   local items = {{}}
   for i = 1, {batch} do
-    items[i] = string.format('{{"userId":%d,"movieId":%d}}', math.random(1, {users}), math.random(1, {movies}))
+    items[i] = {item}
   end
   return wrk.format(nil, nil, nil, "[" .. table.concat(items, ",") .. "]")
 end
@@ -37,29 +41,49 @@ fn mib(pid: u32, key: &str) -> f64 {
     proc_memory(pid, key).unwrap_or(0) as f64 / (1024.0 * 1024.0)
 }
 
+/// The smart-home device file beside the repository, if it is there.
+fn smart_home_csv() -> Option<PathBuf> {
+    let path = std::env::var("LENSFLOW_SMART_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/smart_home_device_usage_data.csv"));
+    path.is_file().then_some(path)
+}
+
 fn main() {
     let n: u64 = std::env::var("LENSFLOW_BENCH_RATINGS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
     let seconds = std::env::var("LENSFLOW_BENCH_SECONDS").unwrap_or_else(|_| "10".into());
     let dir = tempfile::tempdir().unwrap();
-    let csv = generate(dir.path(), n, 42);
-    let lake = format!("file://{}", dir.path().join("lake").display());
-    build_lake(&csv, &lake, 3);
-    std::fs::remove_file(&csv).unwrap();
-    let models = dir.path().join("models");
-    run_ok(lensflow(["train", "--lake", &lake, "--json", "--models"]).arg(&models));
+    let data = dir.path().join("data");
+    run_ok(lensflow(["demo", "--exit-after-train", "--ratings", &n.to_string(), "--data-dir"]).arg(&data));
+    let devices = smart_home_csv();
+    if let Some(csv) = &devices {
+        run_ok(lensflow(["demo", "--exit-after-train", "--pipeline", "smart-home", "--input"]).arg(csv).arg("--data-dir").arg(&data));
+    }
+    let models = data.join("models");
 
     let server = Server::start(&models, &[]);
-    server.wait_round(3, std::time::Duration::from_secs(60));
+    // Ready names every pipeline's round: `ready: round 3, smart-home round 3`.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !reqwest::blocking::get(server.url("/readyz")).and_then(|r| r.text()).unwrap_or_default().starts_with("ready: round 3") {
+        assert!(std::time::Instant::now() < deadline, "the server did not load round 3");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let pid = server.child.id();
     let loaded = mib(pid, "VmRSS");
     let (users, movies) = ((n / 150) as u32, ((n / 11).min(30_000)) as u32);
+    let rating = format!("string.format('{{\"userId\":%d,\"movieId\":%d}}', math.random(1, {users}), math.random(1, {movies}))");
+    let device = "string.format('{\"DeviceType\":\"%s\",\"UsageHoursPerDay\":%.2f,\"EnergyConsumption\":%.2f,\"UserPreferences\":%d,\"MalfunctionIncidents\":%d,\"DeviceAgeMonths\":%d}', types[math.random(1, 5)], math.random() * 24, math.random() * 10, math.random(0, 1), math.random(0, 4), math.random(1, 59))";
     println!("\n## lensflow serve benchmark: round 3 of {n} generated ratings ({users} users, {movies} movies), wrk {seconds} s per row, 2 threads");
-    println!("\nServer RSS once the round is loaded: {loaded:.0} MiB\n");
+    println!("\nServer RSS once the rounds are loaded: {loaded:.0} MiB\n");
     println!("| endpoint | batch | connections | requests/s | predictions/s | p50 | p99 |");
     println!("|---|---|---|---|---|---|---|");
-    for (path, batch) in [("/predict", 1), ("/predict", 100), ("/predict_regression", 1)] {
-        let lua = dir.path().join(format!("bench-{batch}.lua"));
-        std::fs::write(&lua, script(path, batch, users, movies)).unwrap();
+    let mut rows = vec![("/predict", 1, rating.as_str()), ("/predict", 100, rating.as_str()), ("/predict_regression", 1, rating.as_str())];
+    if devices.is_some() {
+        rows.extend([("/pipelines/smart-home/predict", 1, device), ("/pipelines/smart-home/predict", 100, device)]);
+    }
+    for (i, (path, batch, item)) in rows.into_iter().enumerate() {
+        let lua = dir.path().join(format!("bench-{i}.lua"));
+        std::fs::write(&lua, script(path, batch, item)).unwrap();
         for connections in [8, 64] {
             let out = Command::new("wrk")
                 .args(["-t2", "-c", &connections.to_string(), "-d", &format!("{seconds}s"), "--latency", "-s"])
@@ -70,12 +94,7 @@ fn main() {
             let out = String::from_utf8_lossy(&out.stdout);
             assert!(!out.contains("Non-2xx"), "failed requests under load:\n{out}");
             let rps: f64 = field(&out, "Requests/sec:").parse().unwrap_or(0.0);
-            println!(
-                "| {path} | {batch} | {connections} | {rps:.0} | {:.0} | {} | {} |",
-                rps * batch as f64,
-                field(&out, "50%"),
-                field(&out, "99%")
-            );
+            println!("| {path} | {batch} | {connections} | {rps:.0} | {:.0} | {} | {} |", rps * batch as f64, field(&out, "50%"), field(&out, "99%"));
         }
     }
     println!("\nServer peak RSS over the whole run: {:.0} MiB", mib(pid, "VmHWM"));

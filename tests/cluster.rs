@@ -61,7 +61,7 @@ fn the_compose_topology_as_processes_serves_round_three() {
     assert_eq!(models_v["serving"]["lineage"]["rows"], 100_004);
     assert!(models_v["serving"]["metrics"]["rmse"].as_f64().unwrap() <= 0.88, "{}", models_v["serving"]["metrics"]);
     let status: Value = reqwest::blocking::get(api.url("/status")).unwrap().json().unwrap();
-    assert_eq!((status["lake"].as_str(), status["ratings"].as_u64()), (Some(lake), Some(100_004)), "{status}");
+    assert_eq!((status["lake"].as_str(), status["events"].as_u64()), (Some("s3://lensflow/lake/movielens"), Some(100_004)), "{status}");
     // The rounds ran as jobs on the cluster's scheduler, not in the trainer.
     let jobs = http_get(cluster.port, "/api/jobs").unwrap_or_default();
     assert!(jobs.matches("job_id").count() >= 1, "the scheduler ran the training queries: {jobs}");

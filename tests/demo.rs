@@ -26,7 +26,7 @@ fn the_demo_runs_every_stage_and_serves_until_ctrl_c() {
     server.wait_round(3, Duration::from_secs(300));
     let printed = std::fs::read_to_string(dir.path().join("demo.out")).unwrap();
     assert!(printed.contains(&format!("open http://127.0.0.1:{port}/")), "the URL is printed at the end:\n{printed}");
-    assert!(printed.contains("landed 100004 ratings in 3 batches"), "{printed}");
+    assert!(printed.contains("landed 100004 events in 3 batches"), "{printed}");
     for round in 1..=3 {
         assert!(printed.contains(&format!("round {round} (batches 1..={round})")), "{printed}");
     }
@@ -38,7 +38,7 @@ fn the_demo_runs_every_stage_and_serves_until_ctrl_c() {
     let page = reqwest::blocking::get(server.url("/")).unwrap().text().unwrap();
     assert!(page.contains("<title>lensflow</title>"));
     let status: Value = reqwest::blocking::get(server.url("/status")).unwrap().json().unwrap();
-    assert_eq!((status["batches"].as_u64(), status["ratings"].as_u64()), (Some(3), Some(100_004)), "{status}");
+    assert_eq!((status["batches"].as_u64(), status["events"].as_u64()), (Some(3), Some(100_004)), "{status}");
 
     let mut server = server;
     interrupt(&server.child);
@@ -54,7 +54,7 @@ fn a_second_run_reuses_its_data_or_starts_fresh() {
     let run = |extra: &[&str]| {
         run_ok(lensflow(["demo", "--exit-after-train", "--ratings", "30000", "--data-dir"]).arg(&data).args(extra))
     };
-    let latest = || std::fs::read_to_string(data.join("models/LATEST")).unwrap();
+    let latest = || std::fs::read_to_string(data.join("models/movielens/LATEST")).unwrap();
     let lake = format!("file://{}", data.join("lake").display());
 
     let first = run(&[]);
@@ -72,4 +72,40 @@ fn a_second_run_reuses_its_data_or_starts_fresh() {
     assert_eq!(lake_batches(&lake, &[]), 2);
     assert_exactly_once(&lake_rows(&lake, &[]), &csv_ratings(&data.join("ratings.csv")));
     assert_ne!(latest(), pointer);
+}
+
+#[test]
+fn the_demo_runs_the_smart_home_pipeline_the_same_way() {
+    let _heavy = heavy();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let out = std::fs::File::create(dir.path().join("demo.out")).unwrap();
+    let demo = lensflow(["demo", "--pipeline", "smart-home", "--rounds", "2", "--input"])
+        .arg(smart_home_csv())
+        .args(["--bind", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(dir.path().join("data"))
+        .stdout(out)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut server = Server { child: demo, port };
+    server.wait_round(2, Duration::from_secs(300));
+    let printed = std::fs::read_to_string(dir.path().join("demo.out")).unwrap();
+    assert!(printed.contains("landed 5403 events in 2 batches"), "{printed}");
+    assert!(printed.contains("smart-home round 2 (batches 1..=2)") && printed.contains("no skill"), "the regression says it has no skill:\n{printed}");
+
+    // The demo's own pipeline answers on the original routes and on its versioned ones alike.
+    let device = json!({"DeviceType": "Thermostat", "UsageHoursPerDay": 12.0, "EnergyConsumption": 2.5, "UserPreferences": 1, "MalfunctionIncidents": 0, "DeviceAgeMonths": 10});
+    let client = reqwest::blocking::Client::new();
+    let a: Value = client.post(server.url("/predict")).json(&device).send().unwrap().json().unwrap();
+    let b: Value = client.post(server.url("/pipelines/smart-home/predict")).json(&device).send().unwrap().json().unwrap();
+    assert_eq!(a, b);
+    assert_eq!(a["round"], 2, "{a}");
+    assert_eq!(a["prediction_efficient"], 1, "a new, lightly loaded, fault-free device used by an automation fan is efficient: {a}");
+    assert!(a["predicted_incidents"].is_number() && a["cluster_id"].is_number() && a["segment"].is_string(), "{a}");
+    let status: Value = reqwest::blocking::get(server.url("/status")).unwrap().json().unwrap();
+    assert_eq!((status["batches"].as_u64(), status["events"].as_u64()), (Some(2), Some(5_403)), "{status}");
+
+    interrupt(&server.child);
+    assert!(wait_exit(&mut server.child, Duration::from_secs(20), "lensflow demo").success());
 }

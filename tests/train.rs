@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::*;
 use lensflow_core::model::{LatestPointer, ModelArtifact, sha256_hex};
 
+/// The newest round of the pipeline whose folder in the model store is `models`.
 fn load_latest(models: &Path) -> (LatestPointer, ModelArtifact) {
     let pointer: LatestPointer = serde_json::from_slice(&std::fs::read(models.join("LATEST")).unwrap()).unwrap();
     let bytes = std::fs::read(models.join(&pointer.path).join("model.json")).unwrap();
@@ -48,7 +49,7 @@ fn three_cumulative_rounds_on_ratings_small_beat_the_bar_and_match_on_a_cluster(
     assert!(last["auc"].as_f64().unwrap() >= 0.81, "round 3 AUC {}", last["auc"]);
     assert_eq!(last["train_rows"].as_u64().unwrap() + last["test_rows"].as_u64().unwrap(), 100_004);
 
-    let (pointer, standalone) = load_latest(&models);
+    let (pointer, standalone) = load_latest(&models.join("movielens"));
     assert_eq!(pointer.round, 3);
     assert_eq!(standalone.lineage.batches, vec![1, 2, 3]);
     assert_eq!(standalone.lineage.rows, 100_004);
@@ -62,7 +63,7 @@ fn three_cumulative_rounds_on_ratings_small_beat_the_bar_and_match_on_a_cluster(
     let cluster_models = dir.path().join("cluster-models");
     let rounds = train_json(&lake, &cluster_models, &["--scheduler", &cluster.url()]);
     assert_eq!(rounds.len(), 3);
-    let (_, remote) = load_latest(&cluster_models);
+    let (_, remote) = load_latest(&cluster_models.join("movielens"));
     assert_eq!(remote.features, standalone.features);
     for (a, b) in [(&remote.regression, &standalone.regression), (&remote.classification, &standalone.classification)] {
         assert!(close(a.intercept, b.intercept, 1e-9));
@@ -74,8 +75,8 @@ fn three_cumulative_rounds_on_ratings_small_beat_the_bar_and_match_on_a_cluster(
     assert!(close(remote.metrics.auc, standalone.metrics.auc, 1e-9));
     let sizes = |a: &ModelArtifact| { let mut s: Vec<u64> = a.segmentation.segments.iter().map(|s| s.size).collect(); s.sort(); s };
     assert_eq!(sizes(&remote), sizes(&standalone), "same segments up to relabelling");
-    for table in ["users.parquet", "movies.parquet"] {
-        let (a, b) = (lookup_table(&cluster_models.join("round-000003").join(table)), lookup_table(&models.join("round-000003").join(table)));
+    for table in ["lookup-user.parquet", "lookup-movie.parquet"] {
+        let (a, b) = (lookup_table(&cluster_models.join("movielens/round-000003").join(table)), lookup_table(&models.join("movielens/round-000003").join(table)));
         assert_eq!(a.len(), b.len(), "{table} rows");
         for (x, y) in a.iter().zip(&b) {
             assert!(x.iter().zip(y).all(|(p, q)| close(*p, *q, 1e-9)), "{table}: {x:?} vs {y:?}");
@@ -114,22 +115,22 @@ fn a_missing_batch_file_is_named_and_latest_is_untouched() {
     assert_eq!(train_json(&lake, &models, &[]).len(), 2);
     // Round 3's batch loses a file.
     land(&broker, dir.path(), &input, "r", 50_000);
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("lake/_batches/0000000003.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("lake/movielens/_batches/0000000003.json")).unwrap()).unwrap();
     let victim = manifest["files"][0]["path"].as_str().unwrap().to_string();
-    std::fs::remove_file(dir.path().join("lake").join(&victim)).unwrap();
+    std::fs::remove_file(dir.path().join("lake/movielens").join(&victim)).unwrap();
     let out = lensflow(["train", "--lake", &lake, "--models"]).arg(&models).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains(&victim), "the error names the file: {stderr}");
-    assert_eq!(load_latest(&models).0.round, 2, "LATEST still points at the last complete round");
+    assert_eq!(load_latest(&models.join("movielens")).0.round, 2, "LATEST still points at the last complete round");
 
     // A file that is there but is not the Parquet its manifest promises.
-    std::fs::write(dir.path().join("lake").join(&victim), b"not parquet at all").unwrap();
+    std::fs::write(dir.path().join("lake/movielens").join(&victim), b"not parquet at all").unwrap();
     let out = lensflow(["train", "--lake", &lake, "--models"]).arg(&models).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains(&victim) && stderr.contains("unreadable"), "the error names the file: {stderr}");
-    assert_eq!(load_latest(&models).0.round, 2);
+    assert_eq!(load_latest(&models.join("movielens")).0.round, 2);
 }
 
 #[test]
@@ -147,7 +148,7 @@ fn watch_trains_each_batch_as_it_lands_and_stops_on_ctrl_c() {
         .unwrap();
     let round_published = |n: u64| {
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
-        while std::fs::read(models.join("LATEST")).ok().and_then(|b| serde_json::from_slice::<LatestPointer>(&b).ok()).map(|p| p.round) != Some(n) {
+        while std::fs::read(models.join("movielens/LATEST")).ok().and_then(|b| serde_json::from_slice::<LatestPointer>(&b).ok()).map(|p| p.round) != Some(n) {
             assert!(std::time::Instant::now() < deadline, "round {n} was not published");
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -160,7 +161,7 @@ fn watch_trains_each_batch_as_it_lands_and_stops_on_ctrl_c() {
     let out = train.wait_with_output().unwrap();
     let rounds: Vec<u64> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["round"].as_u64().unwrap()).collect();
     assert_eq!(rounds, vec![1, 2]);
-    assert_eq!(load_latest(&models).1.lineage.batches, vec![1, 2]);
+    assert_eq!(load_latest(&models.join("movielens")).1.lineage.batches, vec![1, 2]);
 }
 
 #[test]
@@ -187,12 +188,41 @@ fn an_executor_killed_mid_round_never_leaves_latest_on_a_partial_round() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     if status.success() {
         eprintln!("the round survived the lost executor");
-        assert_eq!(load_latest(&models).0.round, 1);
+        assert_eq!(load_latest(&models.join("movielens")).0.round, 1);
     } else {
         eprintln!("the round failed: {stderr}");
         assert!(stderr.contains("error: training query") || stderr.contains("error: round 1"), "a clear error: {stderr}");
-        assert!(!models.join("LATEST").exists(), "no round was published");
-        assert!(!models.join("round-000001/model.json").exists());
+        assert!(!models.join("movielens/LATEST").exists(), "no round was published");
+        assert!(!models.join("movielens/round-000001/model.json").exists());
     }
 }
 
+
+#[test]
+fn the_smart_home_pipeline_trains_honestly_beside_its_baselines() {
+    let _heavy = heavy();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = land_pipeline(&Broker::start(), dir.path(), &smart_home_csv(), "smart-home", "devices", 10_000);
+    let models = dir.path().join("models");
+    let rounds = train_json(&lake, &models, &["--pipeline", "smart-home"]);
+    assert_eq!(rounds.len(), 1, "{rounds:?}");
+    let r = &rounds[0];
+    eprintln!("smart-home round 1: {r}");
+    assert_eq!(r["pipeline"], "smart-home");
+    assert_eq!(r["train_rows"].as_u64().unwrap() + r["test_rows"].as_u64().unwrap(), 5_403);
+    let f = |k: &str| r[k].as_f64().unwrap();
+    assert!(f("auc") >= 0.72, "the classifier clears the bar on the newest 20% by arrival: {r}");
+    assert!(f("accuracy") > f("accuracy_baseline") + 0.1, "and beats the majority class clearly: {r}");
+    // Malfunction incidents carry almost no signal: the report must not claim skill.
+    assert!(f("r2").abs() < 0.05, "R² is near zero, as the data allows: {r}");
+    assert!((f("rmse") - f("rmse_baseline")).abs() < 0.05 * f("rmse_baseline"), "RMSE is the baseline's: {r}");
+    let (_, artifact) = load_latest(&models.join("smart-home"));
+    assert_eq!(artifact.pipeline.name(), "smart-home");
+    assert_eq!(artifact.segmentation.segments.len(), 5);
+    assert!(artifact.segmentation.segments.iter().all(|s| s.description.contains("h a day") && s.size > 0), "{:?}", artifact.segmentation.segments);
+    assert!(artifact.lookups.is_empty(), "a request carries a device's own columns: nothing to look up");
+    let regression_uses: Vec<&str> = artifact.regression.uses.iter().map(|&i| artifact.features[i].as_str()).collect();
+    assert!(!regression_uses.iter().any(|f| f.contains("malfunction")), "the regression never reads its own target: {regression_uses:?}");
+    // The movielens folder of the same model store is untouched.
+    assert!(!models.join("movielens").exists());
+}

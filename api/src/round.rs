@@ -146,7 +146,6 @@ struct Item {
 #[derive(Debug)]
 pub struct Answer<'a> {
     round: &'a LoadedRound,
-    task: Task,
     given: Vec<Option<Value>>,
     known: Vec<bool>,
     features: Vec<f64>,
@@ -428,7 +427,6 @@ impl LoadedRound {
             let z = a.scaling.apply(&features);
             let mut answer = Answer {
                 round: self,
-                task,
                 known: self.lookups.iter().zip(&rows).map(|(l, rows)| rows[r] < l.rows).collect(),
                 given: item.values,
                 features,
@@ -614,13 +612,6 @@ impl serde::Serialize for Answer<'_> {
         }
         map.serialize_entry(FEATURES, &ShownFeatures(self))?;
         map.end()
-    }
-}
-
-impl Answer<'_> {
-    /// The task it answers.
-    pub fn task(&self) -> Task {
-        self.task
     }
 }
 
@@ -945,7 +936,7 @@ fn most_active(columns: &[ArrayRef], keys: &KeyIndex) -> Vec<Json> {
     ranked.into_iter().take(SUGGESTIONS).map(|(_, k)| k).collect()
 }
 
-/// The map of every field a request may carry, by wire name, for the OpenAPI description.
+/// The event columns a request of pipeline `p` may carry, in the definition's order.
 pub fn request_columns(p: &Pipeline) -> Vec<&Column> {
     p.definition.request.fields.iter().filter_map(|f| p.column(f)).collect()
 }

@@ -190,7 +190,7 @@ fn answer(state: &AppState, pipeline: &str, task: Task, body: PredictBody) -> Re
         other => other,
     })?;
     state.metrics.predictions(task.name(), pipeline, answers.len() as u64);
-    Ok(if body.batch { Json(answers).into_response() } else { Json(&answers[0]).into_response() })
+    Ok(if body.batch { Json(answers).into_response() } else { Json(answers.first()).into_response() })
 }
 
 /// All three answers for each request (the default pipeline).

@@ -286,6 +286,19 @@ mod tests {
         assert!(replay.validate().unwrap_err().to_string().contains("no time column"));
     }
 
+    /// What the consumer parses is exactly what the producer read: 17-digit floats included
+    /// (serde_json's default parser is one ULP off on this one from the smart-home file).
+    #[test]
+    fn payloads_round_trip_floats_exactly() {
+        let p = builtin("smart-home");
+        let header: Vec<&str> = p.csv_header();
+        let layout = p.csv_layout(header.iter().map(|s| s.as_bytes())).unwrap();
+        let row = ["1008", "Lights", "12.460537449918117", "2.0346836077196553", "0", "0", "40", "0"];
+        let event = p.event_from_csv(&layout, row.iter().map(|s| s.as_bytes())).unwrap();
+        assert_eq!(event.0[2], lensflow_core::pipeline::event::Value::Float(12.460537449918117));
+        assert_eq!(p.event_from_json(p.event_to_json(&event).as_bytes()).unwrap(), event);
+    }
+
     /// Against librdkafka's in-process mock broker: keys and payloads follow the pipeline, and
     /// a bad record is rejected naming its line and field while the good ones still go out.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

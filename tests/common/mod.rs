@@ -230,22 +230,25 @@ pub fn generate(dir: &Path, n: u64, seed: u64) -> PathBuf {
     out
 }
 
-/// The real MovieLens file shipped beside the repository (never inside it).
-pub fn ratings_small() -> PathBuf {
-    let path = std::env::var("LENSFLOW_RATINGS_SMALL").map(PathBuf::from).unwrap_or_else(|_| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/ratings_small.csv")
-    });
-    assert!(path.is_file(), "{} not found (set LENSFLOW_RATINGS_SMALL)", path.display());
+/// A real data set kept beside the repository (never inside it): in `$LENSFLOW_TEST_DATA`, or
+/// else `../shared/data` (the README's "Test data").
+pub fn test_data(file: &str) -> PathBuf {
+    let dir = std::env::var("LENSFLOW_TEST_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
+    let path = dir.join(file);
+    assert!(path.is_file(), "{} not found: put {file} there or set LENSFLOW_TEST_DATA to its folder", path.display());
     path
 }
 
-/// The smart-home devices file shipped beside the repository (never inside it).
+/// The real MovieLens ratings_small.csv.
+pub fn ratings_small() -> PathBuf {
+    test_data("ratings_small.csv")
+}
+
+/// The smart-home devices file.
 pub fn smart_home_csv() -> PathBuf {
-    let path = std::env::var("LENSFLOW_SMART_HOME_CSV").map(PathBuf::from).unwrap_or_else(|_| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/smart_home_device_usage_data.csv")
-    });
-    assert!(path.is_file(), "{} not found (set LENSFLOW_SMART_HOME_CSV)", path.display());
-    path
+    test_data("smart_home_device_usage_data.csv")
 }
 
 /// A built-in pipeline by name.
@@ -389,8 +392,9 @@ pub fn assert_exactly_once(rows: &[LakeRow], expected: &[Event]) {
     let mut want: Vec<_> = expected.iter().map(sort_key).collect();
     got.sort_unstable();
     want.sort_unstable();
-    let first_diff = got.iter().zip(&want).position(|(a, b)| a != b);
-    assert!(first_diff.is_none(), "lake content differs from the CSV at sorted row {first_diff:?}");
+    if let Some(i) = got.iter().zip(&want).position(|(a, b)| a != b) {
+        panic!("lake content differs from the CSV at sorted row {i}:\n lake: {}\n  csv: {}", got[i], want[i]);
+    }
 }
 
 /// A scheduler and executors as separate `lensflow` processes on loopback.

@@ -512,3 +512,34 @@ async fn cost_of_one_request() {
         }
     }
 }
+
+/// TEMPORARY: serves hand-made rounds of both pipelines for a browser run.
+#[tokio::test]
+#[ignore]
+async fn scratch_serve_for_browser() {
+    use lensflow_core::lake::MANIFEST_FORMAT_VERSION;
+    use lensflow_core::{BatchFile, BatchManifest, Lake, OffsetRange, StorageOptions};
+    let dir = std::path::PathBuf::from(std::env::var("SCRATCH_DIR").unwrap());
+    let (models, lakes) = (dir.join("models"), dir.join("lake"));
+    for round in 1..=3 {
+        publish(&models, "movielens", round);
+        publish(&models, "smart-home", round);
+    }
+    for pipeline in ["movielens", "smart-home"] {
+        let lake = Lake::open(lakes.join(pipeline).to_str().unwrap(), &StorageOptions::default()).unwrap();
+        for batch in 1..=3u64 {
+            let offsets = OffsetRange { first: (batch as i64 - 1) * 100, last: batch as i64 * 100 - 1 };
+            let file = BatchFile { path: format!("events/{batch}.parquet"), partition: 0, offsets, rows: 100, bytes: 1, min_ts: 0, max_ts: 0 };
+            let manifest = BatchManifest { format_version: MANIFEST_FORMAT_VERSION, batch, topic: pipeline.into(), writer: "test".into(), created_at_ms: batch as i64,
+                partitions: [(0, offsets)].into(), files: vec![file], dead_letters: vec![], rows: 100, dead_letter_count: 0, min_ts: None, max_ts: None };
+            let _ = lake.try_commit(&manifest).await;
+        }
+    }
+    let mut opts = ServeOptions::new(models.to_str().unwrap());
+    opts.lake = Some(lakes.to_str().unwrap().to_string());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:5077").await.unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move { tokio::time::sleep(std::time::Duration::from_secs(900)).await; stop.cancel(); });
+    crate::serve(opts, listener, shutdown).await.unwrap();
+}
