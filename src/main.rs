@@ -92,8 +92,9 @@ struct ServeArgs {
     /// there is served.
     #[arg(long, env = "LENSFLOW_MODELS", default_value = "data/models")]
     models: String,
-    /// The pipeline the original routes (`/predict`, `/models`, `/status`, …) answer for.
-    #[arg(long, env = "LENSFLOW_PIPELINE", default_value = "movielens")]
+    /// The pipeline the original routes (`/predict`, `/models`, `/status`, …) answer for; the
+    /// others answer under `/pipelines/<name>/…`.
+    #[arg(long, alias = "pipeline", env = "LENSFLOW_PIPELINE", default_value = "movielens")]
     default_pipeline: String,
     /// The lake's root, for the pipeline status [default: the lake each served round was trained on].
     #[arg(long, env = "LENSFLOW_LAKE")]

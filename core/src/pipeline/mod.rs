@@ -136,10 +136,10 @@ impl Pipeline {
             fault: e.message().to_string(),
         })?;
         let mut sql = BTreeMap::new();
-        let files = std::iter::once(("features.sql", definition.features.sql.clone()))
-            .chain(definition.lookups.iter().map(|l| ("lookups.sql", l.sql.clone())));
+        let files = std::iter::once(("features.sql".to_string(), definition.features.sql.clone()))
+            .chain(definition.lookups.iter().enumerate().map(|(i, l)| (format!("lookups[{i}].sql"), l.sql.clone())));
         for (key, file) in files {
-            let text = read(&file).map_err(|fault| PipelineError { file: format!("{source}/{file}"), key: key.into(), fault })?;
+            let text = read(&file).map_err(|fault| PipelineError { file: format!("{source}/{file}"), key, fault })?;
             sql.insert(file, text);
         }
         let pipeline = Pipeline { definition, sql, source: source.to_string() };
