@@ -41,12 +41,13 @@ fn mib(pid: u32, key: &str) -> f64 {
     proc_memory(pid, key).unwrap_or(0) as f64 / (1024.0 * 1024.0)
 }
 
-/// The smart-home device file beside the repository, if it is there.
-fn smart_home_csv() -> Option<PathBuf> {
-    let path = std::env::var("LENSFLOW_SMART_HOME")
+/// The smart-home device file beside the repository (as `common::test_data` finds it), if it
+/// is there: without it the benchmark measures MovieLens alone.
+fn devices_csv() -> Option<PathBuf> {
+    let dir = std::env::var("LENSFLOW_TEST_DATA")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/smart_home_device_usage_data.csv"));
-    path.is_file().then_some(path)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
+    Some(dir.join("smart_home_device_usage_data.csv")).filter(|p| p.is_file())
 }
 
 fn main() {
@@ -55,7 +56,7 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     run_ok(lensflow(["demo", "--exit-after-train", "--ratings", &n.to_string(), "--data-dir"]).arg(&data));
-    let devices = smart_home_csv();
+    let devices = devices_csv();
     if let Some(csv) = &devices {
         run_ok(lensflow(["demo", "--exit-after-train", "--pipeline", "smart-home", "--input"]).arg(csv).arg("--data-dir").arg(&data));
     }

@@ -125,6 +125,16 @@ impl Metrics {
             .inc_by(n);
     }
 
+    /// Starts `pipeline`'s series at 0 when the pipeline is found, so a dashboard (or a
+    /// `rate()`) sees a round, swaps and refusals from the start rather than a missing series.
+    pub fn pipeline_found(&self, pipeline: &str) {
+        let labels = PipelineLabels { pipeline: pipeline.to_string() };
+        // Creating the series is the point; the guards are released at once.
+        let _ = self.round.get_or_create(&labels);
+        let _ = self.swaps.get_or_create(&labels);
+        let _ = self.refused.get_or_create(&labels);
+    }
+
     /// Records that `pipeline` now serves `round`.
     pub fn round_swapped(&self, pipeline: &str, round: u64) {
         let labels = PipelineLabels { pipeline: pipeline.to_string() };

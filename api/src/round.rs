@@ -115,9 +115,10 @@ pub struct LoadedRound {
     schema: SchemaRef,
     fields: Vec<FieldPlan>,
     lookups: Vec<LookupPlan>,
-    /// Per feature that reads one lookup's state and nothing else: (the lookup, its value for
-    /// every row of the table, the zero row last), computed once at load.
-    per_entity: Vec<Option<(usize, Float64Array)>>,
+    /// Per feature that reads one lookup's state and, at most, request fields that have a
+    /// default: its value for every row of the table (the zero row last) with those fields at
+    /// their defaults, computed once at load.
+    per_entity: Vec<Option<PerEntity>>,
     /// The features evaluated per request (those not computed per entity), in feature order:
     /// for every task but clustering, and for clustering (only its profile is shown).
     live: [Vec<usize>; 2],
@@ -132,6 +133,17 @@ pub struct LoadedRound {
     profile: Vec<usize>,
     ranges: Vec<Option<[f64; 2]>>,
     feature_index: FxHashMap<String, usize>,
+}
+
+/// A feature computed once per entity of a lookup, at load.
+#[derive(Debug)]
+struct PerEntity {
+    lookup: usize,
+    /// By row of the lookup table.
+    values: Float64Array,
+    /// The request fields it reads at their defaults: a request that gives one has the
+    /// feature evaluated for it instead.
+    defaulted: Vec<usize>,
 }
 
 /// One request, checked: a value per request field (`None`: not given) and the overrides.
@@ -384,12 +396,29 @@ impl LoadedRound {
         let rows: Vec<Vec<u32>> =
             self.lookups.iter().map(|l| items.iter().map(|item| l.find(self.key(item, l)).unwrap_or(l.rows)).collect()).collect();
         let which = usize::from(task == Task::Clustering);
-        let (live, live_names) = (&self.live[which], &self.live_names[which]);
+        // Features computed per entity at a default a request overrides are evaluated for the
+        // batch instead (rare: most requests leave those fields at their defaults).
+        let given: Vec<usize> = (0..self.fields.len()).filter(|&f| items.iter().any(|item| item.values[f].is_some())).collect();
+        let extra: Vec<usize> = self
+            .per_entity
+            .iter()
+            .enumerate()
+            .filter(|(i, p)| p.as_ref().is_some_and(|p| p.defaulted.iter().any(|f| given.contains(f))) && (which == 0 || self.profile.contains(i)))
+            .map(|(i, _)| i)
+            .collect();
+        let (live, live_names): (std::borrow::Cow<'_, [usize]>, std::borrow::Cow<'_, [String]>) = if extra.is_empty() {
+            (self.live[which].as_slice().into(), self.live_names[which].as_slice().into())
+        } else {
+            let mut live: Vec<usize> = self.live[which].iter().copied().chain(extra).collect();
+            live.sort_unstable();
+            let names = live.iter().map(|&i| self.artifact.features[i].clone()).collect::<Vec<_>>();
+            (live.into(), names.into())
+        };
         let values = if live.is_empty() {
             vec![]
         } else {
             let batch = self.row_batch(&items, &rows).map_err(|e| self.evaluate_error(e))?;
-            self.exprs.evaluate_some(&batch, live_names).map_err(|e| self.evaluate_error(e))?
+            self.exprs.evaluate_some(&batch, &live_names).map_err(|e| self.evaluate_error(e))?
         };
         let a = &self.artifact;
         let n = a.features.len();
@@ -400,9 +429,9 @@ impl LoadedRound {
             let mut features = vec![f64::NAN; n];
             let mut shown = Vec::with_capacity(n);
             for (i, slot) in self.per_entity.iter().enumerate() {
-                if let Some((l, column)) = slot {
-                    let row = rows[*l][r] as usize;
-                    features[i] = if column.is_null(row) { f64::NAN } else { column.value(row) };
+                if let Some(p) = slot {
+                    let row = rows[p.lookup][r] as usize;
+                    features[i] = if p.values.is_null(row) { f64::NAN } else { p.values.value(row) };
                 }
                 shown.push(self.inputs[i].iter().all(|&f| present(f)));
             }
@@ -643,11 +672,13 @@ impl serde::Serialize for ShownFeatures<'_, '_> {
 }
 
 /// Splits the features into those computed once per entity at load and those evaluated per
-/// request. A feature that reads the state of one lookup and nothing a request carries (a
-/// user's mean rating) has the same value for every request with that key, so it is evaluated
-/// once over the whole table, vectorised, and looked up per request; only the features that read
-/// request fields (a user's recency "now") are evaluated per request. A feature whose table-wide
-/// evaluation fails is simply left to be evaluated per request.
+/// request. A feature that reads the state of one lookup and, at most, request fields that have
+/// a default (a user's mean rating; a user's recency "now", the newest event the round saw) has
+/// the same value for every request with that key that leaves those fields out, so it is
+/// evaluated once over the whole table, vectorised, and looked up per request. Only the
+/// features that read request fields without a default (a device's usage hours) are evaluated
+/// per request, and those computed at a default that a request overrides. A feature whose
+/// table-wide evaluation fails is simply left to be evaluated per request.
 #[allow(clippy::type_complexity)]
 fn per_entity_features(
     exprs: &FeatureExprs,
@@ -656,7 +687,7 @@ fn per_entity_features(
     lookups: &[LookupPlan],
     schemas: &[SchemaRef],
     profile: &[usize],
-) -> (Vec<Option<(usize, Float64Array)>>, [Vec<usize>; 2], Vec<bool>) {
+) -> (Vec<Option<PerEntity>>, [Vec<usize>; 2], Vec<bool>) {
     let n = exprs.names().len();
     // The lookup whose state each serving column is, if it is one.
     let mut owner: FxHashMap<&str, usize> = FxHashMap::default();
@@ -665,12 +696,14 @@ fn per_entity_features(
             owner.insert(f.name().as_str(), l);
         }
     }
-    let mut per_entity: Vec<Option<(usize, Float64Array)>> = vec![None; n];
+    let defaulted = |c: &str| fields.iter().position(|f| f.column.name == c && f.default.is_some());
+    let mut per_entity: Vec<Option<PerEntity>> = (0..n).map(|_| None).collect();
     for (l, lookup) in lookups.iter().enumerate() {
         let mine: Vec<usize> = (0..n)
             .filter(|&i| {
                 let used = exprs.columns_used(i);
-                !used.is_empty() && used.iter().all(|c| owner.get(c.as_str()) == Some(&l))
+                used.iter().any(|c| owner.get(c.as_str()) == Some(&l))
+                    && used.iter().all(|c| owner.get(c.as_str()) == Some(&l) || defaulted(c).is_some())
             })
             .collect();
         if mine.is_empty() {
@@ -679,17 +712,19 @@ fn per_entity_features(
         let names: Vec<String> = mine.iter().map(|&i| exprs.names()[i].clone()).collect();
         match table_rows(schema, fields, lookups, l).and_then(|batch| exprs.evaluate_some(&batch, &names)) {
             Ok(values) => {
-                for (&i, v) in mine.iter().zip(values) {
-                    per_entity[i] = Some((l, v));
+                for (&i, values) in mine.iter().zip(values) {
+                    let defaulted = exprs.columns_used(i).iter().filter_map(|c| defaulted(c)).collect();
+                    per_entity[i] = Some(PerEntity { lookup: l, values, defaulted });
                 }
             }
-            Err(e) => tracing::warn!(lookup = lookup.name, error = %e, "features of the lookup's state alone are evaluated per request instead"),
+            Err(e) => tracing::warn!(lookup = lookup.name, error = %e, "features of the lookup's state are evaluated per request instead"),
         }
     }
     let live_all: Vec<usize> = (0..n).filter(|&i| per_entity[i].is_none()).collect();
     let live_profile: Vec<usize> = live_all.iter().copied().filter(|i| profile.contains(i)).collect();
+    // Columns a feature evaluated per request may read (including those computed at a default).
     let mut read_live = vec![false; schema.fields().len()];
-    for &i in &live_all {
+    for i in (0..n).filter(|&i| per_entity[i].as_ref().is_none_or(|p| !p.defaulted.is_empty())) {
         for c in exprs.columns_used(i) {
             if let Ok(k) = schema.index_of(c) {
                 read_live[k] = true;
@@ -699,13 +734,14 @@ fn per_entity_features(
     (per_entity, [live_all, live_profile], read_live)
 }
 
-/// Serving rows for every row of lookup `l` (its zero row last): its state columns, and
-/// placeholders elsewhere (the features evaluated on them read nothing else).
+/// Serving rows for every row of lookup `l` (its zero row last): its state columns, request
+/// fields at their defaults, and placeholders elsewhere (the features evaluated on them read
+/// nothing else).
 fn table_rows(schema: &SchemaRef, fields: &[FieldPlan], lookups: &[LookupPlan], l: usize) -> Result<RecordBatch, String> {
     let rows = lookups[l].rows as usize + 1;
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
     for f in fields {
-        columns.push(match &f.placeholder {
+        columns.push(match f.default.as_ref().unwrap_or(&f.placeholder) {
             Value::Int(v) => Arc::new(Int64Array::from(vec![*v; rows])),
             Value::Float(v) => Arc::new(Float64Array::from(vec![*v; rows])),
             Value::Text(v) => Arc::new(StringArray::from(vec![v.as_str(); rows])),
@@ -939,43 +975,4 @@ fn most_active(columns: &[ArrayRef], keys: &KeyIndex) -> Vec<Json> {
 /// The event columns a request of pipeline `p` may carry, in the definition's order.
 pub fn request_columns(p: &Pipeline) -> Vec<&Column> {
     p.definition.request.fields.iter().filter_map(|f| p.column(f)).collect()
-}
-
-#[cfg(test)]
-mod scratch_timing {
-    use super::*;
-
-    #[tokio::test]
-    #[ignore]
-    async fn breakdown() {
-        let dir = tempfile::tempdir().unwrap();
-        crate::testing::publish(dir.path(), "movielens", 1);
-        let store = Lake::open(dir.path().join("movielens").to_str().unwrap(), &Default::default()).unwrap();
-        let pointer: LatestPointer = serde_json::from_slice(&std::fs::read(dir.path().join("movielens/LATEST")).unwrap()).unwrap();
-        let round = LoadedRound::load(&store, "movielens", &pointer).await.unwrap();
-        let req = vec![serde_json::json!({"userId": 1, "movieId": 31})];
-        let n = 20_000;
-        let mut errors = Vec::new();
-        let t = std::time::Instant::now();
-        let mut items = Vec::new();
-        for _ in 0..n { items = vec![round.parse(&req[0], Task::All, "", &mut errors).unwrap()]; }
-        eprintln!("parse {:.2} µs", t.elapsed().as_secs_f64() / n as f64 * 1e6);
-        let t = std::time::Instant::now();
-        let mut rows = None;
-        let lrows: Vec<Vec<u32>> = round.lookups.iter().map(|l| items.iter().map(|item| l.find(round.key(item, l)).unwrap_or(l.rows)).collect()).collect();
-        for _ in 0..n { rows = Some(round.row_batch(&items, &lrows).unwrap()); }
-        eprintln!("rows {:.2} µs", t.elapsed().as_secs_f64() / n as f64 * 1e6);
-        let rows = rows.unwrap();
-        let t = std::time::Instant::now();
-        for _ in 0..n { std::hint::black_box(round.exprs.evaluate(&rows).unwrap()); }
-        eprintln!("evaluate {:.2} µs", t.elapsed().as_secs_f64() / n as f64 * 1e6);
-        for (i, name) in round.artifact.features.iter().enumerate() {
-            let t = std::time::Instant::now();
-            for _ in 0..n { std::hint::black_box(round.exprs.evaluate_some(&rows, std::slice::from_ref(name)).unwrap()); }
-            eprintln!("  {name} {:.2} µs ({:?})", t.elapsed().as_secs_f64() / n as f64 * 1e6, round.exprs.columns_used(i));
-        }
-        let t = std::time::Instant::now();
-        for _ in 0..n { std::hint::black_box(serde_json::to_vec(&round.predict(&req, Task::All, false).unwrap()).unwrap()); }
-        eprintln!("all {:.2} µs", t.elapsed().as_secs_f64() / n as f64 * 1e6);
-    }
 }

@@ -195,22 +195,22 @@ fn answer(state: &AppState, pipeline: &str, task: Task, body: PredictBody) -> Re
 
 /// All three answers for each request (the default pipeline).
 async fn predict(State(state): State<AppState>, body: PredictBody) -> Result<Response, ApiError> {
-    answer(&state, &state.models.default_pipeline().to_owned(), Task::All, body)
+    answer(&state, state.models.default_pipeline(), Task::All, body)
 }
 
 /// The classification answer (the default pipeline).
 async fn predict_classification(State(state): State<AppState>, body: PredictBody) -> Result<Response, ApiError> {
-    answer(&state, &state.models.default_pipeline().to_owned(), Task::Classification, body)
+    answer(&state, state.models.default_pipeline(), Task::Classification, body)
 }
 
 /// The regression answer (the default pipeline).
 async fn predict_regression(State(state): State<AppState>, body: PredictBody) -> Result<Response, ApiError> {
-    answer(&state, &state.models.default_pipeline().to_owned(), Task::Regression, body)
+    answer(&state, state.models.default_pipeline(), Task::Regression, body)
 }
 
 /// The segment (the default pipeline); needs only the clustered entity's fields.
 async fn predict_clustering(State(state): State<AppState>, body: PredictBody) -> Result<Response, ApiError> {
-    answer(&state, &state.models.default_pipeline().to_owned(), Task::Clustering, body)
+    answer(&state, state.models.default_pipeline(), Task::Clustering, body)
 }
 
 /// All three answers for each request to pipeline `name`.

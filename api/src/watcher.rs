@@ -164,6 +164,7 @@ impl Models {
             map.entry(name.to_string()).or_insert_with(|| slot.clone());
             map
         });
+        self.metrics.pipeline_found(name);
         tracing::info!(pipeline = name, "found a pipeline in the model store");
         self.pipeline(name).unwrap_or(slot)
     }

@@ -39,10 +39,10 @@ pub fn openapi(models: &Models) -> utoipa::openapi::OpenApi {
         }
     }
     for name in models.pipelines().keys().map(String::as_str).chain([default]) {
-        if !known.contains_key(name) {
-            if let Some(Ok(p)) = Pipeline::builtin(name) {
-                known.insert(name.to_string(), p);
-            }
+        if !known.contains_key(name)
+            && let Some(Ok(p)) = Pipeline::builtin(name)
+        {
+            known.insert(name.to_string(), p);
         }
     }
     let components = doc.components.get_or_insert_with(Default::default);

@@ -95,6 +95,12 @@ async fn the_seed_request_gets_the_seed_answer_and_more() {
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!((v["userId"].as_i64(), v["timestamp"].as_i64()), (Some(1), Some(1_000_000)), "echoed by wire name: {v}");
     assert_eq!(v["features"]["u_recency"], 0.0);
+    // Features of a user at the default time are computed once per user; a request that gives
+    // its own time has them evaluated for it, beside one that does not.
+    let (_, v) = post(&app, "/predict", json!([{"userId": 1, "movieId": 31, "timestamp": 1_000_000}, {"userId": 1, "movieId": 31}])).await;
+    assert_eq!(v[0]["features"]["u_recency"], 0.0);
+    assert!(close(&v[1]["features"]["u_recency"], (1.0 + 1_000_000.0 / 86_400.0f64).ln()), "{v}");
+    assert_eq!(v[0]["features"]["u_mean"], v[1]["features"]["u_mean"]);
 }
 
 #[tokio::test]
@@ -393,6 +399,7 @@ async fn a_new_round_swaps_in_and_a_corrupt_or_partial_one_is_refused() {
         "lensflow_model_round{pipeline=\"smart-home\"} 1",
         "lensflow_model_swaps_total{pipeline=\"movielens\"} 3",
         "lensflow_model_refused_total{pipeline=\"movielens\"} 6",
+        "lensflow_model_refused_total{pipeline=\"smart-home\"} 0",
         "lensflow_http_requests_total{route=\"/predict\",method=\"POST\",status=\"200\",pipeline=\"movielens\"} 6",
         "lensflow_http_requests_total{route=\"/pipelines/{name}/predict\",method=\"POST\",status=\"200\",pipeline=\"smart-home\"} 1",
         "lensflow_predictions_total{task=\"all\",pipeline=\"movielens\"} 6",
@@ -486,60 +493,4 @@ async fn the_openapi_description_has_every_pipelines_paths_and_schemas() {
     let (status, page) = get(&app, "/docs").await;
     assert_eq!(status, StatusCode::OK);
     assert!(page.as_str().unwrap().contains("/openapi.json"));
-}
-
-/// Exploration, not a test of time: what one request costs, evaluation included. Run with
-/// `cargo test -p lensflow-api --release -- --ignored --nocapture cost_of_one`.
-#[tokio::test]
-#[ignore]
-async fn cost_of_one_request() {
-    let dir = tempfile::tempdir().unwrap();
-    publish(dir.path(), "movielens", 1);
-    publish(dir.path(), "smart-home", 1);
-    let state = state_for(dir.path(), Limits::default()).await;
-    for (pipeline, ask) in [("movielens", json!({"userId": 1, "movieId": 31})), ("smart-home", camera())] {
-        let round = state.models.serving(pipeline).unwrap();
-        for batch in [1usize, 100] {
-            let items = vec![ask.clone(); batch];
-            let n = 20_000 / batch;
-            let start = std::time::Instant::now();
-            for _ in 0..n {
-                let answers = round.predict(&items, crate::round::Task::All, batch > 1).unwrap();
-                std::hint::black_box(serde_json::to_vec(&answers).unwrap());
-            }
-            let per = start.elapsed().as_secs_f64() / (n * batch) as f64 * 1e6;
-            eprintln!("{pipeline}, batches of {batch}: {per:.2} µs per request (parse, rows, evaluation, models, JSON)");
-        }
-    }
-}
-
-/// TEMPORARY: serves hand-made rounds of both pipelines for a browser run.
-#[tokio::test]
-#[ignore]
-async fn scratch_serve_for_browser() {
-    use lensflow_core::lake::MANIFEST_FORMAT_VERSION;
-    use lensflow_core::{BatchFile, BatchManifest, Lake, OffsetRange, StorageOptions};
-    let dir = std::path::PathBuf::from(std::env::var("SCRATCH_DIR").unwrap());
-    let (models, lakes) = (dir.join("models"), dir.join("lake"));
-    for round in 1..=3 {
-        publish(&models, "movielens", round);
-        publish(&models, "smart-home", round);
-    }
-    for pipeline in ["movielens", "smart-home"] {
-        let lake = Lake::open(lakes.join(pipeline).to_str().unwrap(), &StorageOptions::default()).unwrap();
-        for batch in 1..=3u64 {
-            let offsets = OffsetRange { first: (batch as i64 - 1) * 100, last: batch as i64 * 100 - 1 };
-            let file = BatchFile { path: format!("events/{batch}.parquet"), partition: 0, offsets, rows: 100, bytes: 1, min_ts: 0, max_ts: 0 };
-            let manifest = BatchManifest { format_version: MANIFEST_FORMAT_VERSION, batch, topic: pipeline.into(), writer: "test".into(), created_at_ms: batch as i64,
-                partitions: [(0, offsets)].into(), files: vec![file], dead_letters: vec![], rows: 100, dead_letter_count: 0, min_ts: None, max_ts: None };
-            let _ = lake.try_commit(&manifest).await;
-        }
-    }
-    let mut opts = ServeOptions::new(models.to_str().unwrap());
-    opts.lake = Some(lakes.to_str().unwrap().to_string());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:5077").await.unwrap();
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let stop = shutdown.clone();
-    tokio::spawn(async move { tokio::time::sleep(std::time::Duration::from_secs(900)).await; stop.cancel(); });
-    crate::serve(opts, listener, shutdown).await.unwrap();
 }
