@@ -17,7 +17,7 @@ use bytes::Bytes;
 use datafusion::arrow::compute::{cast, concat, concat_batches, take};
 use lensflow_core::model::{ARTIFACT_FORMAT_VERSION, LatestPointer, MODEL_FILE, ModelArtifact, Segment, sha256_hex};
 use lensflow_core::pipeline::definition::{Column, ColumnType};
-use lensflow_core::pipeline::event::{EventError, Value};
+use lensflow_core::pipeline::event::{EventError, Value, kind, shown};
 use lensflow_core::pipeline::expr::FeatureExprs;
 use lensflow_core::predict::{
     FEATURES, FeatureInfo, FieldError, LookupSummary, ROUND, RequestField, RoundSummary, SEGMENT, ServingRound, TaskInfo,
@@ -772,26 +772,6 @@ fn field_message(e: &EventError) -> String {
         EventError::OutOfRange { value, allowed, .. } if allowed.starts_with("one of") => format!("\"{value}\" is not a known value ({allowed})"),
         EventError::OutOfRange { value, allowed, .. } => format!("{value} is out of range ({allowed})"),
         other => other.to_string(),
-    }
-}
-
-fn shown(v: &Json) -> String {
-    match v {
-        Json::String(s) => format!("\"{s}\""),
-        Json::Number(n) => n.to_string(),
-        other => kind(other).to_string(),
-    }
-}
-
-/// What kind of JSON value `v` is, in words.
-pub fn kind(v: &Json) -> &'static str {
-    match v {
-        Json::Null => "null",
-        Json::Bool(_) => "a boolean",
-        Json::Number(_) => "a number",
-        Json::String(_) => "a string",
-        Json::Array(_) => "an array",
-        Json::Object(_) => "an object",
     }
 }
 

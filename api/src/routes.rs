@@ -31,7 +31,8 @@ use utoipa::OpenApi;
 
 use crate::ApiError;
 use crate::metrics::Metrics;
-use crate::round::{Task, kind};
+use crate::round::Task;
+use lensflow_core::pipeline::event::kind;
 use crate::watcher::Models;
 
 mod openapi;

@@ -219,7 +219,8 @@ impl Pipeline {
     }
 }
 
-fn kind(v: &Json) -> &'static str {
+/// What kind of JSON value `v` is, in words (for errors that say what was found).
+pub fn kind(v: &Json) -> &'static str {
     match v {
         Json::Null => "null",
         Json::Bool(_) => "a boolean",
@@ -230,16 +231,20 @@ fn kind(v: &Json) -> &'static str {
     }
 }
 
+/// A JSON value as an error shows it: strings quoted, numbers as written, others by kind.
+pub fn shown(v: &Json) -> String {
+    match v {
+        Json::String(s) => format!("\"{s}\""),
+        Json::Number(n) => n.to_string(),
+        other => kind(other).to_string(),
+    }
+}
+
 impl Column {
     /// Checks one JSON value (or the text of a CSV field, as a JSON string) against the column.
     pub fn parse(&self, v: &Json) -> Result<Value, EventError> {
         let field = || self.wire().to_string();
         let wrong = |expected: &'static str, found: String| EventError::WrongType { field: field(), expected, found };
-        let found = |v: &Json| match v {
-            Json::String(s) => format!("\"{s}\""),
-            Json::Number(n) => n.to_string(),
-            other => kind(other).to_string(),
-        };
         let value = match self.kind {
             ColumnType::Int64 => {
                 let n = match v {
@@ -248,7 +253,7 @@ impl Column {
                     Json::String(s) => s.trim().parse::<i64>().ok().or_else(|| s.trim().parse::<f64>().ok().filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15).map(|f| f as i64)),
                     _ => None,
                 };
-                Value::Int(n.ok_or_else(|| wrong("an integer", found(v)))?)
+                Value::Int(n.ok_or_else(|| wrong("an integer", shown(v)))?)
             }
             ColumnType::Float64 => {
                 let n = match v {
@@ -256,11 +261,11 @@ impl Column {
                     Json::String(s) => s.trim().parse::<f64>().ok(),
                     _ => None,
                 };
-                Value::Float(n.filter(|f| f.is_finite()).ok_or_else(|| wrong("a number", found(v)))?)
+                Value::Float(n.filter(|f| f.is_finite()).ok_or_else(|| wrong("a number", shown(v)))?)
             }
             ColumnType::String => match v {
                 Json::String(s) => Value::Text(s.clone()),
-                other => return Err(wrong("a string", found(other))),
+                other => return Err(wrong("a string", shown(other))),
             },
         };
         self.check(&value)?;
@@ -281,11 +286,10 @@ impl Column {
                 }
             }
         }
-        if let (Value::Text(s), Some(values)) = (value, &self.values) {
-            if !values.contains(s) {
+        if let (Value::Text(s), Some(values)) = (value, &self.values)
+            && !values.contains(s) {
                 return Err(out(format!("one of {}", values.join(", "))));
             }
-        }
         Ok(())
     }
 
@@ -448,7 +452,7 @@ mod tests {
         let home = Pipeline::builtin("smart-home").unwrap().unwrap();
         let header: Vec<String> = home.csv_header().iter().map(|s| s.to_string()).collect();
         let layout = home.csv_layout(header.iter().map(|s| s.as_bytes())).unwrap();
-        let mut row = vec!["1", "Toaster", "1.5", "2.0", "1", "0", "12", "1"];
+        let mut row = ["1", "Toaster", "1.5", "2.0", "1", "0", "12", "1"];
         let err = home.event_from_csv(&layout, row.iter().map(|s| s.as_bytes())).unwrap_err();
         assert_eq!(err.field(), Some("DeviceType"), "{err}");
         assert!(err.to_string().contains("one of"), "{err}");
