@@ -1,5 +1,6 @@
 //! Training benchmark: round time per stage and peak memory of trainer and executors, on
-//! Ballista standalone and on a two-executor cluster (separate processes on loopback).
+//! DataFusion in-process (the default), Ballista standalone, and a two-executor cluster
+//! (separate processes on loopback).
 //!
 //! `cargo bench --bench train` (1M generated ratings in 3 batches; `LENSFLOW_BENCH_RATINGS=10000000`
 //! for more). The lake is written straight through the library (ingest has its own benchmark).
@@ -49,9 +50,16 @@ fn main() {
     std::fs::remove_file(&csv).unwrap();
     println!("\n## lensflow training benchmark: {n} generated ratings in 3 batches (3 cumulative rounds)");
 
-    let models = dir.path().join("models-standalone");
-    let (out, wall, peak, _) = run_measured(lensflow(["train", "--lake", &lake, "--json", "--models"]).arg(&models), &[]);
-    report("Ballista standalone (in-process)", &out, peak, &[], wall);
+    for (title, engine) in [("DataFusion in-process (the default)", None), ("Ballista standalone (in-process)", Some("standalone"))] {
+        let models = dir.path().join(format!("models-{}", engine.unwrap_or("local")));
+        let mut cmd = lensflow(["train", "--lake", &lake, "--json", "--models"]);
+        cmd.arg(&models);
+        if let Some(engine) = engine {
+            cmd.args(["--scheduler", engine]);
+        }
+        let (out, wall, peak, _) = run_measured(&mut cmd, &[]);
+        report(title, &out, peak, &[], wall);
+    }
 
     let cluster = Cluster::start(dir.path(), 2);
     let pids: Vec<u32> = cluster.executors.iter().map(|e| e.id()).collect();

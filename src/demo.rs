@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! generate (or --input) ─▶ embedded Kafka (librdkafka's mock cluster) ─▶ consume ─▶ <data-dir>/lake
-//!     ─▶ train, one round per batch (Ballista standalone) ─▶ <data-dir>/models ─▶ serve on --bind
+//!     ─▶ train, one round per batch (DataFusion in-process) ─▶ <data-dir>/models ─▶ serve on --bind
 //! ```
 //!
 //! Any pipeline runs the same way (`--pipeline`): its events come from `--input`, or, for a
@@ -155,7 +155,7 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken, mut on_round: i
         return Ok(0);
     }
 
-    println!("\n== training: one cumulative round per batch, on Ballista standalone");
+    println!("\n== training: one cumulative round per batch, on DataFusion in-process");
     let models = models_dir.to_string_lossy().into_owned();
     let trained = train(TrainOptions::new(opts.pipeline.clone(), root.url(), models.clone()), shutdown.clone(), |r| {
         println!("{}", report::round(r));
@@ -228,9 +228,11 @@ async fn ingest(opts: &DemoOptions, lake: &str, shutdown: &CancellationToken) ->
     let mut consume_opts = ConsumeOptions::new(kafka, lake, opts.pipeline.clone());
     consume_opts.topic = topic;
     consume_opts.batch_rows = lines.div_ceil(opts.rounds).max(1) as usize;
-    // Batches close on size; only the last, short one waits for the broker to fall idle.
+    // Batches close on size; the last, short one when every partition is read to its end. The
+    // demo's consumer is alone: it reads every partition without waiting for a group to form.
     consume_opts.batch_interval = Duration::from_secs(3600);
-    consume_opts.exit_when_idle = Some(Duration::from_secs(3));
+    consume_opts.until_end = true;
+    consume_opts.all_partitions = true;
     consume_opts.progress = opts.progress;
     let consumed = consume(consume_opts, shutdown.clone()).await?;
     println!("{}", report::consume(&consumed));

@@ -127,7 +127,8 @@ struct TrainArgs {
     /// pipeline's rounds go to `<root>/<pipeline>/`.
     #[arg(long, env = "LENSFLOW_MODELS", default_value = "data/models")]
     models: String,
-    /// A Ballista scheduler, df://HOST:PORT [default: Ballista standalone in-process].
+    /// A Ballista scheduler, df://HOST:PORT, or `standalone` for Ballista in-process
+    /// [default: DataFusion in-process, the same SQL without Ballista's job overhead].
     #[arg(long, env = "LENSFLOW_SCHEDULER")]
     scheduler: Option<String>,
     /// Print one JSON object per round instead of a table.
@@ -298,6 +299,12 @@ struct ConsumeArgs {
     /// Commit and exit when no message arrived for this long (e.g. 10s).
     #[arg(long, env = "LENSFLOW_EXIT_WHEN_IDLE", value_parser = humantime::parse_duration)]
     exit_when_idle: Option<Duration>,
+    /// Commit and exit once every partition is read to its end (land what the topic holds now).
+    #[arg(long, env = "LENSFLOW_UNTIL_END")]
+    until_end: bool,
+    /// Read every partition without joining the group's rebalancing (a lone consumer starts at once).
+    #[arg(long, env = "LENSFLOW_ALL_PARTITIONS")]
+    all_partitions: bool,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
@@ -517,6 +524,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             opts.batch_rows = a.batch_rows;
             opts.batch_interval = a.batch_interval;
             opts.exit_when_idle = a.exit_when_idle;
+            opts.until_end = a.until_end;
+            opts.all_partitions = a.all_partitions;
             opts.progress = is_terminal();
             let s = consume(opts, shutdown).await?;
             print_consume(&s, a.json)?;

@@ -279,14 +279,13 @@ fn smart_home_devices_land_exactly_once_with_typed_columns() {
     assert_eq!((summary["delivered"].as_u64(), summary["rejected"].as_u64()), (Some(5_403), Some(0)), "{summary}");
 
     let lake = lake_url(dir.path());
-    let consume = |group: &str| -> serde_json::Value {
-        let out = run_ok(&mut lensflow([
-            "consume", "--pipeline", "smart-home", "--brokers", &broker.addr(), "--group", group, "--lake", &lake, "--batch-rows", "2000",
-            "--exit-when-idle", "5s", "--json",
-        ]));
+    let consume = |group: &str, until: &[&str]| -> serde_json::Value {
+        let out = run_ok(lensflow([
+            "consume", "--pipeline", "smart-home", "--brokers", &broker.addr(), "--group", group, "--lake", &lake, "--batch-rows", "2000", "--json",
+        ]).args(until));
         serde_json::from_str(out.trim()).unwrap()
     };
-    let consumed = consume("g-home");
+    let consumed = consume("g-home", &["--exit-when-idle", "5s"]);
     assert_eq!((consumed["rows"].as_u64(), consumed["dead_letters"].as_u64()), (Some(5_403), Some(0)), "{consumed}");
 
     let expected = csv_events(&input, "smart-home");
@@ -332,8 +331,12 @@ fn smart_home_devices_land_exactly_once_with_typed_columns() {
     producer.flush(Duration::from_secs(30)).unwrap();
     drop(producer);
 
-    let again = consume("g-home");
+    // A lone consumer that reads every partition without the group and stops at the end: it
+    // resumes where the lake says and exits on its own, with exactly the new messages.
+    let again = consume("g-home", &["--all-partitions", "--until-end"]);
     assert_eq!((again["rows"].as_u64(), again["dead_letters"].as_u64()), (Some(1), Some(3)), "resumes after the lake: {again}");
+    let nothing_new = consume("g-home", &["--all-partitions", "--until-end"]);
+    assert_eq!((nothing_new["rows"].as_u64(), nothing_new["batches"].as_u64()), (Some(0), Some(0)), "{nothing_new}");
     let rows = lake_rows_of(&lake, "smart-home", &[]);
     assert_eq!(rows.len(), 5_404);
     let added = rows.iter().find(|r| int(value(&home, &r.event, "user_id")) == 9001).expect("the good message landed");

@@ -1,5 +1,5 @@
-//! End to end: the lake from a real broker, trained by `lensflow train` on Ballista standalone
-//! and on a real cluster (a scheduler and two executors as separate processes).
+//! End to end: the lake from a real broker, trained by `lensflow train` in-process (DataFusion)
+//! and on a real cluster (a Ballista scheduler and two executors as separate processes).
 
 mod common;
 
@@ -49,11 +49,11 @@ fn three_cumulative_rounds_on_ratings_small_beat_the_bar_and_match_on_a_cluster(
     assert!(last["auc"].as_f64().unwrap() >= 0.81, "round 3 AUC {}", last["auc"]);
     assert_eq!(last["train_rows"].as_u64().unwrap() + last["test_rows"].as_u64().unwrap(), 100_004);
 
-    let (pointer, standalone) = load_latest(&models.join("movielens"));
+    let (pointer, local) = load_latest(&models.join("movielens"));
     assert_eq!(pointer.round, 3);
-    assert_eq!(standalone.lineage.batches, vec![1, 2, 3]);
-    assert_eq!(standalone.lineage.rows, 100_004);
-    assert!(standalone.segmentation.segments.iter().all(|s| !s.description.is_empty() && s.size > 0));
+    assert_eq!(local.lineage.batches, vec![1, 2, 3]);
+    assert_eq!(local.lineage.rows, 100_004);
+    assert!(local.segmentation.segments.iter().all(|s| !s.description.is_empty() && s.size > 0));
 
     // Nothing new to train: a second run publishes nothing and leaves LATEST alone.
     assert!(train_json(&lake, &models, &[]).is_empty());
@@ -64,17 +64,17 @@ fn three_cumulative_rounds_on_ratings_small_beat_the_bar_and_match_on_a_cluster(
     let rounds = train_json(&lake, &cluster_models, &["--scheduler", &cluster.url()]);
     assert_eq!(rounds.len(), 3);
     let (_, remote) = load_latest(&cluster_models.join("movielens"));
-    assert_eq!(remote.features, standalone.features);
-    for (a, b) in [(&remote.regression, &standalone.regression), (&remote.classification, &standalone.classification)] {
+    assert_eq!(remote.features, local.features);
+    for (a, b) in [(&remote.regression, &local.regression), (&remote.classification, &local.classification)] {
         assert!(close(a.intercept, b.intercept, 1e-9));
         for (x, y) in a.coefficients.iter().zip(&b.coefficients) {
             assert!(close(*x, *y, 1e-9), "coefficients differ: {x} vs {y}");
         }
     }
-    assert!(close(remote.metrics.rmse, standalone.metrics.rmse, 1e-9));
-    assert!(close(remote.metrics.auc, standalone.metrics.auc, 1e-9));
+    assert!(close(remote.metrics.rmse, local.metrics.rmse, 1e-9));
+    assert!(close(remote.metrics.auc, local.metrics.auc, 1e-9));
     let sizes = |a: &ModelArtifact| { let mut s: Vec<u64> = a.segmentation.segments.iter().map(|s| s.size).collect(); s.sort(); s };
-    assert_eq!(sizes(&remote), sizes(&standalone), "same segments up to relabelling");
+    assert_eq!(sizes(&remote), sizes(&local), "same segments up to relabelling");
     for table in ["lookup-user.parquet", "lookup-movie.parquet"] {
         let (a, b) = (lookup_table(&cluster_models.join("movielens/round-000003").join(table)), lookup_table(&models.join("movielens/round-000003").join(table)));
         assert_eq!(a.len(), b.len(), "{table} rows");

@@ -62,6 +62,13 @@ pub struct ConsumeOptions {
     pub batch_interval: Duration,
     /// Stop (after committing) when no message arrived for this long.
     pub exit_when_idle: Option<Duration>,
+    /// Stop (after committing) once every partition this consumer owns is read to its end:
+    /// land what the topic holds now, then exit, with no idle wait.
+    pub until_end: bool,
+    /// Read every partition of the topic without joining the group's rebalancing: for a lone
+    /// consumer, which then starts at once instead of waiting for the group to form. The lake
+    /// still decides where each partition resumes.
+    pub all_partitions: bool,
     /// Show a progress line.
     pub progress: bool,
 }
@@ -80,6 +87,8 @@ impl ConsumeOptions {
             batch_rows: 100_000,
             batch_interval: Duration::from_secs(30),
             exit_when_idle: None,
+            until_end: false,
+            all_partitions: false,
             progress: false,
         }
     }
@@ -169,30 +178,37 @@ fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
 
 impl ClientContext for IngestContext {}
 
+impl IngestContext {
+    /// Sets each partition of `tpl` to resume where the lake says (not where the group's
+    /// committed offset says), and tells the loop they are ours.
+    fn resume_from_lake(&self, tpl: &mut TopicPartitionList) {
+        let partitions: Vec<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+        let mut shared = lock(&self.shared);
+        if let Err(e) = self.handle.block_on(shared.offsets.refresh(&self.lake)) {
+            tracing::error!(error = %e, "cannot read the lake's offsets during a rebalance");
+            shared.fatal.get_or_insert(e);
+        }
+        let mut assigned = Vec::new();
+        for (topic, p) in &partitions {
+            let next = shared.offsets.next_offset(*p);
+            let offset = next.map(Offset::Offset).unwrap_or(Offset::Beginning);
+            if let Err(e) = tpl.set_partition_offset(topic, *p, offset) {
+                shared.fatal.get_or_insert(JobError::kafka(format!("seek partition {p}"))(e));
+            }
+            assigned.push((*p, next));
+        }
+        tracing::info!(?assigned, "partitions assigned (partition, lake offset)");
+        shared.events.push(Reassigned::Assigned(assigned));
+    }
+}
+
 impl ConsumerContext for IngestContext {
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
         let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
         let partitions: Vec<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let mut shared = lock(&self.shared);
-                // Resume where the lake says, not where the group's committed offset says.
-                if let Err(e) = self.handle.block_on(shared.offsets.refresh(&self.lake)) {
-                    tracing::error!(error = %e, "cannot read the lake's offsets during a rebalance");
-                    shared.fatal.get_or_insert(e);
-                }
-                let mut assigned = Vec::new();
-                for (topic, p) in &partitions {
-                    let next = shared.offsets.next_offset(*p);
-                    let offset = next.map(Offset::Offset).unwrap_or(Offset::Beginning);
-                    if let Err(e) = tpl.set_partition_offset(topic, *p, offset) {
-                        shared.fatal.get_or_insert(JobError::kafka(format!("seek partition {p}"))(e));
-                    }
-                    assigned.push((*p, next));
-                }
-                tracing::info!(?assigned, "partitions assigned (partition, lake offset)");
-                shared.events.push(Reassigned::Assigned(assigned));
-                drop(shared);
+                self.resume_from_lake(tpl);
                 if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -268,6 +284,7 @@ impl Ingest {
     fn start(opts: ConsumeOptions, lake: Lake, offsets: LakeOffsets, handle: Handle) -> Result<Ingest> {
         let shared = Arc::new(Mutex::new(Shared { offsets, events: Vec::new(), fatal: None }));
         let context = IngestContext { lake: lake.clone(), handle: handle.clone(), shared: shared.clone() };
+        let eof = if opts.until_end { "true" } else { "false" };
         let consumer: BaseConsumer<IngestContext> = opts
             .kafka
             .client_config(&[
@@ -280,10 +297,29 @@ impl Ingest {
                 // A consumer killed without leaving is noticed in seconds, not the default 45.
                 ("session.timeout.ms", "6000"),
                 ("heartbeat.interval.ms", "1500"),
+                // With `until_end`, librdkafka says when a partition is read to its end.
+                ("enable.partition.eof", eof),
             ])
             .create_with_context(context)
             .map_err(JobError::kafka("create consumer"))?;
-        consumer.subscribe(&[&opts.topic]).map_err(JobError::kafka(format!("subscribe to {}", opts.topic)))?;
+        if opts.all_partitions {
+            let metadata = consumer
+                .fetch_metadata(Some(&opts.topic), Duration::from_secs(30))
+                .map_err(JobError::kafka(format!("list the partitions of {}", opts.topic)))?;
+            let mut tpl = TopicPartitionList::new();
+            for t in metadata.topics().iter().filter(|t| t.name() == opts.topic) {
+                for p in t.partitions() {
+                    tpl.add_partition(&opts.topic, p.id());
+                }
+            }
+            if tpl.count() == 0 {
+                return Err(JobError::Config { option: "topic", reason: format!("{} has no partitions at the broker", opts.topic) });
+            }
+            consumer.context().resume_from_lake(&mut tpl);
+            consumer.assign(&tpl).map_err(JobError::kafka(format!("assign the partitions of {}", opts.topic)))?;
+        } else {
+            consumer.subscribe(&[&opts.topic]).map_err(JobError::kafka(format!("subscribe to {}", opts.topic)))?;
+        }
         let writer = format!("{:08x}", std::collections::hash_map::RandomState::new().build_hasher().finish() as u32);
         let bar = if opts.progress {
             let bar = indicatif::ProgressBar::new_spinner();
@@ -304,10 +340,16 @@ impl Ingest {
         // Joining the group can take seconds (a broker's initial rebalance delay): that is not
         // idleness, so until the first assignment the idle limit is at least JOIN_GRACE.
         let mut joined = false;
+        // Partitions read to their end since their last message (with `until_end`).
+        let mut at_end = std::collections::BTreeSet::new();
         while !shutdown.is_cancelled() {
             let incoming = match self.consumer.poll(Duration::from_millis(100)) {
                 None => None,
                 Some(Ok(m)) => Some(Incoming::judge(&m, &self.opts.pipeline)),
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    at_end.insert(p);
+                    None
+                }
                 Some(Err(e)) => {
                     self.on_kafka_error(e)?;
                     None
@@ -319,6 +361,7 @@ impl Ingest {
             }
             if let Some(incoming) = incoming {
                 last_activity = Instant::now();
+                at_end.remove(&incoming.partition);
                 self.accept(incoming);
             }
             let full = self.batch.messages() >= self.opts.batch_rows;
@@ -329,6 +372,10 @@ impl Ingest {
             let idle_limit = self.opts.exit_when_idle.map(|idle| if joined { idle } else { idle.max(JOIN_GRACE) });
             if idle_limit.is_some_and(|idle| last_activity.elapsed() >= idle) {
                 tracing::info!("idle; stopping");
+                break;
+            }
+            if self.opts.until_end && joined && !self.expected.is_empty() && self.expected.keys().all(|p| at_end.contains(p)) {
+                tracing::info!("every partition is read to its end; stopping");
                 break;
             }
         }

@@ -1,5 +1,11 @@
-//! The query engine a round runs on: Ballista standalone in-process, or a Ballista cluster.
-//! Both get the same session settings, so the same SQL gives the same tables.
+//! The query engine a round runs on: DataFusion in-process (the default), Ballista standalone
+//! in-process, or a Ballista cluster. All three get the same session settings, so the same SQL
+//! gives the same tables.
+//!
+//! On one machine Ballista buys nothing but overhead: every query becomes a job with stages
+//! and shuffle files, which costs a 100k-event round seconds of waiting for milliseconds of
+//! arithmetic. So without a scheduler a round runs on a plain DataFusion session (the same
+//! planner and operators the executors run), and keeps its materialised features in memory.
 
 use std::sync::Arc;
 
@@ -8,6 +14,7 @@ use arrow_schema::SchemaRef;
 use ballista::prelude::{SessionConfigExt, SessionContextExt};
 use ballista_core::object_store::{runtime_env_with_s3_support, session_config_with_s3_support};
 use datafusion::dataframe::DataFrameWriteOptions;
+use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
 use datafusion::execution::SessionStateBuilder;
@@ -15,12 +22,37 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::{JobError, Result};
 
-/// A Ballista session, standalone or remote.
+/// A DataFusion session: in-process, or the client of Ballista (standalone or remote).
 pub struct Engine {
     ctx: SessionContext,
-    /// `standalone` or the scheduler's URL.
+    /// `local`, `standalone` or the scheduler's URL.
     pub mode: String,
+    /// Whether queries run in this process on plain DataFusion (no Ballista): then a
+    /// materialised table can stay in memory, since no executor has to read it.
+    in_process: bool,
     timeout: std::time::Duration,
+}
+
+/// Where a round's queries run, as `--scheduler` names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineChoice {
+    /// DataFusion in this process (no `--scheduler`).
+    Local,
+    /// Ballista's scheduler and executor in this process (`--scheduler standalone`).
+    Standalone,
+    /// A Ballista cluster's scheduler (`--scheduler df://HOST:PORT`).
+    Remote(String),
+}
+
+impl EngineChoice {
+    /// Reads `--scheduler`: absent, `standalone`, or a scheduler URL.
+    pub fn from_flag(scheduler: Option<&str>) -> EngineChoice {
+        match scheduler {
+            None | Some("") | Some("local") => EngineChoice::Local,
+            Some("standalone") => EngineChoice::Standalone,
+            Some(url) => EngineChoice::Remote(url.to_string()),
+        }
+    }
 }
 
 fn config(partitions: usize) -> SessionConfig {
@@ -52,13 +84,30 @@ impl Engine {
         })
     }
 
-    /// An in-process scheduler and executor.
+    /// The engine `choice` names.
+    pub async fn start(choice: &EngineChoice, partitions: usize) -> Result<Engine> {
+        match choice {
+            EngineChoice::Local => Engine::local(partitions),
+            EngineChoice::Standalone => Engine::standalone(partitions).await,
+            EngineChoice::Remote(url) => Engine::remote(url, partitions).await,
+        }
+    }
+
+    /// Plain DataFusion in this process, with the settings the cluster gets.
+    pub fn local(partitions: usize) -> Result<Engine> {
+        let config = config(partitions);
+        let runtime = runtime_env_with_s3_support(&config).map_err(engine_err("object stores"))?;
+        let state = SessionStateBuilder::new().with_config(config).with_runtime_env(runtime).with_default_features().build();
+        Ok(Engine { ctx: SessionContext::new_with_state(state), mode: "local".into(), in_process: true, timeout: DEFAULT_TIMEOUT })
+    }
+
+    /// An in-process Ballista scheduler and executor.
     pub async fn standalone(partitions: usize) -> Result<Engine> {
         let config = config(partitions);
         let runtime = runtime_env_with_s3_support(&config).map_err(engine_err("object stores"))?;
         let state = SessionStateBuilder::new().with_config(config).with_runtime_env(runtime).with_default_features().build();
         let ctx = SessionContext::standalone_with_state(state).await.map_err(engine_err("start Ballista standalone"))?;
-        Ok(Engine { ctx, mode: "standalone".into(), timeout: DEFAULT_TIMEOUT })
+        Ok(Engine { ctx, mode: "standalone".into(), in_process: false, timeout: DEFAULT_TIMEOUT })
     }
 
     /// A client of the scheduler at `url` (`df://host:port`).
@@ -67,7 +116,7 @@ impl Engine {
         let runtime = runtime_env_with_s3_support(&config).map_err(engine_err("object stores"))?;
         let state = SessionStateBuilder::new().with_config(config).with_runtime_env(runtime).with_default_features().build();
         let ctx = SessionContext::remote_with_state(url, state).await.map_err(engine_err(format!("connect to {url}")))?;
-        Ok(Engine { ctx, mode: url.to_string(), timeout: DEFAULT_TIMEOUT })
+        Ok(Engine { ctx, mode: url.to_string(), in_process: false, timeout: DEFAULT_TIMEOUT })
     }
 
     /// Registers `name` as the Parquet files at `urls` (explicit files or one folder ending in `/`).
@@ -109,6 +158,31 @@ impl Engine {
             what: what.to_string(),
             reason: format!("column {} is not a number", batch.schema().field(i).name()),
         })).collect()
+    }
+
+    /// Runs `sql` once and registers its result under each of `names`: in memory on the local
+    /// engine, else as Parquet files under `url` (a folder) that the executors read.
+    pub async fn materialise(&self, what: &str, sql: &str, url: &str, names: &[&str]) -> Result<()> {
+        if self.in_process {
+            let batches = self.query(what, sql).await?;
+            let schema = match batches.first() {
+                Some(b) => b.schema(),
+                None => Arc::new(self.ctx.sql(sql).await.map_err(engine_err(what))?.schema().as_arrow().clone()),
+            };
+            // One partition per batch keeps the scans parallel.
+            let partitions = batches.into_iter().map(|b| vec![b]).collect::<Vec<_>>();
+            let table = Arc::new(MemTable::try_new(schema, partitions).map_err(engine_err(what))?);
+            for name in names {
+                self.ctx.deregister_table(*name).map_err(engine_err(format!("table {name}")))?;
+                self.ctx.register_table(*name, table.clone()).map_err(engine_err(format!("table {name}")))?;
+            }
+            return Ok(());
+        }
+        self.write_parquet(what, sql, url).await?;
+        for name in names {
+            self.register_parquet(name, &[url.to_string()], None).await?;
+        }
+        Ok(())
     }
 
     /// Runs a query and writes its result as Parquet files under `url` (a folder).

@@ -1,7 +1,7 @@
 //! Training: one round per committed batch, cumulative (round N uses batches 1..N), for any
 //! pipeline: nothing here knows which one.
 //!
-//! - [`engine`]: the Ballista session (standalone in-process, or a cluster client).
+//! - [`engine`]: the session: DataFusion in-process, Ballista standalone, or a cluster client.
 //! - [`solve`]: least squares and logistic regression as aggregate queries plus small solves.
 //! - [`segments`]: k-means segments of the pipeline's clustered entity, described in words.
 //! - this module: a round from start to `LATEST`.
@@ -36,7 +36,7 @@ use object_store::ObjectStoreExt;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use self::engine::{number, Engine};
+use self::engine::{number, Engine, EngineChoice};
 use crate::{JobError, Result};
 
 /// What to train, from where, to where.
@@ -50,7 +50,8 @@ pub struct TrainOptions {
     pub models: String,
     /// Object-store settings for `s3://` URLs.
     pub storage: StorageOptions,
-    /// A Ballista scheduler (`df://host:port`); `None` runs Ballista standalone in-process.
+    /// A Ballista scheduler (`df://host:port`), or `standalone` for Ballista in-process;
+    /// `None` runs DataFusion in-process.
     pub scheduler: Option<String>,
     /// Keep training as new batches land.
     pub watch: bool,
@@ -105,11 +106,7 @@ pub async fn train(opts: TrainOptions, shutdown: CancellationToken, mut on_round
     let name = opts.pipeline.name().to_string();
     let lake = Lake::open(&opts.lake, &opts.storage)?.child(&name);
     let store = Lake::open(&opts.models, &opts.storage)?.child(&name);
-    let engine = match &opts.scheduler {
-        Some(url) => Engine::remote(url, opts.partitions).await?,
-        None => Engine::standalone(opts.partitions).await?,
-    }
-    .with_timeout(opts.query_timeout);
+    let engine = Engine::start(&EngineChoice::from_flag(opts.scheduler.as_deref()), opts.partitions).await?.with_timeout(opts.query_timeout);
     let trainer = Trainer { pipeline: &opts.pipeline, engine: &engine, lake: &lake, store: &store, serving: checked.serving };
     tracing::info!(pipeline = %name, engine = engine.mode, lake = lake.url(), models = store.url(), "trainer ready");
     let mut trained = 0;
@@ -289,9 +286,7 @@ impl Trainer<'_> {
         let work = format!("_work/{}", round_dir(round));
         remove_prefix(self.store, &work).await?;
         let features_url = format!("{}/", self.store.url_of(&format!("{work}/features")));
-        engine.write_parquet("feature SQL", &substitute(p.features_sql(), &variables), &features_url).await?;
-        engine.register_parquet("features", std::slice::from_ref(&features_url), None).await?;
-        engine.register_parquet("features_round", &[features_url], None).await?;
+        engine.materialise("feature SQL", &substitute(p.features_sql(), &variables), &features_url, &["features", "features_round"]).await?;
 
         let (label, target) = (&d.models.classification.label, &d.models.regression.target);
         let mut stats_sql = vec!["COUNT(*)".to_string(), format!("AVG({target})"), format!("AVG({label})"), format!("MIN({label})"), format!("MAX({label})")];
