@@ -2,30 +2,39 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
 
-#[test]
-fn the_demo_runs_every_stage_and_serves_until_ctrl_c() {
-    let _heavy = heavy();
-    let dir = tempfile::tempdir().unwrap();
+/// Starts `lensflow demo ARGS --input INPUT` serving on a free port with its data in `dir`, waits
+/// until it serves `round`, and returns the server with what the demo printed so far.
+fn start_demo(dir: &Path, args: &[&str], input: &Path, round: u64) -> (Server, String) {
     let port = free_port();
-    let out = std::fs::File::create(dir.path().join("demo.out")).unwrap();
-    let demo = lensflow(["demo", "--input"])
-        .arg(ratings_small())
+    let out = std::fs::File::create(dir.join("demo.out")).unwrap();
+    let demo = lensflow(["demo"])
+        .args(args)
+        .arg("--input")
+        .arg(input)
         .args(["--bind", &format!("127.0.0.1:{port}"), "--data-dir"])
-        .arg(dir.path().join("data"))
+        .arg(dir.join("data"))
         .stdout(out)
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let server = Server { child: demo, port };
-    server.wait_round(3, Duration::from_secs(300));
-    let printed = std::fs::read_to_string(dir.path().join("demo.out")).unwrap();
-    assert!(printed.contains(&format!("open http://127.0.0.1:{port}/")), "the URL is printed at the end:\n{printed}");
+    server.wait_round(round, Duration::from_secs(300));
+    (server, std::fs::read_to_string(dir.join("demo.out")).unwrap())
+}
+
+#[test]
+fn the_demo_runs_every_stage_and_serves_until_ctrl_c() {
+    let _heavy = heavy();
+    let dir = tempfile::tempdir().unwrap();
+    let (server, printed) = start_demo(dir.path(), &[], &ratings_small(), 3);
+    assert!(printed.contains(&format!("open http://127.0.0.1:{}/", server.port)), "the URL is printed at the end:\n{printed}");
     assert!(printed.contains("landed 100004 events in 3 batches"), "{printed}");
     for round in 1..=3 {
         assert!(printed.contains(&format!("round {round} (batches 1..={round})")), "{printed}");
@@ -78,19 +87,7 @@ fn a_second_run_reuses_its_data_or_starts_fresh() {
 fn the_demo_runs_the_smart_home_pipeline_the_same_way() {
     let _heavy = heavy();
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let out = std::fs::File::create(dir.path().join("demo.out")).unwrap();
-    let demo = lensflow(["demo", "--pipeline", "smart-home", "--rounds", "2", "--input"])
-        .arg(smart_home_csv())
-        .args(["--bind", &format!("127.0.0.1:{port}"), "--data-dir"])
-        .arg(dir.path().join("data"))
-        .stdout(out)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut server = Server { child: demo, port };
-    server.wait_round(2, Duration::from_secs(300));
-    let printed = std::fs::read_to_string(dir.path().join("demo.out")).unwrap();
+    let (mut server, printed) = start_demo(dir.path(), &["--pipeline", "smart-home", "--rounds", "2"], &smart_home_csv(), 2);
     assert!(printed.contains("landed 5403 events in 2 batches"), "{printed}");
     assert!(printed.contains("smart-home round 2 (batches 1..=2)") && printed.contains("no skill"), "the regression says it has no skill:\n{printed}");
 

@@ -128,7 +128,9 @@ fn a_pipeline_from_a_folder_runs_end_to_end_with_no_rust() {
 #[test]
 fn a_broken_definition_is_refused_naming_the_file_the_key_and_the_fault() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(&str, fn(String) -> String, &[&str]); 5] = [
+    // (file to break, how, what the error must name)
+    type Case = (&'static str, fn(String) -> String, &'static [&'static str]);
+    let cases: [Case; 5] = [
         ("pipeline.toml", |t| t.replace("key = \"station_id\"", "key = \"station_nr\""), &["pipeline.toml", "events.key", "unknown column `station_nr`"]),
         ("pipeline.toml", |t| t.replace("target = \"rentals_n\"", "target = \"rentals_count\""), &["features.sql", "models.regression.target", "rentals_count"]),
         ("pipeline.toml", |t| t.replace("type = \"string\"", "type = \"text\""), &["pipeline.toml", "line", "text"]),

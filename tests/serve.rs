@@ -50,19 +50,6 @@ fn metric(server: &Server, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {name} in\n{text}"))
 }
 
-/// Waits until `/readyz` says exactly `want` (`ready: round 2, smart-home round 3`).
-fn wait_ready(server: &Server, want: &str, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    loop {
-        let got = reqwest::blocking::get(server.url("/readyz")).and_then(|r| r.text()).unwrap_or_default();
-        if got == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "not `{want}` within {limit:?}: {got}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Waits until every pipeline `/pipelines` lists serves `round`.
 fn wait_all(server: &Server, pipelines: &[&str], round: u64, limit: Duration) {
     let deadline = Instant::now() + limit;
@@ -252,7 +239,7 @@ fn new_rounds_swap_in_under_load_without_a_failed_request() {
     publish(trained, &live, "movielens", 1);
     publish(trained, &live, "smart-home", 3);
     let server = Server::start(&live, &["--poll-interval", "100ms"]);
-    wait_ready(&server, "ready: round 1, smart-home round 3", Duration::from_secs(30));
+    server.wait_ready("ready: round 1, smart-home round 3", Duration::from_secs(30));
     let round_of = |p: &str| format!("lensflow_model_round{{pipeline=\"{p}\"}}");
 
     let stop = AtomicBool::new(false);
@@ -282,7 +269,7 @@ fn new_rounds_swap_in_under_load_without_a_failed_request() {
         let _stop = StopOnDrop(&stop);
         std::thread::sleep(Duration::from_millis(500));
         publish(trained, &live, "movielens", 2);
-        wait_ready(&server, "ready: round 2, smart-home round 3", Duration::from_secs(10));
+        server.wait_ready("ready: round 2, smart-home round 3", Duration::from_secs(10));
         // A LATEST whose checksum disowns its model.json: refused, round 2 keeps serving.
         publish(trained, &live, "movielens", 3);
         point(&live.join("movielens"), &LatestPointer { round: 3, path: round_dir(3), model_sha256: "0".repeat(64) });
@@ -291,10 +278,10 @@ fn new_rounds_swap_in_under_load_without_a_failed_request() {
             assert!(Instant::now() < deadline, "the corrupt round was not noticed");
             std::thread::sleep(Duration::from_millis(50));
         }
-        wait_ready(&server, "ready: round 2, smart-home round 3", Duration::from_secs(1));
+        server.wait_ready("ready: round 2, smart-home round 3", Duration::from_secs(1));
         std::thread::sleep(Duration::from_millis(300));
         publish(trained, &live, "movielens", 3);
-        wait_ready(&server, "ready: round 3, smart-home round 3", Duration::from_secs(10));
+        server.wait_ready("ready: round 3, smart-home round 3", Duration::from_secs(10));
         std::thread::sleep(Duration::from_millis(500));
         stop.store(true, Ordering::Relaxed);
         clients.into_iter().map(|c| c.join().unwrap()).collect()

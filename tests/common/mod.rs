@@ -531,17 +531,21 @@ impl Server {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
-    /// Waits until the server serves `round` (per `/readyz`).
+    /// Waits until the server serves `round` of its only pipeline (per `/readyz`).
     pub fn wait_round(&self, round: u64, limit: Duration) {
+        self.wait_ready(&format!("ready: round {round}"), limit);
+    }
+
+    /// Waits until `/readyz` says exactly `want` (`ready: round 2, smart-home round 3`).
+    pub fn wait_ready(&self, want: &str, limit: Duration) {
         let deadline = Instant::now() + limit;
-        let want = format!("ready: round {round}");
         loop {
             let got = reqwest::blocking::get(self.url("/readyz")).and_then(|r| r.text()).unwrap_or_default();
             if got == want {
                 return;
             }
-            assert!(Instant::now() < deadline, "server not at round {round} within {limit:?}: {got}");
-            std::thread::sleep(Duration::from_millis(100));
+            assert!(Instant::now() < deadline, "not `{want}` within {limit:?}: {got}");
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }

@@ -456,7 +456,9 @@ impl Trainer<'_> {
             for (i, name) in p.features().iter().enumerate() {
                 for r in 0..batch.num_rows() {
                     let (got, expected) = (number(&batch, n + i, r).unwrap_or(f64::NAN), served[i].value(r));
-                    if !((got - expected).abs() <= 1e-9 * (1.0 + expected.abs())) {
+                    // Written so that a NaN on either side is a mismatch too.
+                    let agree = (got - expected).abs() <= 1e-9 * (1.0 + expected.abs());
+                    if !agree {
                         return Err(JobError::Engine {
                             what: what.into(),
                             reason: format!("the feature SQL gives {name} = {got}, serving's expression gives {expected}"),
