@@ -6,8 +6,10 @@
 -- columns (u_n … m_ts) come from the lookup tables (lookup_*.sql) instead of the windows; the
 -- trainer checks, every round, that the two agree.
 --
--- Written in the common subset of Spark SQL and DataFusion SQL; ${...} are Spark-style
--- variables (spark.sql.variable.substitute), substituted by lensflow before running (see
+-- Written in the common subset of Spark SQL and DataFusion SQL, types included: a bare 1.0 is
+-- a DECIMAL on Spark and a DOUBLE on DataFusion, so 0/1 flags are cast to DOUBLE (tests/spark.rs
+-- runs this file on Spark itself). ${...} are Spark-style variables
+-- (spark.sql.variable.substitute), substituted by lensflow before running (see
 -- pipeline.toml's [features.constants] and [features.variables]):
 --   ${shrink}       weight of the prior in every shrunk statistic
 --   ${prior_mean}   mean training rating
@@ -15,7 +17,7 @@
 --   ${prior_liked}  share of liked training ratings
 WITH rated AS (
   SELECT user_id, movie_id, rating, ts,
-         CASE WHEN rating >= 4.0 THEN 1.0 ELSE 0.0 END AS liked
+         CAST(CASE WHEN rating >= 4.0 THEN 1 ELSE 0 END AS DOUBLE) AS liked
   FROM ratings
 ),
 first_pass AS (
