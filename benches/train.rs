@@ -3,7 +3,8 @@
 //! (separate processes on loopback).
 //!
 //! `cargo bench --bench train` (1M generated ratings in 3 batches; `LENSFLOW_BENCH_RATINGS=10000000`
-//! for more). The lake is written straight through the library (ingest has its own benchmark).
+//! for more, `LENSFLOW_BENCH_BATCHES=30` for more rounds, `LENSFLOW_BENCH_ENGINES=local,standalone`
+//! for fewer engines (of local, standalone, cluster)). The lake is written straight through the library (ingest has its own benchmark).
 //! Prints a report; nothing here is asserted on time.
 
 #[path = "../tests/common/mod.rs"]
@@ -15,6 +16,11 @@ use common::*;
 
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// A round's seconds over every stage.
+fn total(round: &serde_json::Value) -> f64 {
+    round["seconds"].as_object().unwrap().values().map(|v| v.as_f64().unwrap()).sum()
 }
 
 fn report(title: &str, out: &str, trainer: u64, executors: &[u64], wall: std::time::Duration) {
@@ -31,7 +37,7 @@ fn report(title: &str, out: &str, trainer: u64, executors: &[u64], wall: std::ti
             r["round"],
             r["train_rows"].as_u64().unwrap() + r["test_rows"].as_u64().unwrap(),
             stages.iter().map(|s| format!("{:.2}", secs[s])).collect::<Vec<_>>().join(" | "),
-            secs.values().sum::<f64>(),
+            total(r),
             r["rmse"].as_f64().unwrap(),
             r["rmse_baseline"].as_f64().unwrap(),
             r["auc"].as_f64().unwrap(),
@@ -39,18 +45,33 @@ fn report(title: &str, out: &str, trainer: u64, executors: &[u64], wall: std::ti
             r["accuracy_baseline"].as_f64().unwrap()
         );
     }
+    // How round time grows with the data: least squares of seconds on rows.
+    if rounds.len() >= 3 {
+        let xy: Vec<(f64, f64)> = rounds.iter().map(|r| ((r["train_rows"].as_u64().unwrap() + r["test_rows"].as_u64().unwrap()) as f64, total(r))).collect();
+        let n = xy.len() as f64;
+        let (mx, my) = (xy.iter().map(|p| p.0).sum::<f64>() / n, xy.iter().map(|p| p.1).sum::<f64>() / n);
+        let slope = xy.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum::<f64>() / xy.iter().map(|p| (p.0 - mx).powi(2)).sum::<f64>();
+        let all: f64 = xy.iter().map(|p| p.1).sum();
+        println!("
+round time grows {:.2} s per 100k events of the lake; all {} rounds: {all:.1} s", slope * 1e5, rounds.len());
+    }
 }
 
 fn main() {
     let n: u64 = std::env::var("LENSFLOW_BENCH_RATINGS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let batches: usize = std::env::var("LENSFLOW_BENCH_BATCHES").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let engines = std::env::var("LENSFLOW_BENCH_ENGINES").unwrap_or_else(|_| "local,standalone,cluster".into());
     let dir = tempfile::tempdir().unwrap();
     let csv = generate(dir.path(), n, 42);
     let lake = format!("file://{}", dir.path().join("lake").display());
-    build_lake(&csv, &lake, 3);
+    build_lake(&csv, &lake, batches);
     std::fs::remove_file(&csv).unwrap();
-    println!("\n## lensflow training benchmark: {n} generated ratings in 3 batches (3 cumulative rounds)");
+    println!("\n## lensflow training benchmark: {n} generated ratings in {batches} batches ({batches} cumulative rounds)");
 
     for (title, engine) in [("DataFusion in-process (the default)", None), ("Ballista standalone (in-process)", Some("standalone"))] {
+        if !engines.split(',').any(|e| e == engine.unwrap_or("local")) {
+            continue;
+        }
         let models = dir.path().join(format!("models-{}", engine.unwrap_or("local")));
         let mut cmd = lensflow(["train", "--lake", &lake, "--json", "--models"]);
         cmd.arg(&models);
@@ -61,6 +82,9 @@ fn main() {
         report(title, &out, peak, &[], wall);
     }
 
+    if !engines.split(',').any(|e| e == "cluster") {
+        return;
+    }
     let cluster = Cluster::start(dir.path(), 2);
     let pids: Vec<u32> = cluster.executors.iter().map(|e| e.id()).collect();
     let models = dir.path().join("models-cluster");

@@ -44,8 +44,10 @@ enum Command {
     Consume(ConsumeArgs),
     /// List the built-in pipelines, or check a pipeline folder (`pipelines check PATH`).
     Pipelines(PipelinesArgs),
-    /// Train the three models, one cumulative round per batch, on Ballista.
+    /// Train the three models, one cumulative round per batch (DataFusion in-process or Ballista).
     Train(TrainArgs),
+    /// Run SQL over the lake's committed batches and the served rounds' lookup tables, like spark-sql.
+    Sql(SqlArgs),
     /// Run a Ballista scheduler with lensflow's setup.
     Scheduler(SchedulerArgs),
     /// Run a Ballista executor with lensflow's setup.
@@ -232,6 +234,44 @@ impl KafkaArgs {
     }
 }
 
+#[derive(Args)]
+struct SqlArgs {
+    /// Pipelines whose tables to register, by name or folder, comma-separated [default: every built-in pipeline].
+    #[arg(long = "pipeline", env = "LENSFLOW_PIPELINE", value_delimiter = ',')]
+    pipelines: Vec<String>,
+    /// The lake's root (as for train).
+    #[arg(long, env = "LENSFLOW_LAKE", default_value = "data/lake")]
+    lake: String,
+    /// The model store's root, for the served rounds' lookup tables (`lookup_<name>`); a local
+    /// folder that does not exist is skipped.
+    #[arg(long, env = "LENSFLOW_MODELS", default_value = "data/models")]
+    models: String,
+    /// A Ballista scheduler, df://HOST:PORT, or `standalone` [default: DataFusion in-process].
+    #[arg(long, env = "LENSFLOW_SCHEDULER")]
+    scheduler: Option<String>,
+    /// The SQL to run (statements separated by `;`; the last one's rows are the result).
+    #[arg(short = 'e', long = "execute", conflicts_with = "file", required_unless_present = "file")]
+    execute: Option<String>,
+    /// A file of SQL to run (a SQL job).
+    #[arg(short = 'f', long)]
+    file: Option<PathBuf>,
+    /// How the result is written: table, csv, json (stdout or --out), parquet (--out only).
+    #[arg(long, env = "LENSFLOW_SQL_FORMAT", value_parser = ["table", "csv", "json", "parquet"])]
+    format: Option<String>,
+    /// Write the result as files into this folder (a local path or s3://bucket/prefix) [default format: parquet].
+    #[arg(long, env = "LENSFLOW_SQL_OUT")]
+    out: Option<String>,
+    /// The job's name on a scheduler [default: the file's name, or lensflow-sql].
+    #[arg(long, env = "LENSFLOW_JOB_NAME")]
+    job_name: Option<String>,
+    /// Query partitions per stage.
+    #[arg(long, env = "LENSFLOW_SQL_PARTITIONS", default_value_t = 4)]
+    partitions: usize,
+    /// Most rows a table shows (the rest are counted).
+    #[arg(long, env = "LENSFLOW_SQL_MAX_ROWS", default_value_t = 1000)]
+    max_rows: usize,
+}
+
 /// `--pipeline`: flatten this into a command's arguments to give it one.
 #[derive(Args, Clone)]
 struct PipelineArgs {
@@ -337,6 +377,53 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
 }
 
 /// The process's `AWS_*` variables: the standard way to configure S3 access and endpoints.
+/// `lensflow sql`: builds the options, streams the result to stdout, reports on stderr.
+async fn sql(a: SqlArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
+    use lensflow_jobs::sql::{Format, SqlOptions, run};
+    let names: Vec<String> = if a.pipelines.is_empty() { Pipeline::builtin_names().into_iter().map(String::from).collect() } else { a.pipelines };
+    let pipelines = names.iter().map(|n| Pipeline::resolve(n)).collect::<Result<Vec<_>, _>>()?;
+    let (text, job) = match (&a.execute, &a.file) {
+        (Some(sql), _) => (sql.clone(), "lensflow-sql".to_string()),
+        (None, Some(file)) => (
+            std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?,
+            file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "lensflow-sql".into()),
+        ),
+        (None, None) => anyhow::bail!("give the SQL with -e or -f FILE"),
+    };
+    let format = match (a.format.as_deref(), &a.out) {
+        (Some("csv"), _) => Format::Csv,
+        (Some("json"), _) => Format::Json,
+        (Some("parquet"), _) | (None, Some(_)) => Format::Parquet,
+        _ => Format::Table,
+    };
+    let local_missing = !a.models.contains("://") && !std::path::Path::new(&a.models).exists();
+    let opts = SqlOptions {
+        pipelines,
+        lake: a.lake,
+        models: (!local_missing).then_some(a.models),
+        storage: storage_from_env(),
+        scheduler: a.scheduler,
+        partitions: a.partitions,
+        sql: text,
+        job_name: a.job_name.unwrap_or(job),
+        format,
+        out: a.out.clone(),
+        table_rows: a.max_rows,
+    };
+    let mut stdout = std::io::BufWriter::new(std::io::stdout());
+    let summary = run(opts, shutdown, &mut stdout).await?;
+    std::io::Write::flush(&mut stdout)?;
+    if summary.cancelled {
+        eprintln!("cancelled after {} rows", summary.rows);
+        return Ok(ExitCode::from(130));
+    }
+    match &a.out {
+        Some(out) => eprintln!("wrote {} rows to {out} in {:.2} s", summary.rows, summary.seconds),
+        None => tracing::info!(rows = summary.rows, seconds = summary.seconds, "query done"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn storage_from_env() -> StorageOptions {
     StorageOptions(
         std::env::vars()
@@ -550,6 +637,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("no new batches: every batch already has its round");
             }
         }
+        Command::Sql(a) => return sql(a, shutdown).await,
         Command::Scheduler(a) => {
             let opts = SchedulerOptions {
                 bind: a.bind,

@@ -131,17 +131,20 @@ fn on_lensflow(rt: &tokio::runtime::Runtime, runs: &[Run]) -> Vec<Vec<(String, V
     })
 }
 
-/// Runs every run's steps on pyspark; returns Spark's version.
-fn on_spark(runs: &[Run], out: &Path) -> String {
-    let plan = serde_json::json!({
-        "out": out,
-        "runs": runs.iter().map(|r| serde_json::json!({
-            "name": r.name,
-            "tables": serde_json::Map::from_iter([(r.pipeline.definition.events.table.clone(), serde_json::json!(r.files))]),
-            "set": r.variables.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(format!("{v:?}")))).collect::<serde_json::Map<_, _>>(),
-            "steps": steps(&r.pipeline).iter().map(|(step, file)| serde_json::json!([step, shipped(&r.pipeline, file)])).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>(),
-    });
+/// A pipeline run as the Spark runner's plan describes it: its events table, its variables
+/// (set with `SET`) and its shipped SQL files.
+fn spark_run(r: &Run) -> serde_json::Value {
+    serde_json::json!({
+        "name": r.name,
+        "tables": serde_json::Map::from_iter([(r.pipeline.definition.events.table.clone(), serde_json::json!(r.files))]),
+        "set": r.variables.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(format!("{v:?}")))).collect::<serde_json::Map<_, _>>(),
+        "steps": steps(&r.pipeline).iter().map(|(step, file)| serde_json::json!([step, shipped(&r.pipeline, file)])).collect::<Vec<_>>(),
+    })
+}
+
+/// Runs the plan's runs (see tests/spark/run_sql.py) on pyspark; returns Spark's version.
+fn on_spark(runs: Vec<serde_json::Value>, out: &Path) -> String {
+    let plan = serde_json::json!({ "out": out, "runs": runs });
     let plan_path = out.with_extension("plan.json");
     std::fs::write(&plan_path, plan.to_string()).unwrap();
     let python = std::env::var("LENSFLOW_PYTHON").unwrap_or_else(|_| "python3".into());
@@ -250,7 +253,12 @@ fn every_shipped_sql_file_gives_spark_s_rows_types_and_values() {
 
     let ours = on_lensflow(&rt, &runs);
     let spark_out = dir.path().join("spark");
-    let version = on_spark(&runs, &spark_out);
+    // An ad-hoc query too, for `lensflow sql` below: the same file, the same lake files.
+    let adhoc = dir.path().join("adhoc.sql");
+    std::fs::write(&adhoc, ADHOC).unwrap();
+    let mut plan: Vec<serde_json::Value> = runs.iter().map(spark_run).collect();
+    plan.push(serde_json::json!({"name": "adhoc", "tables": {"ratings": runs[0].files}, "set": {}, "steps": [["adhoc", adhoc]]}));
+    let version = on_spark(plan, &spark_out);
     eprintln!("compared against Spark {version} (pyspark, local mode)");
     assert!(version.starts_with("4."), "Spark {version}");
 
@@ -290,4 +298,42 @@ fn every_shipped_sql_file_gives_spark_s_rows_types_and_values() {
         }
     }
     assert!(faults.is_empty(), "lensflow and Spark {version} differ:\n{}", faults.join("\n"));
+
+    // `lensflow sql` over the lake's committed batches gives Spark's answer to the same file.
+    let lake = format!("file://{}", dir.path().join(&runs[0].name).display());
+    let sql = |args: &[&str]| lensflow(["sql", "--pipeline", "movielens", "--lake", &lake, "--models", "none"]).args(args).output().unwrap();
+    let out_dir = dir.path().join("adhoc-out");
+    let written = sql(&["-f", adhoc.to_str().unwrap(), "--out", out_dir.to_str().unwrap()]);
+    assert!(written.status.success(), "{}", String::from_utf8_lossy(&written.stderr));
+    let (ours, theirs) = (read_parquet_dir(&out_dir), read_parquet_dir(&spark_out.join("adhoc/adhoc")));
+    let types = |b: &[RecordBatch]| b[0].schema().fields().iter().map(|f| (f.name().clone(), spark_type(f.data_type()))).collect::<Vec<_>>();
+    assert_eq!(types(&ours), types(&theirs), "plain Parquet out, with Spark's column names and types");
+    let (a, b) = (rows(&ours), rows(&theirs));
+    assert_eq!(a.len(), 671, "one row per user");
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        let agree = x.iter().zip(y).all(|(p, q)| match (p, q) {
+            (Cell::Number(p), Cell::Number(q)) => same(*p, *q),
+            _ => p == q,
+        });
+        assert!(agree, "{x:?} vs Spark's {y:?}");
+    }
+    // The same rows stream to stdout as JSON lines, and the batches are a table too.
+    let json = sql(&["-f", adhoc.to_str().unwrap(), "--format", "json"]);
+    assert!(json.status.success());
+    assert_eq!(String::from_utf8_lossy(&json.stdout).lines().count(), 671);
+    let batches = sql(&["-e", "SELECT pipeline, COUNT(*) AS batches, SUM(rows) AS events FROM batches GROUP BY pipeline", "--format", "csv"]);
+    assert_eq!(String::from_utf8_lossy(&batches.stdout), "pipeline,batches,events\nmovielens,1,100004\n");
+    // A typo is an SQL error with its place.
+    let typo = sql(&["-e", "SELECT COUNT(*) FROM ratings;\nSELEC user_id FROM ratings"]);
+    assert!(!typo.status.success());
+    let said = String::from_utf8_lossy(&typo.stderr);
+    assert!(said.contains("SELEC") && said.contains("Line: 2, Column: 1"), "{said}");
 }
+
+/// The ad-hoc query both engines run: aggregates, a CASE and integer sums.
+const ADHOC: &str = "SELECT user_id, COUNT(*) AS ratings, AVG(rating) AS mean_rating, MIN(ts) AS first_ts,
+  SUM(CASE WHEN rating >= 4.0 THEN 1 ELSE 0 END) AS liked
+FROM ratings
+GROUP BY user_id
+";

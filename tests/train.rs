@@ -75,6 +75,15 @@ fn three_cumulative_rounds_on_ratings_small_beat_the_bar_and_match_on_a_cluster(
     assert!(close(remote.metrics.auc, local.metrics.auc, 1e-9));
     let sizes = |a: &ModelArtifact| { let mut s: Vec<u64> = a.segmentation.segments.iter().map(|s| s.size).collect(); s.sort(); s };
     assert_eq!(sizes(&remote), sizes(&local), "same segments up to relabelling");
+    // Ad-hoc SQL on the same cluster: a job under its own name, the answer the trainer's own
+    // process gives (integer sums, so no summation order can change a digit).
+    let query = "SELECT COUNT(*) AS n, SUM(CAST(rating * 2 AS BIGINT)) AS halves FROM ratings";
+    let count = |extra: &[&str]| run_ok(lensflow(["sql", "--lake", &lake, "--pipeline", "movielens", "--format", "csv", "-e", query]).args(extra));
+    let (here, there) = (count(&[]), count(&["--scheduler", &cluster.url(), "--job-name", "ratings-count"]));
+    assert!(here.starts_with("n,halves\n100004,"), "{here}");
+    assert_eq!(here, there);
+    let jobs = http_get(cluster.port, "/api/jobs").unwrap_or_default();
+    assert!(jobs.contains("ratings-count"), "the query ran as a named job on the scheduler: {jobs}");
     for table in ["lookup-user.parquet", "lookup-movie.parquet"] {
         let (a, b) = (lookup_table(&cluster_models.join("movielens/round-000003").join(table)), lookup_table(&models.join("movielens/round-000003").join(table)));
         assert_eq!(a.len(), b.len(), "{table} rows");
@@ -191,7 +200,7 @@ fn an_executor_killed_mid_round_never_leaves_latest_on_a_partial_round() {
         assert_eq!(load_latest(&models.join("movielens")).0.round, 1);
     } else {
         eprintln!("the round failed: {stderr}");
-        assert!(stderr.contains("error: training query") || stderr.contains("error: round 1"), "a clear error: {stderr}");
+        assert!(stderr.contains("error: query") || stderr.contains("error: round 1"), "a clear error: {stderr}");
         assert!(!models.join("movielens/LATEST").exists(), "no round was published");
         assert!(!models.join("movielens/round-000001/model.json").exists());
     }

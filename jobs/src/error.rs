@@ -48,10 +48,10 @@ pub enum JobError {
         /// The first failure, with its CSV line.
         first: String,
     },
-    /// A query on the training engine failed.
-    #[error("training query `{what}`: {reason}")]
+    /// A query on the engine (training or `lensflow sql`) failed.
+    #[error("query `{what}`: {reason}")]
     Engine {
-        /// Which step of the round.
+        /// Which step of the round, or which part of the SQL.
         what: String,
         /// What DataFusion or Ballista said.
         reason: String,

@@ -11,13 +11,15 @@
 //!   the batch by creating its manifest. The manifests, not the consumer group, say where each
 //!   partition resumes. The lake is `lensflow_core`'s [`Lake`], in the pipeline's folder.
 //! - [`kafka`]: client settings and topic creation shared by producer and consumer.
-//! - [`train`]: one cumulative round per batch on Ballista (standalone or a cluster): the
-//!   pipeline's feature SQL, solvers whose passes over the events are cluster aggregates,
-//!   k-means segments, and the round's artifacts with `LATEST` written last.
+//! - [`train`]: one cumulative round per batch, on DataFusion in-process or Ballista (standalone
+//!   or a cluster): the pipeline's feature SQL, solvers whose passes over the events are
+//!   aggregate queries, k-means segments, and the round's artifacts with `LATEST` written last.
+//! - [`sql`]: ad-hoc SQL and SQL job files over the lake's committed batches, on the same
+//!   engines, streamed to stdout or written to a folder.
 //!
 //! ```text
 //! generate ─▶ CSV ─▶ produce ─▶ Kafka ─▶ consume ─▶ <lake>/<pipeline>/{events/*.parquet, _dead_letters/*, _batches/N.json}
-//!                                                     │ train (Ballista)
+//!                                                     │ train, sql (DataFusion / Ballista)
 //!                                                     ▼
 //!                                        <models>/<pipeline>/round-N/…, LATEST
 //! ```
@@ -28,6 +30,7 @@ pub mod events_csv;
 pub mod generate;
 pub mod kafka;
 pub mod produce;
+pub mod sql;
 pub mod train;
 
 /// The contracts the jobs' options take, re-exported so a caller needs no second dependency.

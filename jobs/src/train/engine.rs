@@ -55,9 +55,12 @@ impl EngineChoice {
     }
 }
 
-fn config(partitions: usize) -> SessionConfig {
+/// The job name training's queries show under on a scheduler.
+const TRAIN_JOB: &str = "lensflow-train";
+
+fn config(partitions: usize, job: &str) -> SessionConfig {
     session_config_with_s3_support()
-        .with_ballista_job_name("lensflow-train")
+        .with_ballista_job_name(job)
         // Adaptive replanning can hang when a replan cancels a running stage (ballista #2063).
         .with_ballista_adaptive_query_planner(false)
         .with_target_partitions(partitions.max(1))
@@ -84,18 +87,27 @@ impl Engine {
         })
     }
 
-    /// The engine `choice` names.
+    /// The engine `choice` names, for training.
     pub async fn start(choice: &EngineChoice, partitions: usize) -> Result<Engine> {
+        Engine::start_named(choice, partitions, TRAIN_JOB).await
+    }
+
+    /// The engine `choice` names; on a scheduler its queries are jobs named `job`.
+    pub async fn start_named(choice: &EngineChoice, partitions: usize, job: &str) -> Result<Engine> {
+        let config = config(partitions, job);
         match choice {
-            EngineChoice::Local => Engine::local(partitions),
-            EngineChoice::Standalone => Engine::standalone(partitions).await,
-            EngineChoice::Remote(url) => Engine::remote(url, partitions).await,
+            EngineChoice::Local => Engine::local_with(config),
+            EngineChoice::Standalone => Engine::standalone_with(config).await,
+            EngineChoice::Remote(url) => Engine::remote_with(url, config).await,
         }
     }
 
     /// Plain DataFusion in this process, with the settings the cluster gets.
     pub fn local(partitions: usize) -> Result<Engine> {
-        let config = config(partitions);
+        Engine::local_with(config(partitions, TRAIN_JOB))
+    }
+
+    fn local_with(config: SessionConfig) -> Result<Engine> {
         let runtime = runtime_env_with_s3_support(&config).map_err(engine_err("object stores"))?;
         let state = SessionStateBuilder::new().with_config(config).with_runtime_env(runtime).with_default_features().build();
         Ok(Engine { ctx: SessionContext::new_with_state(state), mode: "local".into(), in_process: true, timeout: DEFAULT_TIMEOUT })
@@ -103,7 +115,10 @@ impl Engine {
 
     /// An in-process Ballista scheduler and executor.
     pub async fn standalone(partitions: usize) -> Result<Engine> {
-        let config = config(partitions);
+        Engine::standalone_with(config(partitions, TRAIN_JOB)).await
+    }
+
+    async fn standalone_with(config: SessionConfig) -> Result<Engine> {
         let runtime = runtime_env_with_s3_support(&config).map_err(engine_err("object stores"))?;
         let state = SessionStateBuilder::new().with_config(config).with_runtime_env(runtime).with_default_features().build();
         let ctx = SessionContext::standalone_with_state(state).await.map_err(engine_err("start Ballista standalone"))?;
@@ -111,12 +126,16 @@ impl Engine {
     }
 
     /// A client of the scheduler at `url` (`df://host:port`).
-    pub async fn remote(url: &str, partitions: usize) -> Result<Engine> {
-        let config = config(partitions);
+    async fn remote_with(url: &str, config: SessionConfig) -> Result<Engine> {
         let runtime = runtime_env_with_s3_support(&config).map_err(engine_err("object stores"))?;
         let state = SessionStateBuilder::new().with_config(config).with_runtime_env(runtime).with_default_features().build();
         let ctx = SessionContext::remote_with_state(url, state).await.map_err(engine_err(format!("connect to {url}")))?;
         Ok(Engine { ctx, mode: url.to_string(), in_process: false, timeout: DEFAULT_TIMEOUT })
+    }
+
+    /// The session, for callers that stream or write a query's result themselves.
+    pub fn context(&self) -> &SessionContext {
+        &self.ctx
     }
 
     /// Registers `name` as the Parquet files at `urls` (explicit files or one folder ending in `/`).
