@@ -84,6 +84,32 @@ fn three_cumulative_rounds_on_ratings_small_beat_the_bar_and_match_on_a_cluster(
     assert_eq!(here, there);
     let jobs = http_get(cluster.port, "/api/jobs").unwrap_or_default();
     assert!(jobs.contains("ratings-count"), "the query ran as a named job on the scheduler: {jobs}");
+    // Ctrl-C during a long query exits 130 and leaves no job of it running on the cluster.
+    let job_status = || -> Vec<String> {
+        let url = format!("http://127.0.0.1:{}/api/jobs", cluster.port);
+        let jobs: serde_json::Value = reqwest::blocking::get(url).and_then(|r| r.json()).unwrap_or_default();
+        jobs.as_array().into_iter().flatten().filter(|j| j["job_name"] == "pairs").map(|j| j["status"].as_str().unwrap_or("").to_string()).collect()
+    };
+    let mut pairs = lensflow(["sql", "--lake", &lake, "--scheduler", &cluster.url(), "--job-name", "pairs", "--format", "csv", "-e"])
+        .arg("SELECT SUM(a.rating * b.rating) AS s FROM ratings a CROSS JOIN ratings b WHERE a.ts > b.ts")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !job_status().iter().any(|s| s == "Running") {
+        assert!(std::time::Instant::now() < deadline, "the long query never ran: {:?}", job_status());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    interrupt(&pairs);
+    let status = wait_exit(&mut pairs, Duration::from_secs(30), "lensflow sql");
+    assert_eq!(status.code(), Some(130), "Ctrl-C exits 130");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while job_status().iter().any(|s| s == "Running" || s == "Queued") {
+        assert!(std::time::Instant::now() < deadline, "the job was left running: {:?}", job_status());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!job_status().iter().any(|s| s == "Completed"), "cancelled, not run to the end: {:?}", job_status());
     for table in ["lookup-user.parquet", "lookup-movie.parquet"] {
         let (a, b) = (lookup_table(&cluster_models.join("movielens/round-000003").join(table)), lookup_table(&models.join("movielens/round-000003").join(table)));
         assert_eq!(a.len(), b.len(), "{table} rows");

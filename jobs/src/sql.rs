@@ -147,8 +147,40 @@ pub async fn run(opts: SqlOptions, shutdown: CancellationToken, out: &mut (dyn W
         }
         sink.finish(summary.rows, out)?;
     }
+    if summary.cancelled {
+        // Ballista's client does not cancel its job when the stream is dropped: ask the
+        // scheduler to, so Ctrl-C leaves no job running on the cluster.
+        if let EngineChoice::Remote(url) = EngineChoice::from_flag(opts.scheduler.as_deref()) {
+            let cancelled = cancel_jobs(&url, &opts.job_name).await?;
+            tracing::info!(job = opts.job_name, cancelled, "asked the scheduler to cancel the job");
+        }
+    }
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// Cancels the scheduler's queued or running jobs named `job` through its REST API (served on
+/// the scheduler's own port); returns how many it cancelled.
+async fn cancel_jobs(scheduler: &str, job: &str) -> Result<usize> {
+    let fail = |e: reqwest::Error| JobError::Engine { what: format!("cancel job {job}"), reason: e.to_string() };
+    let base = format!("http://{}", scheduler.trim_start_matches("df://"));
+    let client = reqwest::Client::new();
+    let mut cancelled = 0;
+    // A job submitted a moment ago may not be listed yet: look twice.
+    for attempt in 0..2 {
+        let jobs: Vec<serde_json::Value> = client.get(format!("{base}/api/jobs")).send().await.map_err(fail)?.json().await.map_err(fail)?;
+        for j in jobs.iter().filter(|j| j["job_name"] == job && matches!(j["status"].as_str(), Some("Queued" | "Running"))) {
+            if let Some(id) = j["job_id"].as_str() {
+                client.patch(format!("{base}/api/job/{id}")).send().await.map_err(fail)?.error_for_status().map_err(fail)?;
+                cancelled += 1;
+            }
+        }
+        if cancelled > 0 || attempt == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    Ok(cancelled)
 }
 
 /// The statements of `sql`, each as text; a parse error names its line and column.
