@@ -10,7 +10,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use common::*;
@@ -41,13 +41,10 @@ fn mib(pid: u32, key: &str) -> f64 {
     proc_memory(pid, key).unwrap_or(0) as f64 / (1024.0 * 1024.0)
 }
 
-/// The smart-home device file beside the repository (as `common::test_data` finds it), if it
-/// is there: without it the benchmark measures MovieLens alone.
+/// The smart-home device file among the test data, if it is there: without it the benchmark
+/// measures MovieLens alone.
 fn devices_csv() -> Option<PathBuf> {
-    let dir = std::env::var("LENSFLOW_TEST_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
-    Some(dir.join("smart_home_device_usage_data.csv")).filter(|p| p.is_file())
+    Some(test_data_dir().join("smart_home_device_usage_data.csv")).filter(|p| p.is_file())
 }
 
 fn main() {

@@ -4,7 +4,8 @@
 //!
 //! `cargo bench --bench train` (1M generated ratings in 3 batches; `LENSFLOW_BENCH_RATINGS=10000000`
 //! for more, `LENSFLOW_BENCH_BATCHES=30` for more rounds, `LENSFLOW_BENCH_ENGINES=local,standalone`
-//! for fewer engines (of local, standalone, cluster)). The lake is written straight through the library (ingest has its own benchmark).
+//! for fewer engines (of local, standalone, cluster)). The lake is written straight through the
+//! library (ingest has its own benchmark).
 //! Prints a report; nothing here is asserted on time.
 
 #[path = "../tests/common/mod.rs"]
@@ -52,8 +53,7 @@ fn report(title: &str, out: &str, trainer: u64, executors: &[u64], wall: std::ti
         let (mx, my) = (xy.iter().map(|p| p.0).sum::<f64>() / n, xy.iter().map(|p| p.1).sum::<f64>() / n);
         let slope = xy.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum::<f64>() / xy.iter().map(|p| (p.0 - mx).powi(2)).sum::<f64>();
         let all: f64 = xy.iter().map(|p| p.1).sum();
-        println!("
-round time grows {:.2} s per 100k events of the lake; all {} rounds: {all:.1} s", slope * 1e5, rounds.len());
+        println!("\nround time grows {:.2} s per 100k events of the lake; all {} rounds: {all:.1} s", slope * 1e5, rounds.len());
     }
 }
 

@@ -376,7 +376,6 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
 }
 
-/// The process's `AWS_*` variables: the standard way to configure S3 access and endpoints.
 /// `lensflow sql`: builds the options, streams the result to stdout, reports on stderr.
 async fn sql(a: SqlArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
     use lensflow_jobs::sql::{Format, SqlOptions, run};
@@ -424,6 +423,7 @@ async fn sql(a: SqlArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
+/// The process's `AWS_*` variables: the standard way to configure S3 access and endpoints.
 fn storage_from_env() -> StorageOptions {
     StorageOptions(
         std::env::vars()

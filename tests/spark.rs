@@ -68,8 +68,7 @@ fn run_of(rt: &tokio::runtime::Runtime, dir: &Path, name: &str, pipeline_name: &
     let root = dir.join(name);
     build_lake_of(csv, &format!("file://{}", root.display()), pipeline_name, 1);
     let events = root.join(pipeline_name).join("events");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&events).unwrap().map(|f| f.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "parquet")).collect();
-    files.sort();
+    let files = parquet_files(&events);
     assert!(!files.is_empty(), "no event files in {}", events.display());
     let pipeline = pipeline(pipeline_name);
     let d = &pipeline.definition;
@@ -188,7 +187,7 @@ fn rows(batches: &[RecordBatch]) -> Vec<Vec<Cell>> {
             .iter()
             .map(|c| -> Box<dyn Fn(usize) -> Cell> {
                 if c.data_type().is_numeric() {
-                    let f = datafusion_cast(c);
+                    let f = as_f64(c);
                     Box::new(move |r| if f.is_null(r) { Cell::Null } else { Cell::Number(f.value(r)) })
                 } else {
                     let s = datafusion::arrow::compute::cast(c, &DataType::Utf8).unwrap();
@@ -216,20 +215,35 @@ fn rows(batches: &[RecordBatch]) -> Vec<Vec<Cell>> {
     out
 }
 
-fn datafusion_cast(c: &arrow_array::ArrayRef) -> arrow_array::Float64Array {
+/// A numeric column as f64s.
+fn as_f64(c: &arrow_array::ArrayRef) -> arrow_array::Float64Array {
     let f = datafusion::arrow::compute::cast(c, &DataType::Float64).unwrap();
     f.as_any().downcast_ref::<arrow_array::Float64Array>().unwrap().clone()
 }
 
-fn read_parquet_dir(dir: &Path) -> Vec<RecordBatch> {
-    let mut batches = Vec::new();
+/// The Parquet files in `dir`, in name order.
+fn parquet_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|f| f.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "parquet")).collect();
     files.sort();
-    for f in files {
+    files
+}
+
+/// Every row of the Parquet files in `dir` (a folder Spark or DataFusion wrote).
+fn read_parquet_dir(dir: &Path) -> Vec<RecordBatch> {
+    let mut batches = Vec::new();
+    for f in parquet_files(dir) {
         let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&f).unwrap()).unwrap().build().unwrap();
         batches.extend(reader.map(|b| b.unwrap()));
     }
     batches
+}
+
+/// The first column where two rows differ: numbers beyond [`same`], anything else unequal.
+fn first_difference(x: &[Cell], y: &[Cell]) -> Option<usize> {
+    x.iter().zip(y).position(|(p, q)| match (p, q) {
+        (Cell::Number(p), Cell::Number(q)) => !same(*p, *q),
+        _ => p != q,
+    })
 }
 
 fn same(a: f64, b: f64) -> bool {
@@ -281,18 +295,9 @@ fn every_shipped_sql_file_gives_spark_s_rows_types_and_values() {
                 faults.push(format!("{at}: {} rows vs Spark's {}", a.len(), b.len()));
                 continue;
             }
-            let mut shown = 0;
-            for (r, (x, y)) in a.iter().zip(&b).enumerate() {
-                for (c, (p, q)) in x.iter().zip(y).enumerate() {
-                    let ok = match (p, q) {
-                        (Cell::Number(p), Cell::Number(q)) => same(*p, *q),
-                        _ => p == q,
-                    };
-                    if !ok && shown < 5 {
-                        shown += 1;
-                        faults.push(format!("{at}: row {r} column {}: {p:?} vs Spark's {q:?}", mine[c].0));
-                    }
-                }
+            let differing = a.iter().zip(&b).enumerate().filter_map(|(r, (x, y))| first_difference(x, y).map(|c| (r, c, &x[c], &y[c])));
+            for (r, c, p, q) in differing.take(5) {
+                faults.push(format!("{at}: row {r} column {}: {p:?} vs Spark's {q:?}", mine[c].0));
             }
             eprintln!("{at}: {} rows, {} columns agree", a.len(), mine.len());
         }
@@ -312,11 +317,7 @@ fn every_shipped_sql_file_gives_spark_s_rows_types_and_values() {
     assert_eq!(a.len(), 671, "one row per user");
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(&b) {
-        let agree = x.iter().zip(y).all(|(p, q)| match (p, q) {
-            (Cell::Number(p), Cell::Number(q)) => same(*p, *q),
-            _ => p == q,
-        });
-        assert!(agree, "{x:?} vs Spark's {y:?}");
+        assert!(first_difference(x, y).is_none(), "{x:?} vs Spark's {y:?}");
     }
     // The same rows stream to stdout as JSON lines, and the batches are a table too.
     let json = sql(&["-f", adhoc.to_str().unwrap(), "--format", "json"]);

@@ -25,7 +25,7 @@ use lensflow_core::{BatchManifest, Lake, Pipeline, StorageOptions};
 use object_store::path::Path;
 use tokio_util::sync::CancellationToken;
 
-use crate::train::engine::{Engine, EngineChoice};
+use crate::train::engine::{Engine, EngineChoice, engine_err, number};
 use crate::train::latest;
 use crate::{JobError, Result};
 
@@ -82,27 +82,24 @@ pub struct SqlSummary {
     pub cancelled: bool,
 }
 
-fn engine_err(what: &str) -> impl FnOnce(datafusion::error::DataFusionError) -> JobError + '_ {
-    move |e| JobError::Engine { what: what.to_string(), reason: e.to_string() }
-}
-
 /// Runs `opts.sql`, writing the last statement's rows to `out` (or to `opts.out`).
 pub async fn run(opts: SqlOptions, shutdown: CancellationToken, out: &mut (dyn Write + Send)) -> Result<SqlSummary> {
     let start = Instant::now();
     let statements = split(&opts.sql)?;
+    let Some((last, before)) = statements.split_last() else {
+        return Err(JobError::Config { option: "sql", reason: "no statement to run".into() });
+    };
     if opts.out.is_none() && opts.format == Format::Parquet {
         return Err(JobError::Config { option: "format", reason: "parquet needs --out FOLDER (stdout takes table, csv or json)".into() });
     }
     if opts.out.is_some() && opts.format == Format::Table {
         return Err(JobError::Config { option: "format", reason: "--out writes parquet, csv or json, not a table".into() });
     }
-    let engine = Engine::start_named(&EngineChoice::from_flag(opts.scheduler.as_deref()), opts.partitions, &opts.job_name).await?;
+    let choice = EngineChoice::from_flag(opts.scheduler.as_deref());
+    let engine = Engine::start_named(&choice, opts.partitions, &opts.job_name).await?;
     let tables = register(&engine, &opts).await?;
     tracing::info!(engine = engine.mode, tables = tables.join(", "), "tables registered");
     let mut summary = SqlSummary { tables, ..Default::default() };
-    let Some((last, before)) = statements.split_last() else {
-        return Err(JobError::Config { option: "sql", reason: "no statement to run".into() });
-    };
     let ctx = engine.context();
     for statement in before {
         ctx.sql(statement).await.map_err(engine_err("statement"))?.collect().await.map_err(engine_err("statement"))?;
@@ -118,7 +115,7 @@ pub async fn run(opts: SqlOptions, shutdown: CancellationToken, out: &mut (dyn W
             }
             .map_err(engine_err("write the result"))?;
             // The engine answers a write with one row: how many rows it wrote.
-            Ok::<u64, JobError>(written.iter().filter(|b| b.num_rows() > 0).filter_map(|b| crate::train::engine::number(b, 0, 0)).sum::<f64>() as u64)
+            Ok::<u64, JobError>(written.iter().filter(|b| b.num_rows() > 0).filter_map(|b| number(b, 0, 0)).sum::<f64>() as u64)
         };
         tokio::select! {
             rows = write => summary.rows = rows?,
@@ -150,8 +147,8 @@ pub async fn run(opts: SqlOptions, shutdown: CancellationToken, out: &mut (dyn W
     if summary.cancelled {
         // Ballista's client does not cancel its job when the stream is dropped: ask the
         // scheduler to, so Ctrl-C leaves no job running on the cluster.
-        if let EngineChoice::Remote(url) = EngineChoice::from_flag(opts.scheduler.as_deref()) {
-            let cancelled = cancel_jobs(&url, &opts.job_name).await?;
+        if let EngineChoice::Remote(url) = &choice {
+            let cancelled = cancel_jobs(url, &opts.job_name).await?;
             tracing::info!(job = opts.job_name, cancelled, "asked the scheduler to cancel the job");
         }
     }

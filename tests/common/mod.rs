@@ -230,13 +230,15 @@ pub fn generate(dir: &Path, n: u64, seed: u64) -> PathBuf {
     out
 }
 
-/// A real data set kept beside the repository (never inside it): in `$LENSFLOW_TEST_DATA`, or
-/// else `../shared/data` (the README's "Test data").
+/// Where the real data sets are kept, beside the repository (never inside it):
+/// `$LENSFLOW_TEST_DATA`, or else `../shared/data` (the README's "Test data").
+pub fn test_data_dir() -> PathBuf {
+    std::env::var("LENSFLOW_TEST_DATA").map(PathBuf::from).unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"))
+}
+
+/// A real data set from [`test_data_dir`], which must be there.
 pub fn test_data(file: &str) -> PathBuf {
-    let dir = std::env::var("LENSFLOW_TEST_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
-    let path = dir.join(file);
+    let path = test_data_dir().join(file);
     assert!(path.is_file(), "{} not found: put {file} there or set LENSFLOW_TEST_DATA to its folder", path.display());
     path
 }

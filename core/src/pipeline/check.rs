@@ -60,9 +60,10 @@ impl Pipeline {
                 return fault(&key, "values apply to strings; this column is a number".into());
             }
             if let (Some(lo), Some(hi)) = (c.min, c.max)
-                && lo > hi {
-                    return fault(&key, format!("min {lo} is above max {hi}"));
-                }
+                && lo > hi
+            {
+                return fault(&key, format!("min {lo} is above max {hi}"));
+            }
             if c.step.is_some_and(|s| s <= 0.0) {
                 return fault(&key, "step must be positive".into());
             }
@@ -171,9 +172,10 @@ impl Pipeline {
             return fault("models.classification.ridge", "must be a finite number, 0 or more".into());
         }
         if let Some([lo, hi]) = m.regression.clip
-            && lo > hi {
-                return fault("models.regression.clip", format!("low {lo} is above high {hi}"));
-            }
+            && lo > hi
+        {
+            return fault("models.regression.clip", format!("low {lo} is above high {hi}"));
+        }
         let c = &m.clustering;
         if c.entity != EVENT_ENTITY && !lookup_names.contains(c.entity.as_str()) {
             return fault("models.clustering.entity", format!("`{}` is neither `{EVENT_ENTITY}` nor a lookup ({})", c.entity, lookup_names.into_iter().collect::<Vec<_>>().join(", ")));

@@ -287,9 +287,10 @@ impl Column {
             }
         }
         if let (Value::Text(s), Some(values)) = (value, &self.values)
-            && !values.contains(s) {
-                return Err(out(format!("one of {}", values.join(", "))));
-            }
+            && !values.contains(s)
+        {
+            return Err(out(format!("one of {}", values.join(", "))));
+        }
         Ok(())
     }
 

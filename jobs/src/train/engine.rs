@@ -66,7 +66,8 @@ fn config(partitions: usize, job: &str) -> SessionConfig {
         .with_target_partitions(partitions.max(1))
 }
 
-fn engine_err(what: impl std::fmt::Display) -> impl FnOnce(datafusion::error::DataFusionError) -> JobError {
+/// Turns a DataFusion or Ballista error into the query error naming `what` was run.
+pub(crate) fn engine_err(what: impl std::fmt::Display) -> impl FnOnce(datafusion::error::DataFusionError) -> JobError {
     let what = what.to_string();
     move |e| JobError::Engine { what, reason: e.to_string() }
 }
@@ -183,11 +184,13 @@ impl Engine {
     /// engine, else as Parquet files under `url` (a folder) that the executors read.
     pub async fn materialise(&self, what: &str, sql: &str, url: &str, names: &[&str]) -> Result<()> {
         if self.in_process {
-            let batches = self.query(what, sql).await?;
-            let schema = match batches.first() {
-                Some(b) => b.schema(),
-                None => Arc::new(self.ctx.sql(sql).await.map_err(engine_err(what))?.schema().as_arrow().clone()),
-            };
+            let (schema, batches) = self
+                .bounded(what, async {
+                    let df = self.ctx.sql(sql).await.map_err(engine_err(what))?;
+                    let schema = Arc::new(df.schema().as_arrow().clone());
+                    Ok((schema, df.collect().await.map_err(engine_err(what))?))
+                })
+                .await?;
             // One partition per batch keeps the scans parallel.
             let partitions = batches.into_iter().map(|b| vec![b]).collect::<Vec<_>>();
             let table = Arc::new(MemTable::try_new(schema, partitions).map_err(engine_err(what))?);
