@@ -255,6 +255,9 @@ struct SqlArgs {
     /// A file of SQL to run (a SQL job).
     #[arg(short = 'f', long)]
     file: Option<PathBuf>,
+    /// A variable for `${NAME}` in the SQL, as spark-sql's --define (repeatable; `SET NAME=VALUE;` in the SQL works too).
+    #[arg(short = 'd', long = "define", value_name = "NAME=VALUE", env = "LENSFLOW_SQL_DEFINE", value_delimiter = ',')]
+    define: Vec<String>,
     /// How the result is written: table, csv, json (stdout or --out), parquet (--out only).
     #[arg(long, env = "LENSFLOW_SQL_FORMAT", value_parser = ["table", "csv", "json", "parquet"])]
     format: Option<String>,
@@ -396,6 +399,11 @@ async fn sql(a: SqlArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode
         _ => Format::Table,
     };
     let local_missing = !a.models.contains("://") && !std::path::Path::new(&a.models).exists();
+    let variables = a
+        .define
+        .iter()
+        .map(|d| d.split_once('=').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).with_context(|| format!("--define {d}: expected NAME=VALUE")))
+        .collect::<anyhow::Result<_>>()?;
     let opts = SqlOptions {
         pipelines,
         lake: a.lake,
@@ -404,6 +412,7 @@ async fn sql(a: SqlArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode
         scheduler: a.scheduler,
         partitions: a.partitions,
         sql: text,
+        variables,
         job_name: a.job_name.unwrap_or(job),
         format,
         out: a.out.clone(),

@@ -84,6 +84,18 @@ fn three_cumulative_rounds_on_ratings_small_beat_the_bar_and_match_on_a_cluster(
     assert_eq!(here, there);
     let jobs = http_get(cluster.port, "/api/jobs").unwrap_or_default();
     assert!(jobs.contains("ratings-count"), "the query ran as a named job on the scheduler: {jobs}");
+    // Spark's functions run on the executors too: Spark's substring (position 0 is 1), concat,
+    // round, date_add, date_trunc and avg (its partial state is laid out unlike DataFusion's),
+    // and what lensflow adds (the date parts, sign).
+    let spark_sql = "SELECT year(d) AS y, dayofweek(d) AS dow, COUNT(*) AS n, MAX(date_add(d, CAST(1 AS INT))) AS after_last,
+        SUM(CAST(round(rating * 2) AS BIGINT)) AS halves, MIN(substring(concat('user-', CAST(user_id AS STRING)), 0, 7)) AS first_tag,
+        AVG(CAST(rating * 2 AS BIGINT)) AS mean_halves, MIN(date_trunc('MONTH', to_timestamp(ts))) AS first_month, SUM(sign(rating - 3)) AS lean
+      FROM (SELECT *, CAST(to_timestamp(ts) AS DATE) AS d FROM ratings) GROUP BY 1, 2 ORDER BY 1, 2";
+    let spark = |extra: &[&str]| run_ok(lensflow(["sql", "--lake", &lake, "--pipeline", "movielens", "--format", "csv", "-e", spark_sql]).args(extra));
+    let (here, there, standalone) = (spark(&[]), spark(&["--scheduler", &cluster.url()]), spark(&["--scheduler", "standalone"]));
+    assert_eq!(here, standalone);
+    assert!(here.starts_with("y,dow,n,after_last,halves,first_tag,mean_halves,first_month,lean\n1995,2,3,1995-01-10,22,user-38,7.333333333333333,1995-01-01T00:00:00,1.0\n"), "{here}");
+    assert_eq!(here, there);
     // Ctrl-C during a long query exits 130 and leaves no job of it running on the cluster.
     let job_status = || -> Vec<String> {
         let url = format!("http://127.0.0.1:{}/api/jobs", cluster.port);

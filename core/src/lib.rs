@@ -2,6 +2,8 @@
 //! a copy, because copies drift. Light on purpose: no Kafka, no Ballista, so ingest, training
 //! and serving can all depend on it.
 //!
+//! - [`dialect`]: the SQL lensflow speaks (DataFusion with Spark's functions and defaults), for
+//!   every session that plans or runs SQL.
 //! - [`pipeline`]: a pipeline as data: `pipeline.toml` plus SQL files, loaded and checked once;
 //!   its events (CSV and Kafka JSON in, Arrow out) and its feature expressions, compiled for
 //!   serving from the same SQL training runs.
@@ -19,6 +21,7 @@
 //! a manifest lists. A round's [`model::ModelArtifact`] carries its [`pipeline::Pipeline`], from
 //! which serving compiles [`pipeline::expr::FeatureExprs`].
 
+pub mod dialect;
 pub mod lake;
 pub mod model;
 pub mod pipeline;

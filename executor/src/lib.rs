@@ -2,13 +2,15 @@
 //!
 //! One module: [`ExecutorOptions`] → [`run`], which builds Ballista's `ExecutorProcessConfig`
 //! with lensflow's session and runtime setup (the lake's object stores: local folders, and S3
-//! from the standard `AWS_*` variables) and works until shutdown.
+//! from the standard `AWS_*` variables; lensflow's SQL dialect as its function registry) and
+//! works until shutdown.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use ballista_core::object_store::{runtime_env_with_s3_support, session_config_with_s3_support};
+use ballista_core::registry::BallistaFunctionRegistry;
 use ballista_executor::executor_process::{ExecutorProcessConfig, start_executor_process};
 use tokio_util::sync::CancellationToken;
 
@@ -66,6 +68,18 @@ impl Default for ExecutorOptions {
     }
 }
 
+/// The functions tasks resolve by name: lensflow's SQL dialect, as the client and the
+/// scheduler plan with.
+fn function_registry() -> BallistaFunctionRegistry {
+    let state = lensflow_core::dialect::decoding_state(datafusion::execution::SessionStateBuilder::new()).build();
+    BallistaFunctionRegistry {
+        scalar_functions: state.scalar_functions().clone(),
+        aggregate_functions: state.aggregate_functions().clone(),
+        window_functions: state.window_functions().clone(),
+        higher_order_functions: state.higher_order_functions().clone(),
+    }
+}
+
 /// Runs the executor until `shutdown` fires.
 pub async fn run(opts: ExecutorOptions, shutdown: CancellationToken) -> Result<(), ExecutorError> {
     let (host, port) = opts
@@ -88,6 +102,7 @@ pub async fn run(opts: ExecutorOptions, shutdown: CancellationToken) -> Result<(
         work_dir: opts.work_dir.as_ref().map(|p| p.display().to_string()),
         override_config_producer: Some(Arc::new(session_config_with_s3_support)),
         override_runtime_producer: Some(Arc::new(runtime_env_with_s3_support)),
+        override_function_registry: Some(Arc::new(function_registry())),
         // Frequent heartbeats let the scheduler notice a lost executor in seconds.
         executor_heartbeat_interval_seconds: 5,
         ..Default::default()

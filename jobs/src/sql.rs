@@ -12,6 +12,9 @@
 //! Every statement but the last is run for its effect (`CREATE VIEW …`); the last one's rows
 //! stream: to stdout as a table (the first rows), CSV or JSON lines, or to `--out` (a local
 //! folder or `s3://…`) as Parquet, CSV or JSON files written by the engine itself.
+//!
+//! Variables work as in spark-sql: `SET name=value;` defines `${name}` for the statements after
+//! it (`--define name=value` before them all), so a pipeline's feature SQL runs as a job as is.
 
 use std::io::Write;
 use std::time::Instant;
@@ -59,6 +62,8 @@ pub struct SqlOptions {
     pub partitions: usize,
     /// The statements.
     pub sql: String,
+    /// `${name}` values set before the first statement (`--define`).
+    pub variables: std::collections::BTreeMap<String, String>,
     /// The job's name on a Ballista scheduler.
     pub job_name: String,
     /// The output format.
@@ -85,7 +90,7 @@ pub struct SqlSummary {
 /// Runs `opts.sql`, writing the last statement's rows to `out` (or to `opts.out`).
 pub async fn run(opts: SqlOptions, shutdown: CancellationToken, out: &mut (dyn Write + Send)) -> Result<SqlSummary> {
     let start = Instant::now();
-    let statements = split(&opts.sql)?;
+    let statements = split(&opts.sql, &opts.variables)?;
     let Some((last, before)) = statements.split_last() else {
         return Err(JobError::Config { option: "sql", reason: "no statement to run".into() });
     };
@@ -180,10 +185,133 @@ async fn cancel_jobs(scheduler: &str, job: &str) -> Result<usize> {
     Ok(cancelled)
 }
 
-/// The statements of `sql`, each as text; a parse error names its line and column.
-fn split(sql: &str) -> Result<Vec<String>> {
-    let parsed = DFParser::parse_sql(sql).map_err(|e| JobError::Engine { what: "SQL".into(), reason: e.to_string() })?;
+/// The statements of `sql`, each as text, with Spark's variables applied: `SET name=value` (a
+/// plain name; a dotted one such as `datafusion.…` stays a setting) defines `${name}` for the
+/// statements after it, over `defined`; comments are left as they are. A parse error names its
+/// line and column, and so does a `${name}` never set.
+fn split(sql: &str, defined: &std::collections::BTreeMap<String, String>) -> Result<Vec<String>> {
+    let mut vars = defined.clone();
+    let mut text = String::with_capacity(sql.len());
+    let mut statement: Vec<(Piece, std::ops::Range<usize>)> = Vec::new();
+    for (piece, range) in pieces(sql) {
+        if piece != Piece::End {
+            statement.push((piece, range));
+            continue;
+        }
+        let code: String = statement.iter().map(|(p, r)| if *p == Piece::Comment { " " } else { &sql[r.clone()] }).collect();
+        if let Some((name, value)) = spark_set(&code) {
+            vars.insert(name.to_string(), value.to_string());
+            // Blank, keeping its lines, so positions in errors stay those of the file.
+            text.extend(statement.iter().flat_map(|(_, r)| sql[r.clone()].chars().filter(|c| *c == '\n')));
+        } else {
+            for (p, r) in &statement {
+                let line = 1 + sql[..r.start].matches('\n').count();
+                match p {
+                    Piece::Text => text.push_str(&substitute_vars(&sql[r.clone()], &vars, line)?),
+                    _ => text.push_str(&sql[r.clone()]),
+                }
+            }
+        }
+        text.push_str(&sql[range]);
+        statement.clear();
+    }
+    let parsed = DFParser::parse_sql(&text).map_err(|e| JobError::Engine { what: "SQL".into(), reason: e.to_string() })?;
     Ok(parsed.into_iter().map(|s| s.to_string()).collect())
+}
+
+/// A piece of SQL text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Piece {
+    /// Code or a quoted string.
+    Text,
+    /// A `--` or `/* */` comment.
+    Comment,
+    /// A statement's end: its `;`, or the end of the text (empty).
+    End,
+}
+
+/// `sql` cut into text, comments and statement ends, in order.
+fn pieces(sql: &str) -> Vec<(Piece, std::ops::Range<usize>)> {
+    let bytes = sql.as_bytes();
+    let mut out = Vec::new();
+    let (mut i, mut start) = (0, 0);
+    let cut = |out: &mut Vec<_>, piece, from: usize, to: usize| {
+        if from < to || piece == Piece::End {
+            out.push((piece, from..to));
+        }
+    };
+    while i < bytes.len() {
+        match bytes[i] {
+            q @ (b'\'' | b'"' | b'`') => {
+                i += 1;
+                while i < bytes.len() && bytes[i] != q {
+                    i += 1 + usize::from(bytes[i] == b'\\');
+                }
+                i += 1;
+            }
+            b'-' if bytes.get(i + 1) == Some(&b'-') => {
+                cut(&mut out, Piece::Text, start, i);
+                start = i;
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+                cut(&mut out, Piece::Comment, start, i);
+                start = i;
+            }
+            b'/' if bytes.get(i + 1) == Some(&b'*') => {
+                cut(&mut out, Piece::Text, start, i);
+                start = i;
+                i += 2;
+                while i < bytes.len() && !(bytes[i] == b'*' && bytes.get(i + 1) == Some(&b'/')) {
+                    i += 1;
+                }
+                i = (i + 2).min(bytes.len());
+                cut(&mut out, Piece::Comment, start, i);
+                start = i;
+            }
+            b';' => {
+                cut(&mut out, Piece::Text, start, i);
+                cut(&mut out, Piece::End, i, i + 1);
+                i += 1;
+                start = i;
+            }
+            _ => i += 1,
+        }
+    }
+    let i = i.min(bytes.len());
+    cut(&mut out, Piece::Text, start, i);
+    cut(&mut out, Piece::End, i, i);
+    out
+}
+
+/// `SET name=value` as Spark reads it: the name and the value (trimmed), for a plain name.
+fn spark_set(statement: &str) -> Option<(&str, &str)> {
+    let s = statement.trim();
+    let rest = s.get(..4).filter(|k| k.eq_ignore_ascii_case("set ")).map(|_| s[4..].trim_start())?;
+    let (name, value) = rest.split_once('=')?;
+    let name = name.trim();
+    let plain = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_') && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    plain.then(|| (name, value.trim()))
+}
+
+/// `statement` with every `${name}` replaced by its value; `line` is where it starts.
+fn substitute_vars(statement: &str, vars: &std::collections::BTreeMap<String, String>, line: usize) -> Result<String> {
+    let mut out = String::with_capacity(statement.len());
+    let mut rest = statement;
+    while let Some(at) = rest.find("${") {
+        out.push_str(&rest[..at]);
+        let close = rest[at..].find('}').map(|c| at + c);
+        let name = close.map(|c| &rest[at + 2..c]).unwrap_or("");
+        let line = line + statement[..statement.len() - rest.len() + at].matches('\n').count();
+        let value = close.and(vars.get(name)).ok_or_else(|| JobError::Config {
+            option: "sql",
+            reason: format!("`${{{name}}}` on line {line} is not set: put `SET {name}=…;` before it, or pass --define {name}=…"),
+        })?;
+        out.push_str(value);
+        rest = &rest[close.map_or(rest.len(), |c| c + 1)..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 /// Registers every table; returns their names.
@@ -319,9 +447,26 @@ mod tests {
 
     #[test]
     fn statements_split_and_errors_name_the_position() {
-        let parts = split("CREATE VIEW v AS SELECT 1 AS x; SELECT x FROM v").unwrap();
+        let none = std::collections::BTreeMap::new();
+        let parts = split("CREATE VIEW v AS SELECT 1 AS x; SELECT x FROM v", &none).unwrap();
         assert_eq!(parts.len(), 2);
-        let err = split("SELECT 1;\nSELEC x FROM t").unwrap_err().to_string();
+        let err = split("SELECT 1;\nSELEC x FROM t", &none).unwrap_err().to_string();
         assert!(err.contains("Line: 2, Column: 1"), "{err}");
+    }
+
+    #[test]
+    fn variables_are_set_the_spark_way() {
+        let defined = std::collections::BTreeMap::from([("floor".to_string(), "2".to_string())]);
+        let sql = "SET prior = 3.5;\n-- a comment; with a semicolon and ${an unset name}\nSELECT ${prior} * x AS y, 'SET a=b; c' AS s FROM t WHERE x > ${floor};\nSET datafusion.execution.batch_size = 1024;\nSELECT 1";
+        let parts = split(sql, &defined).unwrap();
+        assert_eq!(parts.len(), 3, "{parts:?}");
+        assert!(parts[0].contains("3.5 * x") && parts[0].contains("x > 2"), "{}", parts[0]);
+        assert!(parts[0].contains("'SET a=b; c'"), "a `;` in a string splits nothing: {}", parts[0]);
+        assert!(parts[1].to_lowercase().contains("datafusion.execution.batch_size"), "a dotted name stays a setting: {}", parts[1]);
+        let err = split("SELECT 1;\nSELECT ${missing}", &defined).unwrap_err().to_string();
+        assert!(err.contains("`${missing}` on line 2 is not set"), "{err}");
+        // Positions in parse errors stay the file's, SET lines included.
+        let err = split("SET a=1;\nSELECT ${a};\nSELEC 2", &defined).unwrap_err().to_string();
+        assert!(err.contains("Line: 3, Column: 1"), "{err}");
     }
 }

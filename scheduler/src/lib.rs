@@ -2,12 +2,13 @@
 //!
 //! One module: [`SchedulerOptions`] (validated settings) → [`run`], which builds Ballista's
 //! `SchedulerConfig` with lensflow's session setup (S3 support from the standard `AWS_*`
-//! variables, so adaptive planning can list lake files) and serves until shutdown.
+//! variables, so adaptive planning can list lake files; lensflow's SQL dialect, so it plans
+//! with the functions the client and executors have) and serves until shutdown.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use ballista_core::object_store::{session_config_with_s3_support, session_state_with_s3_support};
+use ballista_core::object_store::{runtime_env_with_s3_support, session_config_with_s3_support};
 use ballista_scheduler::cluster::BallistaCluster;
 use ballista_scheduler::config::SchedulerConfig;
 use ballista_scheduler::scheduler_process::start_server;
@@ -52,6 +53,15 @@ impl Default for SchedulerOptions {
     }
 }
 
+/// A session of the scheduler: the lake's object stores and lensflow's SQL dialect as a cluster
+/// runs it, the functions the executors resolve (an aggregate's partial state is laid out by
+/// the implementation that plans it, so planner and executors must agree).
+fn session_state(config: datafusion::prelude::SessionConfig) -> datafusion::common::Result<datafusion::execution::SessionState> {
+    let runtime = runtime_env_with_s3_support(&config)?;
+    let builder = datafusion::execution::SessionStateBuilder::new().with_runtime_env(runtime).with_config(config);
+    Ok(lensflow_core::dialect::decoding_state(builder).build())
+}
+
 /// Runs the scheduler until `shutdown` fires.
 pub async fn run(opts: SchedulerOptions, shutdown: CancellationToken) -> Result<(), SchedulerError> {
     if opts.external_host.is_empty() {
@@ -68,7 +78,7 @@ pub async fn run(opts: SchedulerOptions, shutdown: CancellationToken) -> Result<
         bind_port: opts.bind.port(),
         external_host: opts.external_host.clone(),
         override_config_producer: Some(Arc::new(session_config_with_s3_support)),
-        override_session_builder: Some(Arc::new(session_state_with_s3_support)),
+        override_session_builder: Some(Arc::new(session_state)),
         executor_timeout_seconds: opts.executor_timeout_secs,
         expire_dead_executor_interval_seconds: 5,
         ..Default::default()

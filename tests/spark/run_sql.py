@@ -10,7 +10,9 @@ with Spark SQL's own `SET NAME=VALUE`, so Spark itself substitutes the files' `$
 (spark.sql.variable.substitute). Each step runs one SQL file as it is written, becomes a view
 named STEP (so a later step can read it, as a lookup reads `features`), and is written to
 DIR/RUN/STEP/ as Parquet, with DIR/RUN/STEP.json holding Spark's column types and the seconds
-the step took. DIR/spark-version holds the Spark version. One Spark session serves every run.
+the step took. A step Spark rejects leaves DIR/RUN/STEP.json holding {"error": MESSAGE} instead,
+and the run goes on. DIR/spark-version holds the Spark version. One Spark session serves every
+run.
 """
 
 import json
@@ -48,9 +50,14 @@ def main():
             with open(path) as f:
                 sql = f.read()
             start = time.perf_counter()
-            # Materialised once, so the view later steps read and the files written are the
-            # same rows.
-            result = spark.sql(sql).localCheckpoint(eager=True)
+            try:
+                # Materialised once, so the view later steps read and the files written are
+                # the same rows.
+                result = spark.sql(sql).localCheckpoint(eager=True)
+            except Exception as e:  # Spark's own error is the answer for this step.
+                with open(os.path.join(folder, f"{step}.json"), "w") as f:
+                    json.dump({"error": str(e).splitlines()[0]}, f)
+                continue
             seconds = time.perf_counter() - start
             result.createOrReplaceTempView(step)
             result.write.mode("overwrite").parquet(os.path.join(folder, step))

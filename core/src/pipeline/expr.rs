@@ -22,9 +22,9 @@ use datafusion::sql::sqlparser::parser::Parser;
 
 use super::Pipeline;
 
-/// A plain in-process DataFusion session, for planning and compiling (never for the lake).
+/// An in-process session in lensflow's SQL dialect, for planning and compiling (never for the lake).
 pub fn session() -> SessionContext {
-    SessionContext::new()
+    crate::dialect::session()
 }
 
 /// Plans `sql` over empty tables of the given schemas and returns its output schema.

@@ -19,6 +19,7 @@ use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
 use datafusion::execution::SessionStateBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
+use lensflow_core::dialect::{decoding_state, restore_functions, spark_config, spark_state};
 
 use crate::{JobError, Result};
 
@@ -59,7 +60,7 @@ impl EngineChoice {
 const TRAIN_JOB: &str = "lensflow-train";
 
 fn config(partitions: usize, job: &str) -> SessionConfig {
-    session_config_with_s3_support()
+    spark_config(session_config_with_s3_support())
         .with_ballista_job_name(job)
         // Adaptive replanning can hang when a replan cancels a running stage (ballista #2063).
         .with_ballista_adaptive_query_planner(false)
@@ -110,7 +111,7 @@ impl Engine {
 
     fn local_with(config: SessionConfig) -> Result<Engine> {
         let runtime = runtime_env_with_s3_support(&config).map_err(engine_err("object stores"))?;
-        let state = SessionStateBuilder::new().with_config(config).with_runtime_env(runtime).with_default_features().build();
+        let state = spark_state(SessionStateBuilder::new().with_config(config).with_runtime_env(runtime)).build();
         Ok(Engine { ctx: SessionContext::new_with_state(state), mode: "local".into(), in_process: true, timeout: DEFAULT_TIMEOUT })
     }
 
@@ -121,16 +122,19 @@ impl Engine {
 
     async fn standalone_with(config: SessionConfig) -> Result<Engine> {
         let runtime = runtime_env_with_s3_support(&config).map_err(engine_err("object stores"))?;
-        let state = SessionStateBuilder::new().with_config(config).with_runtime_env(runtime).with_default_features().build();
+        // The in-process scheduler and executor run planned plans; the client plans.
+        let state = decoding_state(SessionStateBuilder::new().with_config(config).with_runtime_env(runtime)).build();
         let ctx = SessionContext::standalone_with_state(state).await.map_err(engine_err("start Ballista standalone"))?;
+        let ctx = SessionContext::new_with_state(restore_functions(ctx.state()));
         Ok(Engine { ctx, mode: "standalone".into(), in_process: false, timeout: DEFAULT_TIMEOUT })
     }
 
     /// A client of the scheduler at `url` (`df://host:port`).
     async fn remote_with(url: &str, config: SessionConfig) -> Result<Engine> {
         let runtime = runtime_env_with_s3_support(&config).map_err(engine_err("object stores"))?;
-        let state = SessionStateBuilder::new().with_config(config).with_runtime_env(runtime).with_default_features().build();
+        let state = spark_state(SessionStateBuilder::new().with_config(config).with_runtime_env(runtime)).build();
         let ctx = SessionContext::remote_with_state(url, state).await.map_err(engine_err(format!("connect to {url}")))?;
+        let ctx = SessionContext::new_with_state(restore_functions(ctx.state()));
         Ok(Engine { ctx, mode: url.to_string(), in_process: false, timeout: DEFAULT_TIMEOUT })
     }
 
