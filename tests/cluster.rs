@@ -66,6 +66,28 @@ fn the_compose_topology_as_processes_serves_round_three() {
     let jobs = http_get(cluster.port, "/api/jobs").unwrap_or_default();
     assert!(jobs.matches("job_id").count() >= 1, "the scheduler ran the training queries: {jobs}");
 
+    // A SQL job, as spark-submit would run one: on the cluster, over the S3 lake, its result
+    // written to S3 as plain Parquet that any reader opens (here the parquet crate, no lensflow).
+    let job = dir.path().join("ratings-per-user.sql");
+    std::fs::write(&job, "SELECT user_id, COUNT(*) AS ratings, SUM(CAST(rating * 2 AS BIGINT)) AS halves FROM ratings GROUP BY user_id").unwrap();
+    let out = "s3://lensflow/reports/ratings-per-user";
+    run_ok(lensflow(["sql", "--lake", lake, "--models", models, "--scheduler", &cluster.url(), "--out", out, "-f"]).arg(&job).envs(env.iter().cloned()));
+    let jobs = http_get(cluster.port, "/api/jobs").unwrap_or_default();
+    assert!(jobs.contains("ratings-per-user"), "the job ran under its file's name: {jobs}");
+    let reports = lensflow_core::Lake::open(out, &lensflow_core::StorageOptions(env.clone())).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (mut users, mut ratings) = (0usize, 0i64);
+    for file in rt.block_on(reports.list("")).unwrap() {
+        let bytes = rt.block_on(reports.get(&file)).unwrap();
+        for batch in parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap().build().unwrap() {
+            let batch = batch.unwrap();
+            users += batch.num_rows();
+            let counts = batch.column_by_name("ratings").unwrap().as_any().downcast_ref::<arrow_array::Int64Array>().unwrap();
+            ratings += counts.iter().flatten().sum::<i64>();
+        }
+    }
+    assert_eq!((users, ratings), (671, 100_004), "one row per user, every rating counted");
+
     stop(&mut trainer, "trainer");
     stop(&mut consumer, "consumer");
     let mut api = api;

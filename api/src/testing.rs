@@ -20,10 +20,11 @@ pub fn pipeline(name: &str) -> Pipeline {
 }
 
 /// Users 1 (rates high) and 2 (rates low), ten ratings each:
-/// `user_id, u_n, u_sum, u_sumsq, u_liked_n, u_resid, u_ts`.
-pub const USERS: [[f64; 7]; 2] = [[1.0, 10.0, 45.0, 203.0, 9.0, 5.0, 1_000_000.0], [2.0, 10.0, 15.0, 25.0, 0.0, -10.0, 2_000_000.0]];
-/// Movie 31 (well liked), twenty ratings: `movie_id, m_n, m_sum, m_sumsq, m_liked_n, m_resid, m_ts`.
-pub const MOVIES: [[f64; 7]; 1] = [[31.0, 20.0, 90.0, 410.0, 18.0, 4.0, 500_000.0]];
+/// `user_id, u_n, u_sum, u_sumsq, u_liked_n, u_resid_a, u_resid_b, u_ts` (a residual sum is
+/// `a - prior_mean * b`; `b` is 0 here, so the sums are the prior's).
+pub const USERS: [[f64; 8]; 2] = [[1.0, 10.0, 45.0, 203.0, 9.0, 5.0, 0.0, 1_000_000.0], [2.0, 10.0, 15.0, 25.0, 0.0, -10.0, 0.0, 2_000_000.0]];
+/// Movie 31 (well liked), twenty ratings: `movie_id, m_n, m_sum, m_sumsq, m_liked_n, m_resid_a, m_resid_b, m_ts`.
+pub const MOVIES: [[f64; 8]; 1] = [[31.0, 20.0, 90.0, 410.0, 18.0, 4.0, 0.0, 500_000.0]];
 /// What a MovieLens request's `timestamp` defaults to: the newest rating the round saw.
 pub const NEWEST_TS: f64 = 2_000_000.0;
 
@@ -115,7 +116,7 @@ pub fn smart_home(round: u64) -> ModelArtifact {
 }
 
 /// A lookup table as the trainer writes it: the key (int64), then float64 state columns.
-pub fn lookup_table(columns: &[&str], rows: &[[f64; 7]]) -> Vec<u8> {
+pub fn lookup_table(columns: &[&str], rows: &[[f64; 8]]) -> Vec<u8> {
     let fields: Vec<Field> =
         columns.iter().enumerate().map(|(i, c)| Field::new(*c, if i == 0 { DataType::Int64 } else { DataType::Float64 }, true)).collect();
     let schema = Arc::new(Schema::new(fields));
@@ -140,8 +141,8 @@ pub fn lookup_table(columns: &[&str], rows: &[[f64; 7]]) -> Vec<u8> {
 pub fn tables(pipeline: &str) -> Vec<(&'static str, Vec<u8>, u64)> {
     match pipeline {
         "movielens" => vec![
-            ("user", lookup_table(&["user_id", "u_n", "u_sum", "u_sumsq", "u_liked_n", "u_resid", "u_ts"], &USERS), USERS.len() as u64),
-            ("movie", lookup_table(&["movie_id", "m_n", "m_sum", "m_sumsq", "m_liked_n", "m_resid", "m_ts"], &MOVIES), MOVIES.len() as u64),
+            ("user", lookup_table(&["user_id", "u_n", "u_sum", "u_sumsq", "u_liked_n", "u_resid_a", "u_resid_b", "u_ts"], &USERS), USERS.len() as u64),
+            ("movie", lookup_table(&["movie_id", "m_n", "m_sum", "m_sumsq", "m_liked_n", "m_resid_a", "m_resid_b", "m_ts"], &MOVIES), MOVIES.len() as u64),
         ],
         _ => vec![],
     }

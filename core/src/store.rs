@@ -184,6 +184,13 @@ impl Lake {
         Ok(manifests)
     }
 
+    /// Every object under `prefix` (`""`: the whole lake), in no particular order.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<Path>> {
+        let prefix = (!prefix.is_empty()).then(|| Path::from(prefix));
+        let metas: Vec<_> = self.store.list(prefix.as_ref()).try_collect().await.map_err(StoreError::store(self.url.as_str()))?;
+        Ok(metas.into_iter().map(|m| m.location).collect())
+    }
+
     /// Writes an object, replacing any earlier one at the same path.
     pub async fn put(&self, path: &str, bytes: Bytes) -> Result<()> {
         self.store.put(&Path::from(path), PutPayload::from(bytes)).await.map_err(StoreError::store(path))?;

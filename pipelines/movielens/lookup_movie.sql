@@ -5,7 +5,8 @@ SELECT movie_id,
   SUM(rating) AS m_sum,
   SUM(rating * rating) AS m_sumsq,
   SUM(liked) AS m_liked_n,
-  SUM(m_resid_one) AS m_resid,
+  SUM(m_resid_one_a) AS m_resid_a,
+  SUM(m_resid_one_b) AS m_resid_b,
   CAST(MIN(ts) AS DOUBLE) AS m_ts
 FROM features
 GROUP BY movie_id

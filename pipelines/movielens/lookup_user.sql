@@ -6,7 +6,8 @@ SELECT user_id,
   SUM(rating) AS u_sum,
   SUM(rating * rating) AS u_sumsq,
   SUM(liked) AS u_liked_n,
-  SUM(u_resid_one) AS u_resid,
+  SUM(u_resid_one_a) AS u_resid_a,
+  SUM(u_resid_one_b) AS u_resid_b,
   CAST(MAX(ts) AS DOUBLE) AS u_ts
 FROM features
 GROUP BY user_id

@@ -601,10 +601,8 @@ fn lineage(lake: &Lake, manifests: &[BatchManifest]) -> Lineage {
 }
 
 async fn remove_prefix(store: &Lake, prefix: &str) -> Result<()> {
-    use futures::TryStreamExt;
-    let objects: Vec<_> = store.store().list(Some(&Path::from(prefix))).try_collect().await.map_err(StoreError::store(prefix))?;
-    for o in objects {
-        store.delete(o.location.as_ref()).await?;
+    for path in store.list(prefix).await? {
+        store.delete(path.as_ref()).await?;
     }
     Ok(())
 }
