@@ -504,16 +504,23 @@ async fn pipelines(a: PipelinesArgs) -> anyhow::Result<ExitCode> {
         Err(e) => Err(e),
     };
     match (checked, a.json) {
-        (Ok((p, c)), false) => println!(
-            "ok: pipeline {} ({}): {} event columns, {} features, {} lookups; a serving row has {} fields",
-            p.name(),
-            p.source,
-            p.definition.events.columns.len(),
-            p.features().len(),
-            c.lookups.len(),
-            c.serving.fields().len()
-        ),
-        (Ok((p, _)), true) => println!("{}", serde_json::json!({ "ok": true, "pipeline": p.name(), "source": p.source })),
+        (Ok((p, c)), false) => {
+            println!(
+                "ok: pipeline {} ({}): {} event columns, {} features, {} lookups; a serving row has {} fields",
+                p.name(),
+                p.source,
+                p.definition.events.columns.len(),
+                p.features().len(),
+                c.lookups.len(),
+                c.serving.fields().len()
+            );
+            println!("{}", incremental_line(&p));
+        }
+        (Ok((p, _)), true) => {
+            let incremental = p.incremental_shape().map(|s| serde_json::json!({ "keys": s.keys, "passes": s.passes, "state": s.state }));
+            let incremental = incremental.unwrap_or_else(|why| serde_json::json!({ "no": why }));
+            println!("{}", serde_json::json!({ "ok": true, "pipeline": p.name(), "source": p.source, "incremental": incremental }));
+        }
         (Err(e), json) => {
             if json {
                 println!("{}", serde_json::json!({ "ok": false, "file": e.file, "key": e.key, "fault": e.fault }));
@@ -525,6 +532,15 @@ async fn pipelines(a: PipelinesArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether `p`'s feature SQL has the form that lets rounds carry state, in one line.
+fn incremental_line(p: &Pipeline) -> String {
+    match p.incremental_shape() {
+        Ok(s) if s.windows.is_empty() => "incremental form: yes (every event's features are its own)".to_string(),
+        Ok(s) => format!("incremental form: yes (state per {}, {} window pass(es), the final SELECT reads `{}`)", s.keys.join(" and per "), s.passes, s.state),
+        Err(why) => format!("incremental form: no ({why})"),
+    }
 }
 
 /// A pipeline for people: what it is, its events, its features and its three models.
@@ -548,6 +564,7 @@ fn describe_pipeline(p: &Pipeline) -> String {
         out += &format!("    {:<24} {:<8} wire {:<22} {:<28} {}\n", c.name, kind, c.wire(), rule, c.doc);
     }
     out += &format!("  features: {}\n", p.features().join(", "));
+    out += &format!("  {}\n", incremental_line(p));
     let m = &d.models;
     out += &format!("  classification: label {} — {}\n", m.classification.label, m.classification.doc);
     out += &format!("  regression: target {} — {}\n", m.regression.target, m.regression.doc);

@@ -67,6 +67,7 @@ fn a_pipeline_from_a_folder_runs_end_to_end_with_no_rust() {
 
     let out = run_ok(&mut lensflow(["pipelines", "check", folder_arg]));
     assert!(out.starts_with("ok: pipeline bike-rentals"), "{out}");
+    assert!(out.contains("incremental form: yes (state per station_id, 1 window pass(es)"), "its shape is read from its SQL: {out}");
 
     let input = dir.path().join("rentals.csv");
     write_rentals(&input, 150);

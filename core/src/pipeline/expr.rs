@@ -16,7 +16,7 @@ use datafusion::common::DFSchema;
 use datafusion::datasource::MemTable;
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::prelude::SessionContext;
-use datafusion::sql::sqlparser::ast::{SelectItem, SetExpr, Statement};
+use datafusion::sql::sqlparser::ast::{Query, SelectItem, SetExpr, Statement};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::parser::Parser;
 
@@ -44,14 +44,13 @@ fn clean(e: String) -> String {
 }
 
 /// A placeholder for `${name}` that the SQL parser accepts as an identifier.
-fn placeholder(name: &str) -> String {
+pub(crate) fn placeholder(name: &str) -> String {
     format!("lensflow_var__{name}")
 }
 
-/// The final SELECT's items of `sql`: output column name → expression text, with `${…}`
-/// variables kept as written.
-pub fn final_select(sql: &str) -> Result<BTreeMap<String, String>, String> {
-    // `${x}` is Spark's substitution syntax, not SQL: park it as an identifier while parsing.
+/// `sql` parsed as one query, with each `${name}` parked as the identifier [`placeholder`]
+/// gives it (`${x}` is Spark's substitution syntax, not SQL); also the names found.
+pub(crate) fn parse_query(sql: &str) -> Result<(Box<Query>, Vec<String>), String> {
     let mut parsed = sql.to_string();
     let mut vars = Vec::new();
     while let Some(start) = parsed.find("${") {
@@ -61,9 +60,17 @@ pub fn final_select(sql: &str) -> Result<BTreeMap<String, String>, String> {
         vars.push(name);
     }
     let statements = Parser::parse_sql(&GenericDialect {}, &parsed).map_err(|e| format!("does not parse: {e}"))?;
-    let [Statement::Query(query)] = statements.as_slice() else {
-        return Err(format!("must be exactly one SELECT query, found {} statements", statements.len()));
-    };
+    match <[Statement; 1]>::try_from(statements) {
+        Ok([Statement::Query(query)]) => Ok((query, vars)),
+        Ok(_) => Err("must be a SELECT query".into()),
+        Err(statements) => Err(format!("must be exactly one SELECT query, found {} statements", statements.len())),
+    }
+}
+
+/// The final SELECT's items of `sql`: output column name → expression text, with `${…}`
+/// variables kept as written.
+pub fn final_select(sql: &str) -> Result<BTreeMap<String, String>, String> {
+    let (query, vars) = parse_query(sql)?;
     let SetExpr::Select(select) = query.body.as_ref() else {
         return Err("the query's final part must be a plain SELECT (not a UNION or VALUES)".into());
     };

@@ -22,6 +22,7 @@ pub mod check;
 pub mod definition;
 pub mod event;
 pub mod expr;
+pub mod incremental;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -165,6 +166,15 @@ impl Pipeline {
     /// The feature SQL's text.
     pub fn features_sql(&self) -> &str {
         self.sql_text(&self.definition.features.sql)
+    }
+
+    /// Whether the feature SQL can be computed a batch at a time, carrying state from round
+    /// to round, and what that takes; or why not.
+    pub fn incremental_shape(&self) -> Result<incremental::Shape, String> {
+        let d = &self.definition;
+        let columns: Vec<String> = self.lake_schema().fields().iter().map(|f| f.name().clone()).collect();
+        let round: Vec<String> = d.features.variables.keys().cloned().collect();
+        incremental::shape(self.features_sql(), &d.events.table, &columns, d.events.time.as_deref(), &round)
     }
 
     /// The model features, in coefficient order.

@@ -1,0 +1,267 @@
+//! Whether a pipeline's feature SQL can be computed a batch at a time, and what that takes.
+//!
+//! A round recomputes every event's features from all events so far. Most of that work repeats
+//! the last round's: an event's point-in-time features depend only on strictly earlier events.
+//! [`shape`] reads the feature SQL and finds whether it has the form that makes carrying state
+//! from round to round exact:
+//! - a chain of CTEs, each reading the one before it (the first reads the events table), whose
+//!   only work across rows is window aggregates (`SUM`, `COUNT`, `MIN`, `MAX`) over one entity's
+//!   strictly earlier events: `OVER (PARTITION BY column ORDER BY time RANGE BETWEEN UNBOUNDED
+//!   PRECEDING AND 1 PRECEDING)`;
+//! - no per-round variable (`[features.variables]`) before the final SELECT's expressions, so
+//!   the state rows the CTEs give are the same in every round and only the final SELECT, row by
+//!   row, is evaluated again with the round's values.
+//!
+//! The answer names the entity keys and how many window passes are chained (a window over a
+//! column another window computed is a second pass): late events of an entity change the later
+//! events of every entity reached within that many hops. Otherwise it says what stands in the
+//! way, and rounds recompute everything.
+
+use std::collections::BTreeMap;
+use std::ops::ControlFlow;
+
+use datafusion::sql::sqlparser::ast::{
+    Expr, Function, FunctionArguments, GroupByExpr, Query, Select, SelectItem, SetExpr, TableFactor, Value, Visit, Visitor, WindowFrameBound,
+    WindowFrameUnits, WindowType,
+};
+
+use super::expr::{identifiers, parse_query, placeholder};
+
+/// How a window aggregate accumulates: what carried state and a batch combine by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accumulate {
+    /// `SUM`.
+    Sum,
+    /// `COUNT`.
+    Count,
+    /// `MIN`.
+    Min,
+    /// `MAX`.
+    Max,
+}
+
+/// One window aggregate of the feature SQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowCall {
+    /// The CTE it is in.
+    pub relation: String,
+    /// How it accumulates.
+    pub function: Accumulate,
+    /// Its argument, as SQL (`*` for `COUNT(*)`).
+    pub argument: String,
+    /// The entity column it partitions by.
+    pub key: String,
+    /// Its pass: 1 over event columns, 2 over a column a pass-1 window computed, ….
+    pub pass: usize,
+}
+
+/// The form of an incremental feature SQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shape {
+    /// The CTEs, in order.
+    pub relations: Vec<String>,
+    /// What the final SELECT reads: the per-event state rows (the events table itself when the
+    /// SQL has no CTE).
+    pub state: String,
+    /// Every window aggregate, in order.
+    pub windows: Vec<WindowCall>,
+    /// The entity columns the windows partition by, in first-use order.
+    pub keys: Vec<String>,
+    /// The longest chain of window passes (0: every row's features are its own).
+    pub passes: usize,
+}
+
+/// Reads `sql` (a pipeline's feature SQL) over `events` (its table name, columns and time
+/// column); `round_variables` are the `${…}` names whose values change from round to round.
+pub fn shape(sql: &str, events: &str, columns: &[String], time: Option<&str>, round_variables: &[String]) -> Result<Shape, String> {
+    let (query, _) = parse_query(sql)?;
+    let Query { with, body, order_by, limit_clause, .. } = *query;
+    if order_by.is_some() || limit_clause.is_some() {
+        return Err("the query ends in ORDER BY or LIMIT".into());
+    }
+    let SetExpr::Select(last) = *body else {
+        return Err("the final part is not a plain SELECT".into());
+    };
+    // Column → window passes behind it, per relation.
+    let mut relations: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+    relations.insert(events.to_lowercase(), columns.iter().map(|c| (c.to_lowercase(), 0)).collect());
+    let mut order = Vec::new();
+    let mut windows = Vec::new();
+    for cte in with.map(|w| w.cte_tables).unwrap_or_default() {
+        let name = cte.alias.name.value.to_lowercase();
+        let text = cte.query.to_string();
+        if let Some(v) = round_variables.iter().find(|v| text.contains(&placeholder(v))) {
+            return Err(format!("the round's ${{{v}}} is used in `{name}`, before the final SELECT"));
+        }
+        let Query { body, order_by, limit_clause, with, .. } = *cte.query;
+        if with.is_some() || order_by.is_some() || limit_clause.is_some() {
+            return Err(format!("`{name}` nests a WITH, or ends in ORDER BY or LIMIT"));
+        }
+        let SetExpr::Select(select) = *body else {
+            return Err(format!("`{name}` is not a plain SELECT"));
+        };
+        let input = single_input(&select, &name, &relations)?;
+        let mut columns = BTreeMap::new();
+        for item in &select.projection {
+            let (output, expr) = match item {
+                SelectItem::ExprWithAlias { expr, alias } => (alias.value.to_lowercase(), expr),
+                SelectItem::UnnamedExpr(expr) => (expr.to_string().to_lowercase(), expr),
+                SelectItem::Wildcard(_) => {
+                    columns.extend(relations[&input].clone());
+                    continue;
+                }
+                _ => return Err(format!("`{name}` selects `{item}`, which names no single column")),
+            };
+            let pass = pass_of(expr, &name, &relations[&input], time, &mut windows)?;
+            columns.insert(output, pass);
+        }
+        relations.insert(name.clone(), columns);
+        order.push(name);
+    }
+    let state = single_input(&last, "the final SELECT", &relations)?;
+    for item in &last.projection {
+        let text = item.to_string();
+        if text.to_uppercase().contains(" OVER ") || text.to_uppercase().contains(" OVER(") {
+            return Err("the final SELECT has a window function".into());
+        }
+    }
+    let rest = Select { projection: vec![], ..(*last).clone() }.to_string();
+    if let Some(v) = round_variables.iter().find(|v| rest.contains(&placeholder(v))) {
+        return Err(format!("the round's ${{{v}}} is used outside the final SELECT's expressions"));
+    }
+    let mut keys: Vec<String> = Vec::new();
+    for w in &windows {
+        if !keys.contains(&w.key) {
+            keys.push(w.key.clone());
+        }
+    }
+    let passes = relations[&state].values().copied().max().unwrap_or(0);
+    Ok(Shape { relations: order, state, windows, keys, passes })
+}
+
+/// The one relation `select` reads, which must be known already; no joins, grouping or
+/// DISTINCT (they mix rows in ways a batch at a time cannot follow).
+fn single_input(select: &Select, name: &str, relations: &BTreeMap<String, BTreeMap<String, usize>>) -> Result<String, String> {
+    if select.from.len() != 1 || !select.from[0].joins.is_empty() {
+        return Err(format!("{name} does not read exactly one relation"));
+    }
+    if select.distinct.is_some() || select.having.is_some() || !matches!(&select.group_by, GroupByExpr::Expressions(e, _) if e.is_empty()) {
+        return Err(format!("{name} groups rows (GROUP BY, HAVING or DISTINCT)"));
+    }
+    let TableFactor::Table { name: table, .. } = &select.from[0].relation else {
+        return Err(format!("{name} reads a subquery or a table function"));
+    };
+    let table = table.to_string().to_lowercase();
+    if relations.contains_key(&table) { Ok(table) } else { Err(format!("{name} reads `{table}`, which is neither the events table nor an earlier CTE")) }
+}
+
+/// The window passes behind `expr` (over `input`'s columns), noting each window call in it.
+fn pass_of(expr: &Expr, relation: &str, input: &BTreeMap<String, usize>, time: Option<&str>, windows: &mut Vec<WindowCall>) -> Result<usize, String> {
+    let found = collect_windows(expr);
+    let columns_pass = |text: &str| identifiers(text).iter().filter_map(|c| input.get(c)).copied().max().unwrap_or(0);
+    let mut pass = columns_pass(&expr.to_string());
+    for f in &found {
+        let call = window_call(f, relation, time, &columns_pass)?;
+        if !input.contains_key(&call.key) {
+            return Err(format!("`{relation}` partitions by `{}`, not a column of what it reads", call.key));
+        }
+        pass = pass.max(call.pass);
+        windows.push(call);
+    }
+    Ok(pass)
+}
+
+/// Every function call with an OVER clause in `expr`.
+fn collect_windows(expr: &Expr) -> Vec<Function> {
+    struct Windows(Vec<Function>);
+    impl Visitor for Windows {
+        type Break = ();
+        fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+            if let Expr::Function(f) = e
+                && f.over.is_some()
+            {
+                self.0.push(f.clone());
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let mut windows = Windows(Vec::new());
+    let _ = expr.visit(&mut windows);
+    windows.0
+}
+
+/// `f` as a [`WindowCall`], or why it is not one a batch at a time can follow.
+fn window_call(f: &Function, relation: &str, time: Option<&str>, columns_pass: &dyn Fn(&str) -> usize) -> Result<WindowCall, String> {
+    let text = f.to_string();
+    let bad = |why: &str| Err(format!("`{text}` in `{relation}` {why}"));
+    let function = match f.name.to_string().to_uppercase().as_str() {
+        "SUM" => Accumulate::Sum,
+        "COUNT" => Accumulate::Count,
+        "MIN" => Accumulate::Min,
+        "MAX" => Accumulate::Max,
+        _ => return bad("is not SUM, COUNT, MIN or MAX"),
+    };
+    let FunctionArguments::List(list) = &f.args else { return bad("has no argument list") };
+    if list.duplicate_treatment.is_some() || !list.clauses.is_empty() || list.args.len() != 1 || f.filter.is_some() {
+        return bad("has DISTINCT, a FILTER or more than one argument");
+    }
+    let argument = list.args[0].to_string();
+    let Some(WindowType::WindowSpec(spec)) = &f.over else { return bad("uses a named window") };
+    let [Expr::Identifier(key)] = spec.partition_by.as_slice() else { return bad("does not partition by one column") };
+    let Some(time) = time else { return bad("needs the events' time column, and the pipeline has none") };
+    let by_time = matches!(spec.order_by.as_slice(), [o] if o.expr.to_string().eq_ignore_ascii_case(time) && o.options.asc != Some(false));
+    if !by_time {
+        return bad(&format!("is not ordered by the event time `{time}` alone, ascending"));
+    }
+    let earlier_only = spec.window_frame.as_ref().is_some_and(|frame| {
+        frame.units == WindowFrameUnits::Range
+            && frame.start_bound == WindowFrameBound::Preceding(None)
+            && matches!(&frame.end_bound, Some(WindowFrameBound::Preceding(Some(n))) if matches!(n.as_ref(), Expr::Value(v) if matches!(&v.value, Value::Number(n, _) if n == "1")))
+    });
+    if !earlier_only {
+        return bad("does not look at strictly earlier events only (RANGE BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)");
+    }
+    Ok(WindowCall { relation: relation.to_string(), function, argument: argument.clone(), key: key.value.to_lowercase(), pass: 1 + columns_pass(&argument) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Pipeline;
+
+    fn movielens_with(features_sql: &str) -> Result<Shape, String> {
+        let p = Pipeline::builtin("movielens").unwrap().unwrap();
+        let d = &p.definition;
+        let columns: Vec<String> = p.lake_schema().fields().iter().map(|f| f.name().clone()).collect();
+        shape(features_sql, &d.events.table, &columns, d.events.time.as_deref(), &d.features.variables.keys().cloned().collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn the_shipped_pipelines_can_carry_state() {
+        let movielens = Pipeline::builtin("movielens").unwrap().unwrap().incremental_shape().unwrap();
+        assert_eq!(movielens.keys, ["user_id", "movie_id"]);
+        assert_eq!(movielens.passes, 2, "residual sums are windows over windows");
+        assert_eq!(movielens.state, "stats");
+        assert_eq!(movielens.windows.len(), 14);
+        assert_eq!(movielens.windows.iter().filter(|w| w.pass == 2).count(), 4);
+        let home = Pipeline::builtin("smart-home").unwrap().unwrap().incremental_shape().unwrap();
+        assert_eq!((home.passes, home.windows.len(), home.state.as_str()), (0, 0, "devices"), "each row's features are its own");
+    }
+
+    #[test]
+    fn what_a_batch_at_a_time_cannot_follow_is_named() {
+        let base = Pipeline::builtin("movielens").unwrap().unwrap().features_sql().to_string();
+        let cases = [
+            ("COALESCE(m_sum_raw, 0.0) / (m_count + ${shrink}) AS u_resid_one_a", "COALESCE(m_sum_raw, ${prior_mean}) / (m_count + ${shrink}) AS u_resid_one_a", "the round's ${prior_mean} is used in `residuals`"),
+            ("AND 1 PRECEDING) AS u_count", "AND 1 FOLLOWING) AS u_count", "strictly earlier events only"),
+            ("COUNT(rating)       OVER (PARTITION BY user_id  ORDER BY ts", "COUNT(rating)       OVER (PARTITION BY user_id  ORDER BY rating", "not ordered by the event time `ts`"),
+            ("SUM(liked)          OVER (PARTITION BY user_id ", "AVG(liked)          OVER (PARTITION BY user_id ", "is not SUM, COUNT, MIN or MAX"),
+            ("  FROM first_pass\n", "  FROM first_pass JOIN ratings USING (user_id)\n", "does not read exactly one relation"),
+        ];
+        for (from, to, why) in cases {
+            assert!(base.contains(from), "{from}");
+            let err = movielens_with(&base.replacen(from, to, 1)).unwrap_err();
+            assert!(err.contains(why), "{to}: {err}");
+        }
+    }
+}
