@@ -30,6 +30,9 @@ struct Cli {
     /// Log filter, e.g. `info`, `lensflow_jobs=debug`.
     #[arg(long, global = true, env = "LENSFLOW_LOG", default_value = "info")]
     log: String,
+    /// Log lines as `text` (coloured only on a terminal) or `json` (one object per line, for log shippers).
+    #[arg(long, global = true, env = "LENSFLOW_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -719,12 +722,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if cli.log_format == "json" {
+        logs.json().init();
+    } else {
+        // Colour codes only where a person reads them: a log file or a pipe gets plain text.
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
+    }
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
