@@ -104,8 +104,8 @@ struct ServeArgs {
     /// The lake's root, for the pipeline status [default: the lake each served round was trained on].
     #[arg(long, env = "LENSFLOW_LAKE")]
     lake: Option<String>,
-    /// Address to serve on.
-    #[arg(long, env = "LENSFLOW_API_BIND", default_value = "0.0.0.0:5000")]
+    /// Address to serve on (loopback by default; bind wider on purpose, e.g. 0.0.0.0:5000).
+    #[arg(long, env = "LENSFLOW_API_BIND", default_value = "127.0.0.1:5000")]
     bind: std::net::SocketAddr,
     /// How often to look for a new round (e.g. 2s).
     #[arg(long, env = "LENSFLOW_MODEL_POLL_INTERVAL", value_parser = humantime::parse_duration, default_value = "2s")]
@@ -155,8 +155,9 @@ struct TrainArgs {
 
 #[derive(Args)]
 struct SchedulerArgs {
-    /// Address to serve on.
-    #[arg(long, env = "LENSFLOW_SCHEDULER_BIND", default_value = "0.0.0.0:50050")]
+    /// Address to serve on (loopback by default: the scheduler runs any SQL it is sent, with the
+    /// executors' credentials, and has no authentication).
+    #[arg(long, env = "LENSFLOW_SCHEDULER_BIND", default_value = "127.0.0.1:50050")]
     bind: std::net::SocketAddr,
     /// Host name executors and clients reach the scheduler by.
     #[arg(
@@ -179,8 +180,8 @@ struct ExecutorArgs {
         default_value = "127.0.0.1:50050"
     )]
     scheduler: String,
-    /// Address of the executor's Flight service.
-    #[arg(long, env = "LENSFLOW_EXECUTOR_BIND", default_value = "0.0.0.0:50051")]
+    /// Address of the executor's Flight service (loopback by default; a cluster binds wider on purpose).
+    #[arg(long, env = "LENSFLOW_EXECUTOR_BIND", default_value = "127.0.0.1:50051")]
     bind: std::net::SocketAddr,
     /// Port of the executor's gRPC service.
     #[arg(long, env = "LENSFLOW_EXECUTOR_GRPC_PORT", default_value_t = 50052)]
