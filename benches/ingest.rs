@@ -25,19 +25,32 @@ fn main() {
     let gen_time = started.elapsed();
     let csv_bytes = std::fs::metadata(&input).unwrap().len();
 
-    let (out, produce_time, produce_peak, _) = run_measured(
-        lensflow(["produce", "--brokers", &broker.addr(), "--topic", "bench", "--partitions", "3", "--json", "--input"]).arg(&input),
-        &[],
-    );
+    let (out, produce_time, produce_peak, _) =
+        run_measured(lensflow(["produce", "--brokers", &broker.addr(), "--topic", "bench", "--partitions", "3", "--json", "--input"]).arg(&input), &[]);
     let produced: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(produced["delivered"].as_u64(), Some(n));
 
     let lake = format!("file://{}", dir.path().join("lake").display());
     let consume_start_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
-    let (out, consume_time, consume_peak, _) = run_measured(&mut lensflow([
-        "consume", "--brokers", &broker.addr(), "--topic", "bench", "--group", "bench", "--lake", &lake,
-        "--batch-rows", "100000", "--exit-when-idle", "5s", "--json",
-    ]), &[]);
+    let (out, consume_time, consume_peak, _) = run_measured(
+        &mut lensflow([
+            "consume",
+            "--brokers",
+            &broker.addr(),
+            "--topic",
+            "bench",
+            "--group",
+            "bench",
+            "--lake",
+            &lake,
+            "--batch-rows",
+            "100000",
+            "--exit-when-idle",
+            "5s",
+            "--json",
+        ]),
+        &[],
+    );
     let consumed: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(consumed["rows"].as_u64(), Some(n));
 

@@ -25,8 +25,12 @@ fn total(round: &serde_json::Value) -> f64 {
 }
 
 fn report(title: &str, out: &str, trainer: u64, executors: &[u64], wall: std::time::Duration) {
-    println!("\n### {title} (wall {:.1} s, trainer peak RSS {:.0} MiB{})\n", wall.as_secs_f64(), mib(trainer),
-        executors.iter().enumerate().map(|(i, e)| format!(", executor {} peak RSS {:.0} MiB", i + 1, mib(*e))).collect::<String>());
+    println!(
+        "\n### {title} (wall {:.1} s, trainer peak RSS {:.0} MiB{})\n",
+        wall.as_secs_f64(),
+        mib(trainer),
+        executors.iter().enumerate().map(|(i, e)| format!(", executor {} peak RSS {:.0} MiB", i + 1, mib(*e))).collect::<String>()
+    );
     let rounds: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let stages: Vec<String> = rounds[0]["seconds"].as_object().unwrap().keys().cloned().collect();
     println!("| round | rows | {} | total s | RMSE (base) | AUC | accuracy (base) |", stages.join(" s | ") + " s");

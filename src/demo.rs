@@ -18,11 +18,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lensflow_api::{ApiError, ServeOptions};
+use lensflow_core::{Lake, Pipeline, StorageOptions};
 use lensflow_jobs::JobError;
 use lensflow_jobs::consume::{ConsumeOptions, consume};
 use lensflow_jobs::generate::{GenerateOptions, generate};
 use lensflow_jobs::kafka::KafkaOptions;
-use lensflow_core::{Lake, Pipeline, StorageOptions};
 use lensflow_jobs::produce::{ProduceOptions, produce};
 use lensflow_jobs::train::{RoundReport, TrainOptions, train};
 use rdkafka::mocking::MockCluster;
@@ -145,11 +145,7 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken, mut on_round: i
         ingest(&opts, root.url(), &shutdown).await?;
     } else {
         let rows: u64 = landed.iter().map(|m| m.rows).sum();
-        println!(
-            "reusing {} from an earlier run: {} batches, {rows} events (run with --fresh to start over)",
-            lake.url(),
-            landed.len()
-        );
+        println!("reusing {} from an earlier run: {} batches, {rows} events (run with --fresh to start over)", lake.url(), landed.len());
     }
     if shutdown.is_cancelled() {
         return Ok(0);

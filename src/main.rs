@@ -7,25 +7,21 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use lensflow::demo::DemoOptions;
+use lensflow::report;
 use lensflow_api::{Limits, ServeOptions};
 use lensflow_executor::ExecutorOptions;
 use lensflow_jobs::consume::{ConsumeOptions, ConsumeSummary, consume};
 use lensflow_jobs::generate::{GenerateOptions, generate};
 use lensflow_jobs::kafka::KafkaOptions;
-use lensflow_jobs::{Pipeline, StorageOptions};
 use lensflow_jobs::produce::{Pace, ProduceOptions, ProduceSummary, produce};
 use lensflow_jobs::train::{RoundReport, TrainOptions, train};
-use lensflow::demo::DemoOptions;
-use lensflow::report;
+use lensflow_jobs::{Pipeline, StorageOptions};
 use lensflow_scheduler::SchedulerOptions;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(
-    name = "lensflow",
-    version,
-    about = "Ratings from Kafka into a Parquet lake, models trained on Ballista, served over REST"
-)]
+#[command(name = "lensflow", version, about = "Ratings from Kafka into a Parquet lake, models trained on Ballista, served over REST")]
 struct Cli {
     /// Log filter, e.g. `info`, `lensflow_jobs=debug`.
     #[arg(long, global = true, env = "LENSFLOW_LOG", default_value = "info")]
@@ -160,11 +156,7 @@ struct SchedulerArgs {
     #[arg(long, env = "LENSFLOW_SCHEDULER_BIND", default_value = "127.0.0.1:50050")]
     bind: std::net::SocketAddr,
     /// Host name executors and clients reach the scheduler by.
-    #[arg(
-        long,
-        env = "LENSFLOW_SCHEDULER_EXTERNAL_HOST",
-        default_value = "localhost"
-    )]
+    #[arg(long, env = "LENSFLOW_SCHEDULER_EXTERNAL_HOST", default_value = "localhost")]
     external_host: String,
     /// Seconds without a heartbeat before an executor counts as lost (its tasks rerun elsewhere).
     #[arg(long, env = "LENSFLOW_EXECUTOR_TIMEOUT", default_value_t = 20)]
@@ -174,11 +166,7 @@ struct SchedulerArgs {
 #[derive(Args)]
 struct ExecutorArgs {
     /// The scheduler, HOST:PORT.
-    #[arg(
-        long,
-        env = "LENSFLOW_SCHEDULER_ADDR",
-        default_value = "127.0.0.1:50050"
-    )]
+    #[arg(long, env = "LENSFLOW_SCHEDULER_ADDR", default_value = "127.0.0.1:50050")]
     scheduler: String,
     /// Address of the executor's Flight service (loopback by default; a cluster binds wider on purpose).
     #[arg(long, env = "LENSFLOW_EXECUTOR_BIND", default_value = "127.0.0.1:50051")]
@@ -231,10 +219,7 @@ struct KafkaArgs {
 
 impl KafkaArgs {
     fn options(&self) -> KafkaOptions {
-        KafkaOptions {
-            brokers: self.brokers.clone(),
-            extra: self.kafka_config.clone(),
-        }
+        KafkaOptions { brokers: self.brokers.clone(), extra: self.kafka_config.clone() }
     }
 }
 
@@ -377,10 +362,7 @@ enum PipelinesAction {
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .filter(|(k, _)| !k.is_empty())
-        .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
+    s.split_once('=').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).filter(|(k, _)| !k.is_empty()).ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
 }
 
 /// `lensflow sql`: builds the options, streams the result to stdout, reports on stderr.
@@ -438,11 +420,7 @@ async fn sql(a: SqlArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode
 
 /// The process's `AWS_*` variables: the standard way to configure S3 access and endpoints.
 fn storage_from_env() -> StorageOptions {
-    StorageOptions(
-        std::env::vars()
-            .filter(|(k, _)| k.starts_with("AWS_"))
-            .collect(),
-    )
+    StorageOptions(std::env::vars().filter(|(k, _)| k.starts_with("AWS_")).collect())
 }
 
 /// A token cancelled by Ctrl-C or SIGTERM, so every command can finish what is durable first.
@@ -452,8 +430,7 @@ fn shutdown_on_signal() -> CancellationToken {
     tokio::spawn(async move {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         #[cfg(unix)]
         let term = async move {
             match term.as_mut() {
@@ -591,25 +568,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let shutdown = shutdown_on_signal();
     match cli.command {
         Command::Generate(a) => {
-            let opts = GenerateOptions {
-                ratings: a.ratings,
-                seed: a.seed,
-                users: a.users,
-                movies: a.movies,
-                progress: is_terminal(),
-                ..Default::default()
-            };
-            let file = std::fs::File::create(&a.out)
-                .with_context(|| format!("create {}", a.out.display()))?;
+            let opts = GenerateOptions { ratings: a.ratings, seed: a.seed, users: a.users, movies: a.movies, progress: is_terminal(), ..Default::default() };
+            let file = std::fs::File::create(&a.out).with_context(|| format!("create {}", a.out.display()))?;
             let s = tokio::task::spawn_blocking(move || generate(&opts, file)).await??;
-            println!(
-                "wrote {} ratings by {} users of {} movies (mean {:.2}) to {}",
-                s.ratings,
-                s.users,
-                s.movies,
-                s.mean_rating,
-                a.out.display()
-            );
+            println!("wrote {} ratings by {} users of {} movies (mean {:.2}) to {}", s.ratings, s.users, s.movies, s.mean_rating, a.out.display());
         }
         Command::Produce(a) => {
             let mut opts = ProduceOptions::new(a.input, a.kafka.options(), a.pipeline.load()?);
@@ -669,11 +631,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Sql(a) => return sql(a, shutdown).await,
         Command::Scheduler(a) => {
-            let opts = SchedulerOptions {
-                bind: a.bind,
-                external_host: a.external_host,
-                executor_timeout_secs: a.executor_timeout,
-            };
+            let opts = SchedulerOptions { bind: a.bind, external_host: a.external_host, executor_timeout_secs: a.executor_timeout };
             lensflow_scheduler::run(opts, shutdown).await?;
         }
         Command::Executor(a) => {
@@ -709,11 +667,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             opts.lake = a.lake;
             opts.storage = storage_from_env();
             opts.poll_interval = a.poll_interval;
-            opts.limits = Limits {
-                body_bytes: a.body_limit,
-                batch: a.max_batch,
-                timeout: a.request_timeout,
-            };
+            opts.limits = Limits { body_bytes: a.body_limit, batch: a.max_batch, timeout: a.request_timeout };
             lensflow_api::run(opts, a.bind, shutdown).await?;
         }
     }

@@ -31,10 +31,8 @@ pub fn consume(s: &ConsumeSummary) -> String {
 /// The regression line says plainly when the model is no better than the mean.
 pub fn round(r: &RoundReport) -> String {
     let m = &r.metrics;
-    let mut out = format!(
-        "{} round {} (batches 1..={}): {} train / {} hold-out events -> {}\n",
-        r.pipeline, r.round, r.round, m.train_rows, m.test_rows, r.path
-    );
+    let mut out =
+        format!("{} round {} (batches 1..={}): {} train / {} hold-out events -> {}\n", r.pipeline, r.round, r.round, m.train_rows, m.test_rows, r.path);
     out += &format!("  {:<16} {:>8} {:>10}\n", "metric", "model", "baseline");
     out += &format!("  {:<16} {:>8.4} {:>10.4}  (baseline: always the training mean)\n", "RMSE", m.rmse, m.rmse_baseline);
     out += &format!("  {:<16} {:>8.4} {:>10.4}  {}\n", "R²", m.r2, 0.0, skill(m.r2));

@@ -40,7 +40,8 @@ fn the_compose_topology_as_processes_serves_round_three() {
         &env,
         log("consumer"),
     );
-    let mut trainer = service(&["train", "--watch", "--poll-interval", "1s", "--lake", lake, "--models", models, "--scheduler", &cluster.url()], &env, log("trainer"));
+    let mut trainer =
+        service(&["train", "--watch", "--poll-interval", "1s", "--lake", lake, "--models", models, "--scheduler", &cluster.url()], &env, log("trainer"));
     let api = Server::start_with_env(models.as_ref(), &["--lake", lake, "--poll-interval", "500ms"], &env);
     api.wait_round(3, Duration::from_secs(600));
 

@@ -60,9 +60,7 @@ fn a_second_run_reuses_its_data_or_starts_fresh() {
     let _heavy = heavy();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let run = |extra: &[&str]| {
-        run_ok(lensflow(["demo", "--exit-after-train", "--ratings", "30000", "--data-dir"]).arg(&data).args(extra))
-    };
+    let run = |extra: &[&str]| run_ok(lensflow(["demo", "--exit-after-train", "--ratings", "30000", "--data-dir"]).arg(&data).args(extra));
     let latest = || std::fs::read_to_string(data.join("models/movielens/LATEST")).unwrap();
     let lake = format!("file://{}", data.join("lake").display());
 

@@ -73,11 +73,7 @@ fn ratings_small_round_trips_exactly() {
         let n = next.entry(r.partition).or_default();
         *n = (*n).max(r.offset + 1);
     }
-    let kafka: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker.addr())
-        .set("group.id", "g1")
-        .create()
-        .unwrap();
+    let kafka: BaseConsumer = ClientConfig::new().set("bootstrap.servers", broker.addr()).set("group.id", "g1").create().unwrap();
     let mut tpl = TopicPartitionList::new();
     for p in next.keys() {
         tpl.add_partition("ratings", *p);
@@ -280,9 +276,10 @@ fn smart_home_devices_land_exactly_once_with_typed_columns() {
 
     let lake = lake_url(dir.path());
     let consume = |group: &str, until: &[&str]| -> serde_json::Value {
-        let out = run_ok(lensflow([
-            "consume", "--pipeline", "smart-home", "--brokers", &broker.addr(), "--group", group, "--lake", &lake, "--batch-rows", "2000", "--json",
-        ]).args(until));
+        let out = run_ok(
+            lensflow(["consume", "--pipeline", "smart-home", "--brokers", &broker.addr(), "--group", group, "--lake", &lake, "--batch-rows", "2000", "--json"])
+                .args(until),
+        );
         serde_json::from_str(out.trim()).unwrap()
     };
     let consumed = consume("g-home", &["--exit-when-idle", "5s"]);

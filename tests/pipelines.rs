@@ -133,7 +133,11 @@ fn a_broken_definition_is_refused_naming_the_file_the_key_and_the_fault() {
     type Case = (&'static str, fn(String) -> String, &'static [&'static str]);
     let cases: [Case; 5] = [
         ("pipeline.toml", |t| t.replace("key = \"station_id\"", "key = \"station_nr\""), &["pipeline.toml", "events.key", "unknown column `station_nr`"]),
-        ("pipeline.toml", |t| t.replace("target = \"rentals_n\"", "target = \"rentals_count\""), &["features.sql", "models.regression.target", "rentals_count"]),
+        (
+            "pipeline.toml",
+            |t| t.replace("target = \"rentals_n\"", "target = \"rentals_count\""),
+            &["features.sql", "models.regression.target", "rentals_count"],
+        ),
         ("pipeline.toml", |t| t.replace("type = \"string\"", "type = \"text\""), &["pipeline.toml", "line", "text"]),
         ("features.sql", |t| t.replace("temperature AS temp_c", "temperatur AS temp_c"), &["features.sql", "temperatur"]),
         ("features.sql", |t| t.replace("LN(1.0 + s_n) AS station_log_n", "LN(1.0 + rentals) AS station_log_n"), &["rentals"]),
@@ -152,7 +156,9 @@ fn logs_are_plain_text_in_a_pipe_and_json_on_request() {
     let dir = tempfile::tempdir().unwrap();
     let lake = format!("file://{}", dir.path().join("lake").display());
     // An empty lake: `sql` warns that a pipeline has no committed batch yet.
-    let run = |format: &str| lensflow(["sql", "--lake", &lake, "--models", "none", "--format", "csv", "--log-format", format, "-e", "SELECT 1 AS one"]).output().unwrap();
+    let run = |format: &str| {
+        lensflow(["sql", "--lake", &lake, "--models", "none", "--format", "csv", "--log-format", format, "-e", "SELECT 1 AS one"]).output().unwrap()
+    };
     let text = run("text");
     assert!(text.status.success());
     let log = String::from_utf8_lossy(&text.stderr);
@@ -160,6 +166,7 @@ fn logs_are_plain_text_in_a_pipe_and_json_on_request() {
     assert!(!log.contains('\u{1b}'), "no colour codes in a pipe: {log:?}");
     let json = run("json");
     let log = String::from_utf8_lossy(&json.stderr);
-    let lines: Vec<serde_json::Value> = log.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"))).collect();
+    let lines: Vec<serde_json::Value> =
+        log.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"))).collect();
     assert!(lines.iter().any(|l| l["level"] == "WARN" && l["fields"]["message"].as_str().is_some_and(|m| m.contains("no committed batch yet"))), "{log}");
 }

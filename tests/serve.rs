@@ -313,14 +313,8 @@ fn the_web_page_works_in_a_real_browser() {
     assert!(browser_dir.join("node_modules/playwright-core").is_dir(), "run `npm ci --prefix tests/browser` (bash .ci/run does)");
     let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots");
     std::fs::create_dir_all(&shots).unwrap();
-    let out = std::process::Command::new(node)
-        .current_dir(&browser_dir)
-        .arg("ui.mjs")
-        .arg(server.url("/"))
-        .arg(&shots)
-        .env("CHROMIUM", chromium)
-        .output()
-        .unwrap();
+    let out =
+        std::process::Command::new(node).current_dir(&browser_dir).arg("ui.mjs").arg(server.url("/")).arg(&shots).env("CHROMIUM", chromium).output().unwrap();
     assert!(out.status.success(), "browser run failed: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let page: Value = serde_json::from_slice(&out.stdout).unwrap();
     eprintln!("the page showed: {page}\nscreenshots in {}", shots.display());
@@ -392,7 +386,11 @@ fn check_page(server: &Server, page: &Value) {
     let home = &page["smartHome"];
     assert_eq!(home["hash"], "#smart-home", "the choice is in the address, for a link");
     let device = home["fields"].as_array().unwrap().iter().find(|f| f["field"] == "DeviceType").unwrap();
-    assert_eq!((device["tag"].as_str(), device["options"].as_array().map(Vec::len)), (Some("select"), Some(5)), "a category is a select of its values: {device}");
+    assert_eq!(
+        (device["tag"].as_str(), device["options"].as_array().map(Vec::len)),
+        (Some("select"), Some(5)),
+        "a category is a select of its values: {device}"
+    );
     let hours = home["fields"].as_array().unwrap().iter().find(|f| f["field"] == "UsageHoursPerDay").unwrap();
     assert_eq!((hours["min"].as_str(), hours["max"].as_str()), (Some("0"), Some("24")), "{hours}");
     assert_eq!(home["tabbedTo"], json!(["EnergyConsumption", "UserPreferences", "MalfunctionIncidents", "DeviceAgeMonths"]), "Tab moves field to field");

@@ -195,7 +195,9 @@ fn rows(batches: &[RecordBatch]) -> Vec<Vec<Cell>> {
                 } else {
                     // Spark writes timestamps without a zone (INT96); compare the instants.
                     let c = match c.data_type() {
-                        DataType::Timestamp(_, _) => datafusion::arrow::compute::cast(c, &DataType::Timestamp(arrow_schema::TimeUnit::Microsecond, None)).unwrap(),
+                        DataType::Timestamp(_, _) => {
+                            datafusion::arrow::compute::cast(c, &DataType::Timestamp(arrow_schema::TimeUnit::Microsecond, None)).unwrap()
+                        }
                         _ => c.clone(),
                     };
                     let s = datafusion::arrow::compute::cast(&c, &DataType::Utf8).unwrap();
@@ -231,7 +233,8 @@ fn as_f64(c: &arrow_array::ArrayRef) -> arrow_array::Float64Array {
 
 /// The Parquet files in `dir`, in name order.
 fn parquet_files(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|f| f.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "parquet")).collect();
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(dir).unwrap().map(|f| f.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "parquet")).collect();
     files.sort();
     files
 }
@@ -294,13 +297,16 @@ fn every_shipped_sql_file_gives_spark_s_rows_types_and_values() {
     for (run, results) in runs.iter().zip(&ours) {
         for (step, batches, seconds) in results {
             let at = format!("{} {step}", run.name);
-            let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(spark_out.join(&run.name).join(format!("{step}.json"))).unwrap()).unwrap();
+            let meta: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(spark_out.join(&run.name).join(format!("{step}.json"))).unwrap()).unwrap();
             eprintln!("{at}: lensflow {seconds:.3} s, Spark {:.3} s", meta["seconds"].as_f64().unwrap());
-            let theirs: Vec<(String, String)> = meta["columns"].as_array().unwrap().iter().map(|c| (c[0].as_str().unwrap().to_string(), c[1].as_str().unwrap().to_string())).collect();
+            let theirs: Vec<(String, String)> =
+                meta["columns"].as_array().unwrap().iter().map(|c| (c[0].as_str().unwrap().to_string(), c[1].as_str().unwrap().to_string())).collect();
             let schema = batches.first().map(|b| b.schema()).expect("lensflow gave no batch");
             let mine: Vec<(String, String)> = schema.fields().iter().map(|f| (f.name().clone(), spark_type(f.data_type()))).collect();
             if mine != theirs {
-                let differ: Vec<String> = mine.iter().zip(&theirs).filter(|(a, b)| a != b).map(|(a, b)| format!("{} {} vs Spark's {} {}", a.0, a.1, b.0, b.1)).collect();
+                let differ: Vec<String> =
+                    mine.iter().zip(&theirs).filter(|(a, b)| a != b).map(|(a, b)| format!("{} {} vs Spark's {} {}", a.0, a.1, b.0, b.1)).collect();
                 faults.push(format!("{at}: columns differ ({} vs {} columns): {}", mine.len(), theirs.len(), differ.join("; ")));
                 continue;
             }
@@ -505,7 +511,8 @@ fn spark_functions_casts_and_window_frames_give_spark_s_answers() {
     let version = on_spark(vec![serde_json::json!({"name": "functions", "tables": {"cases": [table]}, "set": {}, "steps": steps})], &spark_out);
     eprintln!("compared against Spark {version} (pyspark, local mode)");
     let spark = |name: &str| -> SparkAnswer {
-        let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(spark_out.join("functions").join(format!("{name}.json"))).unwrap()).unwrap();
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(spark_out.join("functions").join(format!("{name}.json"))).unwrap()).unwrap();
         if let Some(e) = meta["error"].as_str() {
             return Err(e.to_string());
         }
@@ -582,8 +589,18 @@ fn render(answer: Result<(Vec<String>, Vec<RecordBatch>), String>) -> String {
 
 const PINNED: &[Pin] = &[
     Pin { name: "integer_literal", sql: "SELECT 1 AS one, nullif(CAST(5 AS INT), 0) AS n", lensflow: "1 bigint, 5 bigint", spark: "1 int, 5 int" },
-    Pin { name: "integer_division", sql: "SELECT 7 / 2 AS q, CAST(7 AS INT) / CAST(2 AS INT) AS typed", lensflow: "3 bigint, 3 int", spark: "3.5 double, 3.5 double" },
-    Pin { name: "decimal_literal", sql: "SELECT 1.5 AS d, 1.0 / 3.0 AS third", lensflow: "1.5 double, 0.3333333333333333 double", spark: "1.5 decimal(2,1), 0.333333 decimal(8,6)" },
+    Pin {
+        name: "integer_division",
+        sql: "SELECT 7 / 2 AS q, CAST(7 AS INT) / CAST(2 AS INT) AS typed",
+        lensflow: "3 bigint, 3 int",
+        spark: "3.5 double, 3.5 double",
+    },
+    Pin {
+        name: "decimal_literal",
+        sql: "SELECT 1.5 AS d, 1.0 / 3.0 AS third",
+        lensflow: "1.5 double, 0.3333333333333333 double",
+        spark: "1.5 decimal(2,1), 0.333333 decimal(8,6)",
+    },
     Pin {
         name: "date_add_literal",
         sql: "SELECT date_add(DATE '2026-11-27', 5) AS later",
@@ -591,18 +608,38 @@ const PINNED: &[Pin] = &[
         spark: "2026-12-02 date",
     },
     Pin { name: "ln_of_zero", sql: "SELECT ln(0.0) AS ln_zero", lensflow: "-inf double", spark: "NULL double" },
-    Pin { name: "cast_invalid_string", sql: "SELECT CAST('abc' AS INT) AS n", lensflow: "Cannot cast string 'abc' to value of Int32 type", spark: "[CAST_INVALID_INPUT]" },
+    Pin {
+        name: "cast_invalid_string",
+        sql: "SELECT CAST('abc' AS INT) AS n",
+        lensflow: "Cannot cast string 'abc' to value of Int32 type",
+        spark: "[CAST_INVALID_INPUT]",
+    },
     Pin { name: "double_to_string", sql: "SELECT CAST(1e10 AS STRING) AS big", lensflow: "10000000000.0 string", spark: "1.0E10 string" },
-    Pin { name: "timestamp_to_string", sql: "SELECT CAST(TIMESTAMP '2026-11-27 08:30:00' AS STRING) AS ts", lensflow: "2026-11-27T08:30:00 string", spark: "2026-11-27 08:30:00 string" },
+    Pin {
+        name: "timestamp_to_string",
+        sql: "SELECT CAST(TIMESTAMP '2026-11-27 08:30:00' AS STRING) AS ts",
+        lensflow: "2026-11-27T08:30:00 string",
+        spark: "2026-11-27 08:30:00 string",
+    },
     Pin {
         name: "round_half",
         sql: "SELECT round(CAST(2.5 AS DOUBLE)) AS up, round(CAST(-2.5 AS DOUBLE)) AS down, round(CAST(1.005 AS DOUBLE), 2) AS binary, round(2.5) AS literal",
         lensflow: "3.0 double, -3.0 double, 1.0 double, 3.0 double",
         spark: "3.0 double, -3.0 double, 1.01 double, 3 decimal(2,0)",
     },
-    Pin { name: "double_to_decimal", sql: "SELECT CAST(CAST(1.005 AS DOUBLE) AS DECIMAL(10, 2)) AS d", lensflow: "1.00 decimal(10,2)", spark: "1.01 decimal(10,2)" },
+    Pin {
+        name: "double_to_decimal",
+        sql: "SELECT CAST(CAST(1.005 AS DOUBLE) AS DECIMAL(10, 2)) AS d",
+        lensflow: "1.00 decimal(10,2)",
+        spark: "1.01 decimal(10,2)",
+    },
     Pin { name: "divide_by_zero", sql: "SELECT CAST(1 AS DOUBLE) / 0 AS double_by_zero", lensflow: "inf double", spark: "[DIVIDE_BY_ZERO]" },
-    Pin { name: "integer_overflow", sql: "SELECT CAST(2147483647 AS INT) + CAST(1 AS INT) AS overflow", lensflow: "-2147483648 int", spark: "[ARITHMETIC_OVERFLOW]" },
+    Pin {
+        name: "integer_overflow",
+        sql: "SELECT CAST(2147483647 AS INT) + CAST(1 AS INT) AS overflow",
+        lensflow: "-2147483648 int",
+        spark: "[ARITHMETIC_OVERFLOW]",
+    },
     Pin {
         name: "date_format_spark_pattern",
         sql: "SELECT date_format(TIMESTAMP '2026-11-27 08:30:00', 'yyyy-MM-dd HH:mm') AS f",
@@ -622,6 +659,11 @@ const PINNED: &[Pin] = &[
         lensflow: "1 UInt64, 1 UInt64, 1 UInt64",
         spark: "1 int, 1 int, 1 int",
     },
-    Pin { name: "missing_unix_timestamp", sql: "SELECT unix_timestamp(TIMESTAMP '2026-11-27 08:30:00') AS s", lensflow: "Invalid function 'unix_timestamp'", spark: "1795768200 bigint" },
+    Pin {
+        name: "missing_unix_timestamp",
+        sql: "SELECT unix_timestamp(TIMESTAMP '2026-11-27 08:30:00') AS s",
+        lensflow: "Invalid function 'unix_timestamp'",
+        spark: "1795768200 bigint",
+    },
     Pin { name: "missing_bround", sql: "SELECT bround(CAST(2.5 AS DOUBLE)) AS b", lensflow: "Invalid function 'bround'", spark: "2.0 double" },
 ];

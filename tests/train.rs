@@ -73,7 +73,11 @@ fn three_cumulative_rounds_on_ratings_small_beat_the_bar_and_match_on_a_cluster(
     }
     assert!(close(remote.metrics.rmse, local.metrics.rmse, 1e-9));
     assert!(close(remote.metrics.auc, local.metrics.auc, 1e-9));
-    let sizes = |a: &ModelArtifact| { let mut s: Vec<u64> = a.segmentation.segments.iter().map(|s| s.size).collect(); s.sort(); s };
+    let sizes = |a: &ModelArtifact| {
+        let mut s: Vec<u64> = a.segmentation.segments.iter().map(|s| s.size).collect();
+        s.sort();
+        s
+    };
     assert_eq!(sizes(&remote), sizes(&local), "same segments up to relabelling");
     // Ad-hoc SQL on the same cluster: a job under its own name, the answer the trainer's own
     // process gives (integer sums, so no summation order can change a digit).
@@ -94,7 +98,12 @@ fn three_cumulative_rounds_on_ratings_small_beat_the_bar_and_match_on_a_cluster(
     let spark = |extra: &[&str]| run_ok(lensflow(["sql", "--lake", &lake, "--pipeline", "movielens", "--format", "csv", "-e", spark_sql]).args(extra));
     let (here, there, standalone) = (spark(&[]), spark(&["--scheduler", &cluster.url()]), spark(&["--scheduler", "standalone"]));
     assert_eq!(here, standalone);
-    assert!(here.starts_with("y,dow,n,after_last,halves,first_tag,mean_halves,first_month,lean\n1995,2,3,1995-01-10,22,user-38,7.333333333333333,1995-01-01T00:00:00,1.0\n"), "{here}");
+    assert!(
+        here.starts_with(
+            "y,dow,n,after_last,halves,first_tag,mean_halves,first_month,lean\n1995,2,3,1995-01-10,22,user-38,7.333333333333333,1995-01-01T00:00:00,1.0\n"
+        ),
+        "{here}"
+    );
     assert_eq!(here, there);
     // Ctrl-C during a long query exits 130 and leaves no job of it running on the cluster.
     let job_status = || -> Vec<String> {
@@ -123,7 +132,8 @@ fn three_cumulative_rounds_on_ratings_small_beat_the_bar_and_match_on_a_cluster(
     }
     assert!(!job_status().iter().any(|s| s == "Completed"), "cancelled, not run to the end: {:?}", job_status());
     for table in ["lookup-user.parquet", "lookup-movie.parquet"] {
-        let (a, b) = (lookup_table(&cluster_models.join("movielens/round-000003").join(table)), lookup_table(&models.join("movielens/round-000003").join(table)));
+        let (a, b) =
+            (lookup_table(&cluster_models.join("movielens/round-000003").join(table)), lookup_table(&models.join("movielens/round-000003").join(table)));
         assert_eq!(a.len(), b.len(), "{table} rows");
         for (x, y) in a.iter().zip(&b) {
             assert!(x.iter().zip(y).all(|(p, q)| close(*p, *q, 1e-9)), "{table}: {x:?} vs {y:?}");
@@ -188,11 +198,8 @@ fn watch_trains_each_batch_as_it_lands_and_stops_on_ctrl_c() {
     let land_batch = |seed: u64| land(&broker, dir.path(), &generate(dir.path(), 15_000, seed), "w", 100_000);
     let lake = land_batch(1);
     let models = dir.path().join("models");
-    let mut train = lensflow(["train", "--lake", &lake, "--watch", "--poll-interval", "1s", "--json", "--models"])
-        .arg(&models)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut train =
+        lensflow(["train", "--lake", &lake, "--watch", "--poll-interval", "1s", "--json", "--models"]).arg(&models).stdout(Stdio::piped()).spawn().unwrap();
     let round_published = |n: u64| {
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
         while std::fs::read(models.join("movielens/LATEST")).ok().and_then(|b| serde_json::from_slice::<LatestPointer>(&b).ok()).map(|p| p.round) != Some(n) {
@@ -206,7 +213,8 @@ fn watch_trains_each_batch_as_it_lands_and_stops_on_ctrl_c() {
     interrupt(&train);
     assert!(wait_exit(&mut train, Duration::from_secs(60), "trainer").success(), "Ctrl-C ends --watch cleanly");
     let out = train.wait_with_output().unwrap();
-    let rounds: Vec<u64> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["round"].as_u64().unwrap()).collect();
+    let rounds: Vec<u64> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["round"].as_u64().unwrap()).collect();
     assert_eq!(rounds, vec![1, 2]);
     assert_eq!(load_latest(&models.join("movielens")).1.lineage.batches, vec![1, 2]);
 }
@@ -243,7 +251,6 @@ fn an_executor_killed_mid_round_never_leaves_latest_on_a_partial_round() {
         assert!(!models.join("movielens/round-000001/model.json").exists());
     }
 }
-
 
 #[test]
 fn the_smart_home_pipeline_trains_honestly_beside_its_baselines() {

@@ -21,9 +21,7 @@ pub enum ApiError {
         limit: usize,
     },
     /// No round of the pipeline is loaded yet.
-    #[error(
-        "no model round of pipeline `{0}` is loaded yet: train one with `lensflow train --pipeline {0}` (the server picks it up on its own)"
-    )]
+    #[error("no model round of pipeline `{0}` is loaded yet: train one with `lensflow train --pipeline {0}` (the server picks it up on its own)")]
     NotReady(String),
     /// The model store holds no pipeline of this name.
     #[error("no pipeline `{name}` in the model store (it has: {known})")]
@@ -68,10 +66,7 @@ pub enum ApiError {
 impl ApiError {
     /// A single field problem.
     pub fn field(field: impl Into<String>, message: impl Into<String>) -> ApiError {
-        ApiError::Invalid(vec![FieldError {
-            field: field.into(),
-            message: message.into(),
-        }])
+        ApiError::Invalid(vec![FieldError { field: field.into(), message: message.into() }])
     }
 
     /// The HTTP status this error answers with.
@@ -82,40 +77,20 @@ impl ApiError {
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::UnknownPipeline { .. } => StatusCode::NOT_FOUND,
-            ApiError::BadRound { .. } | ApiError::Store(_) | ApiError::Serve { .. } | ApiError::Evaluate { .. } => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            ApiError::BadRound { .. } | ApiError::Store(_) | ApiError::Serve { .. } | ApiError::Evaluate { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     /// The JSON body: client errors in full, server errors without internals.
     pub fn body(&self) -> ErrorBody {
         match self {
-            ApiError::Invalid(errors) => ErrorBody {
-                error: self.to_string(),
-                field: errors.first().map(|e| e.field.clone()),
-                errors: errors.clone(),
-            },
-            ApiError::MalformedJson(_) | ApiError::TooLarge { .. } => ErrorBody {
-                error: self.to_string(),
-                field: Some("body".into()),
-                errors: vec![],
-            },
-            ApiError::NotReady(_) => ErrorBody {
-                error: self.to_string(),
-                field: None,
-                errors: vec![],
-            },
-            ApiError::UnknownPipeline { .. } => ErrorBody {
-                error: self.to_string(),
-                field: Some("pipeline".into()),
-                errors: vec![],
-            },
-            ApiError::BadRound { .. } | ApiError::Store(_) | ApiError::Serve { .. } | ApiError::Evaluate { .. } => ErrorBody {
-                error: "internal error (details in the server log)".into(),
-                field: None,
-                errors: vec![],
-            },
+            ApiError::Invalid(errors) => ErrorBody { error: self.to_string(), field: errors.first().map(|e| e.field.clone()), errors: errors.clone() },
+            ApiError::MalformedJson(_) | ApiError::TooLarge { .. } => ErrorBody { error: self.to_string(), field: Some("body".into()), errors: vec![] },
+            ApiError::NotReady(_) => ErrorBody { error: self.to_string(), field: None, errors: vec![] },
+            ApiError::UnknownPipeline { .. } => ErrorBody { error: self.to_string(), field: Some("pipeline".into()), errors: vec![] },
+            ApiError::BadRound { .. } | ApiError::Store(_) | ApiError::Serve { .. } | ApiError::Evaluate { .. } => {
+                ErrorBody { error: "internal error (details in the server log)".into(), field: None, errors: vec![] }
+            }
         }
     }
 }

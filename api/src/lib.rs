@@ -94,25 +94,12 @@ pub async fn state(opts: &ServeOptions) -> Result<AppState, ApiError> {
 
 /// Serves on `listener` until `shutdown`, then lets requests in flight finish (up to the drain
 /// time) and returns.
-pub async fn serve(
-    opts: ServeOptions,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> Result<(), ApiError> {
-    let addr = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+pub async fn serve(opts: ServeOptions, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ApiError> {
+    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let state = state(&opts).await?;
-    let watcher = tokio::spawn(
-        state
-            .models
-            .clone()
-            .watch(opts.poll_interval, shutdown.clone()),
-    );
+    let watcher = tokio::spawn(state.models.clone().watch(opts.poll_interval, shutdown.clone()));
     tracing::info!(%addr, models = state.models.store_url(), "serving");
-    let server = axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let server = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let drained = async {
         shutdown.cancelled().await;
         tokio::time::sleep(opts.drain).await;
@@ -126,17 +113,8 @@ pub async fn serve(
 }
 
 /// Binds `addr` and [`serve`]s.
-pub async fn run(
-    opts: ServeOptions,
-    addr: SocketAddr,
-    shutdown: CancellationToken,
-) -> Result<(), ApiError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| ApiError::Serve {
-            addr: addr.to_string(),
-            source,
-        })?;
+pub async fn run(opts: ServeOptions, addr: SocketAddr, shutdown: CancellationToken) -> Result<(), ApiError> {
+    let listener = TcpListener::bind(addr).await.map_err(|source| ApiError::Serve { addr: addr.to_string(), source })?;
     serve(opts, listener, shutdown).await
 }
 

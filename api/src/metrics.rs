@@ -56,73 +56,31 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("lensflow");
         let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
-            "http_requests",
-            "HTTP requests answered, by route, method, status and pipeline (empty for routes of no pipeline)",
-            requests.clone(),
-        );
+        registry.register("http_requests", "HTTP requests answered, by route, method, status and pipeline (empty for routes of no pipeline)", requests.clone());
         let latency = HistogramFamily::new_with_constructor(latency_histogram);
-        registry.register(
-            "http_request_duration_seconds",
-            "Time to answer an HTTP request, by route and pipeline",
-            latency.clone(),
-        );
+        registry.register("http_request_duration_seconds", "Time to answer an HTTP request, by route and pipeline", latency.clone());
         let predictions = Family::<TaskLabels, Counter>::default();
-        registry.register(
-            "predictions",
-            "Predictions made (a batch counts each item), by task and pipeline",
-            predictions.clone(),
-        );
+        registry.register("predictions", "Predictions made (a batch counts each item), by task and pipeline", predictions.clone());
         let round = Family::<PipelineLabels, Gauge>::default();
-        registry.register(
-            "model_round",
-            "The training round being served, by pipeline",
-            round.clone(),
-        );
+        registry.register("model_round", "The training round being served, by pipeline", round.clone());
         let swaps = Family::<PipelineLabels, Counter>::default();
         registry.register("model_swaps", "Rounds swapped in, by pipeline", swaps.clone());
         let refused = Family::<PipelineLabels, Counter>::default();
-        registry.register(
-            "model_refused",
-            "Rounds refused as corrupt or incomplete, by pipeline",
-            refused.clone(),
-        );
-        Metrics {
-            registry,
-            requests,
-            latency,
-            predictions,
-            round,
-            swaps,
-            refused,
-        }
+        registry.register("model_refused", "Rounds refused as corrupt or incomplete, by pipeline", refused.clone());
+        Metrics { registry, requests, latency, predictions, round, swaps, refused }
     }
 }
 
 impl Metrics {
     /// Records one answered request; `pipeline` is empty for routes of no pipeline.
     pub fn request(&self, route: &str, method: &str, status: u16, pipeline: &str, seconds: f64) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                route: route.to_string(),
-                method: method.to_string(),
-                status,
-                pipeline: pipeline.to_string(),
-            })
-            .inc();
-        self.latency
-            .get_or_create(&RouteLabels {
-                route: route.to_string(),
-                pipeline: pipeline.to_string(),
-            })
-            .observe(seconds);
+        self.requests.get_or_create(&RequestLabels { route: route.to_string(), method: method.to_string(), status, pipeline: pipeline.to_string() }).inc();
+        self.latency.get_or_create(&RouteLabels { route: route.to_string(), pipeline: pipeline.to_string() }).observe(seconds);
     }
 
     /// Records `n` predictions of `task` by `pipeline`.
     pub fn predictions(&self, task: &'static str, pipeline: &str, n: u64) {
-        self.predictions
-            .get_or_create(&TaskLabels { task, pipeline: pipeline.to_string() })
-            .inc_by(n);
+        self.predictions.get_or_create(&TaskLabels { task, pipeline: pipeline.to_string() }).inc_by(n);
     }
 
     /// Starts `pipeline`'s series at 0 when the pipeline is found, so a dashboard (or a

@@ -20,8 +20,7 @@ use lensflow_core::pipeline::definition::{Column, ColumnType};
 use lensflow_core::pipeline::event::{EventError, Value, kind, shown};
 use lensflow_core::pipeline::expr::FeatureExprs;
 use lensflow_core::predict::{
-    FEATURES, FeatureInfo, FieldError, LookupSummary, ROUND, RequestField, RoundSummary, SEGMENT, ServingRound, TaskInfo,
-    TasksInfo, known_field,
+    FEATURES, FeatureInfo, FieldError, LookupSummary, ROUND, RequestField, RoundSummary, SEGMENT, ServingRound, TaskInfo, TasksInfo, known_field,
 };
 use lensflow_core::{Lake, Pipeline};
 use object_store::path::Path;
@@ -245,12 +244,8 @@ impl LoadedRound {
         let n = artifact.features.len();
         let inputs: Vec<Vec<usize>> = (0..n)
             .map(|i| {
-                let set: BTreeSet<usize> = exprs
-                    .columns_used(i)
-                    .iter()
-                    .filter_map(|c| source.get(c.as_str()).copied())
-                    .filter(|&f| fields[f].default.is_none())
-                    .collect();
+                let set: BTreeSet<usize> =
+                    exprs.columns_used(i).iter().filter_map(|c| source.get(c.as_str()).copied()).filter(|&f| fields[f].default.is_none()).collect();
                 set.into_iter().collect()
             })
             .collect();
@@ -393,8 +388,7 @@ impl LoadedRound {
             return Err(ApiError::Invalid(errors));
         }
         // Each request's row in each lookup table (the zero row for an unknown or absent key).
-        let rows: Vec<Vec<u32>> =
-            self.lookups.iter().map(|l| items.iter().map(|item| l.find(self.key(item, l)).unwrap_or(l.rows)).collect()).collect();
+        let rows: Vec<Vec<u32>> = self.lookups.iter().map(|l| items.iter().map(|item| l.find(self.key(item, l)).unwrap_or(l.rows)).collect()).collect();
         let which = usize::from(task == Task::Clustering);
         // Features computed per entity at a default a request overrides are evaluated for the
         // batch instead (rare: most requests leave those fields at their defaults).
@@ -702,8 +696,7 @@ fn per_entity_features(
         let mine: Vec<usize> = (0..n)
             .filter(|&i| {
                 let used = exprs.columns_used(i);
-                used.iter().any(|c| owner.get(c.as_str()) == Some(&l))
-                    && used.iter().all(|c| owner.get(c.as_str()) == Some(&l) || defaulted(c).is_some())
+                used.iter().any(|c| owner.get(c.as_str()) == Some(&l)) && used.iter().all(|c| owner.get(c.as_str()) == Some(&l) || defaulted(c).is_some())
             })
             .collect();
         if mine.is_empty() {
@@ -779,9 +772,7 @@ fn field_message(e: &EventError) -> String {
 /// other store errors stay store errors (worth retrying).
 async fn fetch(store: &Lake, path: &str, round: u64) -> Result<Bytes, ApiError> {
     match store.get(&Path::from(path)).await {
-        Err(e) if e.is_not_found() => {
-            Err(ApiError::BadRound { round, path: store.url_of(path), reason: "missing: the round is incomplete".into() })
-        }
+        Err(e) if e.is_not_found() => Err(ApiError::BadRound { round, path: store.url_of(path), reason: "missing: the round is incomplete".into() }),
         other => Ok(other?),
     }
 }

@@ -21,8 +21,7 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use lensflow_core::predict::{
-    ErrorBody, FieldError, ModelsResponse, PipelineStatus, PipelineSummary, PipelinesResponse, Prediction, RoundSummary,
-    ServingRound,
+    ErrorBody, FieldError, ModelsResponse, PipelineStatus, PipelineSummary, PipelinesResponse, Prediction, RoundSummary, ServingRound,
 };
 use lensflow_core::{Lake, StorageOptions};
 use serde_json::Value;
@@ -32,8 +31,8 @@ use utoipa::OpenApi;
 use crate::ApiError;
 use crate::metrics::Metrics;
 use crate::round::Task;
-use lensflow_core::pipeline::event::kind;
 use crate::watcher::Models;
+use lensflow_core::pipeline::event::kind;
 
 mod openapi;
 
@@ -121,9 +120,7 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(|State(state): State<AppState>| async move { Json(openapi(&state.models)) }))
         .route("/docs", get(|| async { Html(SWAGGER_PAGE) }))
-        .fallback(|| async {
-            (StatusCode::NOT_FOUND, Json(ErrorBody { error: "no such route; see /docs".into(), field: None, errors: vec![] }))
-        })
+        .fallback(|| async { (StatusCode::NOT_FOUND, Json(ErrorBody { error: "no such route; see /docs".into(), field: None, errors: vec![] })) })
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, limits.timeout))
         .layer(DefaultBodyLimit::max(limits.body_bytes))
@@ -161,7 +158,11 @@ impl FromRequest<AppState> for PredictBody {
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE { ApiError::TooLarge { limit: state.limits.body_bytes } } else { ApiError::MalformedJson(e.body_text()) }
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::TooLarge { limit: state.limits.body_bytes }
+            } else {
+                ApiError::MalformedJson(e.body_text())
+            }
         })?;
         parse_body(&bytes, state.limits.batch)
     }
@@ -177,7 +178,9 @@ fn parse_body(bytes: &[u8], max_batch: usize) -> Result<PredictBody, ApiError> {
         }
         Value::Array(items) => Ok(PredictBody { items, batch: true }),
         object @ Value::Object(_) => Ok(PredictBody { items: vec![object], batch: false }),
-        other => Err(ApiError::field("body", format!("expected a request object (e.g. {{\"userId\":1,\"movieId\":31}}) or an array of them, got {}", kind(&other)))),
+        other => {
+            Err(ApiError::field("body", format!("expected a request object (e.g. {{\"userId\":1,\"movieId\":31}}) or an array of them, got {}", kind(&other))))
+        }
     }
 }
 

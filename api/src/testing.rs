@@ -10,8 +10,8 @@ use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch};
 use arrow_schema::{DataType, Field, Schema};
 use lensflow_core::Pipeline;
 use lensflow_core::model::{
-    ARTIFACT_FORMAT_VERSION, LATEST, LatestPointer, Lineage, LinearModel, LookupTable, MODEL_FILE, ModelArtifact, RoundMetrics, Scaling, Segment,
-    Segmentation, lookup_file, round_dir, sha256_hex,
+    ARTIFACT_FORMAT_VERSION, LATEST, LatestPointer, Lineage, LinearModel, LookupTable, MODEL_FILE, ModelArtifact, RoundMetrics, Scaling, Segment, Segmentation,
+    lookup_file, round_dir, sha256_hex,
 };
 
 /// A shipped pipeline.
@@ -91,10 +91,8 @@ pub fn movielens(round: u64) -> ModelArtifact {
     a.regression = linear(&p, &all, round as f64 / 100.0, &[("m_mean", 1.0)]);
     a.classification = linear(&p, &all, -7.0, &[("u_mean", 2.0)]);
     let profile = a.segmentation.profile.clone();
-    a.segmentation.segments = vec![
-        segment(0, vec![1.0, 2.0, 1.0, 0.5], &profile, "raters who rate low"),
-        segment(1, vec![1.0, 4.5, 1.0, 0.5], &profile, "raters who rate high"),
-    ];
+    a.segmentation.segments =
+        vec![segment(0, vec![1.0, 2.0, 1.0, 0.5], &profile, "raters who rate low"), segment(1, vec![1.0, 4.5, 1.0, 0.5], &profile, "raters who rate high")];
     a
 }
 
@@ -117,8 +115,7 @@ pub fn smart_home(round: u64) -> ModelArtifact {
 
 /// A lookup table as the trainer writes it: the key (int64), then float64 state columns.
 pub fn lookup_table(columns: &[&str], rows: &[[f64; 8]]) -> Vec<u8> {
-    let fields: Vec<Field> =
-        columns.iter().enumerate().map(|(i, c)| Field::new(*c, if i == 0 { DataType::Int64 } else { DataType::Float64 }, true)).collect();
+    let fields: Vec<Field> = columns.iter().enumerate().map(|(i, c)| Field::new(*c, if i == 0 { DataType::Int64 } else { DataType::Float64 }, true)).collect();
     let schema = Arc::new(Schema::new(fields));
     let arrays: Vec<ArrayRef> = (0..columns.len())
         .map(|i| -> ArrayRef {

@@ -105,7 +105,9 @@ impl Models {
             None if name == self.default => Err(ApiError::NotReady(name.to_string())),
             None => Err(ApiError::UnknownPipeline {
                 name: name.to_string(),
-                known: Some(self.pipelines.load().keys().cloned().collect::<Vec<_>>().join(", ")).filter(|k| !k.is_empty()).unwrap_or_else(|| "none yet".into()),
+                known: Some(self.pipelines.load().keys().cloned().collect::<Vec<_>>().join(", "))
+                    .filter(|k| !k.is_empty())
+                    .unwrap_or_else(|| "none yet".into()),
             }),
         }
     }
@@ -140,8 +142,11 @@ impl Models {
                     continue;
                 }
             };
-            let pointer = serde_json::from_slice::<LatestPointer>(&bytes)
-                .map_err(|e| ApiError::BadRound { round: 0, path: self.root.url_of(&path), reason: format!("not a LATEST pointer: {e}") });
+            let pointer = serde_json::from_slice::<LatestPointer>(&bytes).map_err(|e| ApiError::BadRound {
+                round: 0,
+                path: self.root.url_of(&path),
+                reason: format!("not a LATEST pointer: {e}"),
+            });
             found.push((name, pointer));
         }
         Ok(found)

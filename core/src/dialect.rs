@@ -163,7 +163,10 @@ mod tests {
         // 29 November 2026 is a Sunday: day 1 of Spark's week.
         assert_eq!(values, [2026, 11, 29, 1, 4, 333]);
         let sign = column("SELECT sign(CAST(-2.5 AS DOUBLE))").await;
-        assert_eq!(datafusion::arrow::compute::cast(&sign, &arrow_schema::DataType::Utf8).unwrap().as_any().downcast_ref::<StringArray>().unwrap().value(0), "-1.0");
+        assert_eq!(
+            datafusion::arrow::compute::cast(&sign, &arrow_schema::DataType::Utf8).unwrap().as_any().downcast_ref::<StringArray>().unwrap().value(0),
+            "-1.0"
+        );
         let var = column("SELECT variance(x) FROM (VALUES (1.0), (2.0), (4.0)) AS t(x)").await;
         let var = var.as_any().downcast_ref::<arrow_array::Float64Array>().unwrap().value(0);
         assert!((var - 7.0 / 3.0).abs() < 1e-12, "{var}");

@@ -31,18 +31,12 @@ pub const DEAD_LETTERS_DIR: &str = "_dead_letters";
 
 /// Path (relative to the lake root) of the Parquet file holding `range` of `partition`.
 pub fn batch_file_path(partition: i32, range: OffsetRange, writer: &str) -> String {
-    format!(
-        "{EVENTS_DIR}/{}.parquet",
-        segment_name(partition, range, writer)
-    )
+    format!("{EVENTS_DIR}/{}.parquet", segment_name(partition, range, writer))
 }
 
 /// Path of the dead-letter file for `range` of `partition`.
 pub fn dead_letter_path(partition: i32, range: OffsetRange, writer: &str) -> String {
-    format!(
-        "{DEAD_LETTERS_DIR}/{}.jsonl",
-        segment_name(partition, range, writer)
-    )
+    format!("{DEAD_LETTERS_DIR}/{}.jsonl", segment_name(partition, range, writer))
 }
 
 /// Path of manifest number `batch`.
@@ -52,24 +46,14 @@ pub fn manifest_path(batch: u64) -> String {
 
 /// The batch number a manifest path names, if it is one.
 pub fn parse_manifest_path(path: &str) -> Option<u64> {
-    let name = path
-        .strip_prefix(BATCHES_DIR)?
-        .strip_prefix('/')?
-        .strip_suffix(".json")?;
-    if name.len() == 10 && name.bytes().all(|b| b.is_ascii_digit()) {
-        name.parse().ok()
-    } else {
-        None
-    }
+    let name = path.strip_prefix(BATCHES_DIR)?.strip_prefix('/')?.strip_suffix(".json")?;
+    if name.len() == 10 && name.bytes().all(|b| b.is_ascii_digit()) { name.parse().ok() } else { None }
 }
 
 /// Zero-padded offsets keep a folder listing in offset order; the writer id keeps two writers
 /// that briefly read the same range (during a rebalance) from ever clobbering each other.
 fn segment_name(partition: i32, range: OffsetRange, writer: &str) -> String {
-    format!(
-        "p{partition:03}-o{:019}-{:019}-{writer}",
-        range.first, range.last
-    )
+    format!("p{partition:03}-o{:019}-{:019}-{writer}", range.first, range.last)
 }
 
 /// An inclusive range of Kafka offsets within one partition.
@@ -172,43 +156,22 @@ pub enum LakeError {
 impl BatchManifest {
     /// Parses and checks a manifest read from `path`.
     pub fn from_json(path: &str, bytes: &[u8]) -> Result<Self, LakeError> {
-        let manifest: BatchManifest =
-            serde_json::from_slice(bytes).map_err(|source| LakeError::ManifestJson {
-                path: path.to_string(),
-                source,
-            })?;
-        let invalid = |reason: String| LakeError::ManifestInvalid {
-            path: path.to_string(),
-            reason,
-        };
+        let manifest: BatchManifest = serde_json::from_slice(bytes).map_err(|source| LakeError::ManifestJson { path: path.to_string(), source })?;
+        let invalid = |reason: String| LakeError::ManifestInvalid { path: path.to_string(), reason };
         if manifest.format_version != MANIFEST_FORMAT_VERSION {
-            return Err(invalid(format!(
-                "format version {} is not the supported {MANIFEST_FORMAT_VERSION}",
-                manifest.format_version
-            )));
+            return Err(invalid(format!("format version {} is not the supported {MANIFEST_FORMAT_VERSION}", manifest.format_version)));
         }
         if parse_manifest_path(path).is_some_and(|n| n != manifest.batch) {
-            return Err(invalid(format!(
-                "names batch {} but its file name says otherwise",
-                manifest.batch
-            )));
+            return Err(invalid(format!("names batch {} but its file name says otherwise", manifest.batch)));
         }
         let rows: u64 = manifest.files.iter().map(|f| f.rows).sum();
         if rows != manifest.rows {
-            return Err(invalid(format!(
-                "rows {} but its files hold {rows}",
-                manifest.rows
-            )));
+            return Err(invalid(format!("rows {} but its files hold {rows}", manifest.rows)));
         }
         for file in &manifest.files {
             let covered = manifest.partitions.get(&file.partition);
-            if !covered
-                .is_some_and(|r| r.first <= file.offsets.first && file.offsets.last <= r.last)
-            {
-                return Err(invalid(format!(
-                    "file {} lies outside the batch's offsets",
-                    file.path
-                )));
+            if !covered.is_some_and(|r| r.first <= file.offsets.first && file.offsets.last <= r.last) {
+                return Err(invalid(format!("file {} lies outside the batch's offsets", file.path)));
             }
         }
         Ok(manifest)
@@ -252,15 +215,7 @@ mod tests {
             writer: "w1".into(),
             created_at_ms: 1,
             partitions: BTreeMap::from([(2, range)]),
-            files: vec![BatchFile {
-                path: batch_file_path(2, range, "w1"),
-                partition: 2,
-                offsets: range,
-                rows: 10,
-                bytes: 100,
-                min_ts: 5,
-                max_ts: 6,
-            }],
+            files: vec![BatchFile { path: batch_file_path(2, range, "w1"), partition: 2, offsets: range, rows: 10, bytes: 100, min_ts: 5, max_ts: 6 }],
             dead_letters: vec![],
             rows: 10,
             dead_letter_count: 0,
@@ -271,14 +226,8 @@ mod tests {
 
     #[test]
     fn names_carry_partition_and_offsets_and_sort_by_batch() {
-        let range = OffsetRange {
-            first: 12,
-            last: 3456,
-        };
-        assert_eq!(
-            batch_file_path(2, range, "ab12"),
-            "events/p002-o0000000000000000012-0000000000000003456-ab12.parquet"
-        );
+        let range = OffsetRange { first: 12, last: 3456 };
+        assert_eq!(batch_file_path(2, range, "ab12"), "events/p002-o0000000000000000012-0000000000000003456-ab12.parquet");
         assert_eq!(manifest_path(42), "_batches/0000000042.json");
         assert_eq!(parse_manifest_path(&manifest_path(42)), Some(42));
         assert_eq!(parse_manifest_path("_batches/42.json"), None);
@@ -291,18 +240,10 @@ mod tests {
         let path = manifest_path(7);
         assert_eq!(BatchManifest::from_json(&path, &m.to_json()).unwrap(), m);
         let err = BatchManifest::from_json(&manifest_path(8), &m.to_json()).unwrap_err();
-        assert!(
-            err.to_string().contains("_batches/0000000008.json"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("_batches/0000000008.json"), "{err}");
         let mut bad = m.clone();
         bad.rows = 11;
-        assert!(
-            BatchManifest::from_json(&path, &bad.to_json())
-                .unwrap_err()
-                .to_string()
-                .contains("rows 11")
-        );
+        assert!(BatchManifest::from_json(&path, &bad.to_json()).unwrap_err().to_string().contains("rows 11"));
         let mut outside = m;
         outside.files[0].offsets.last = 10;
         assert!(BatchManifest::from_json(&path, &outside.to_json()).is_err());

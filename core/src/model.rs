@@ -38,10 +38,7 @@ pub fn lookup_file(name: &str) -> String {
 
 /// Lower-case hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Per-feature standardisation: `z = (x - mean) / scale`.
@@ -56,11 +53,7 @@ pub struct Scaling {
 impl Scaling {
     /// Standardises one row.
     pub fn apply(&self, x: &[f64]) -> Vec<f64> {
-        x.iter()
-            .zip(&self.mean)
-            .zip(&self.scale)
-            .map(|((x, m), s)| (x - m) / s)
-            .collect()
+        x.iter().zip(&self.mean).zip(&self.scale).map(|((x, m), s)| (x - m) / s).collect()
     }
 }
 
@@ -78,13 +71,7 @@ pub struct LinearModel {
 impl LinearModel {
     /// The linear predictor for an already standardised row of all the pipeline's features.
     pub fn score(&self, z: &[f64]) -> f64 {
-        self.intercept
-            + self
-                .coefficients
-                .iter()
-                .zip(&self.uses)
-                .map(|(c, &i)| c * z.get(i).copied().unwrap_or(0.0))
-                .sum::<f64>()
+        self.intercept + self.coefficients.iter().zip(&self.uses).map(|(c, &i)| c * z.get(i).copied().unwrap_or(0.0)).sum::<f64>()
     }
 }
 
@@ -118,16 +105,8 @@ impl Segmentation {
     /// The nearest segment to an entity's (unstandardised) profile features.
     pub fn assign(&self, x: &[f64]) -> Option<&Segment> {
         let z = self.scaling.apply(x);
-        let dist = |s: &Segment| {
-            s.centroid
-                .iter()
-                .zip(&z)
-                .map(|(c, z)| (c - z).powi(2))
-                .sum::<f64>()
-        };
-        self.segments
-            .iter()
-            .min_by(|a, b| dist(a).total_cmp(&dist(b)))
+        let dist = |s: &Segment| s.centroid.iter().zip(&z).map(|(c, z)| (c - z).powi(2)).sum::<f64>();
+        self.segments.iter().min_by(|a, b| dist(a).total_cmp(&dist(b)))
     }
 }
 

@@ -18,7 +18,7 @@ use object_store::prefix::PrefixStore;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-use crate::lake::{manifest_path, parse_manifest_path, BATCHES_DIR};
+use crate::lake::{BATCHES_DIR, manifest_path, parse_manifest_path};
 use crate::{BatchFile, BatchManifest, LakeError};
 
 /// What can go wrong with storage; each variant names the object or setting at fault.
@@ -158,25 +158,14 @@ impl Lake {
     pub async fn manifests_after(&self, after: u64) -> Result<Vec<BatchManifest>> {
         let prefix = Path::from(BATCHES_DIR);
         let offset = Path::from(manifest_path(after));
-        let metas: Vec<_> = self
-            .store
-            .list_with_offset(Some(&prefix), &offset)
-            .try_collect()
-            .await
-            .map_err(StoreError::store(BATCHES_DIR))?;
-        let mut numbered: Vec<(u64, Path)> = metas
-            .into_iter()
-            .filter_map(|m| parse_manifest_path(m.location.as_ref()).map(|n| (n, m.location)))
-            .filter(|(n, _)| *n > after)
-            .collect();
+        let metas: Vec<_> = self.store.list_with_offset(Some(&prefix), &offset).try_collect().await.map_err(StoreError::store(BATCHES_DIR))?;
+        let mut numbered: Vec<(u64, Path)> =
+            metas.into_iter().filter_map(|m| parse_manifest_path(m.location.as_ref()).map(|n| (n, m.location))).filter(|(n, _)| *n > after).collect();
         numbered.sort_by_key(|(n, _)| *n);
         let mut manifests = Vec::with_capacity(numbered.len());
         for (expected, (n, path)) in (after + 1..).zip(numbered) {
             if n != expected {
-                return Err(StoreError::LakeContent(format!(
-                    "batch {expected} is missing while batch {n} exists ({})",
-                    manifest_path(expected)
-                )));
+                return Err(StoreError::LakeContent(format!("batch {expected} is missing while batch {n} exists ({})", manifest_path(expected))));
             }
             let bytes = self.get(&path).await?;
             manifests.push(BatchManifest::from_json(path.as_ref(), &bytes)?);
@@ -227,9 +216,7 @@ impl Lake {
     pub async fn read_batch_file(&self, file: &BatchFile) -> Result<Vec<RecordBatch>> {
         let bytes = self.get(&Path::from(file.path.as_str())).await?;
         let bad = |reason: String| StoreError::BatchFile { path: file.path.clone(), reason };
-        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
-            .and_then(|b| b.build())
-            .map_err(|e| bad(e.to_string()))?;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes).and_then(|b| b.build()).map_err(|e| bad(e.to_string()))?;
         let batches = reader.collect::<Result<Vec<_>, _>>().map_err(|e| bad(e.to_string()))?;
         let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
         if rows as u64 != file.rows {

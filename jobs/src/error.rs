@@ -75,10 +75,7 @@ impl JobError {
     pub fn is_retryable(&self) -> bool {
         match self {
             // Content and settings need a person; the store itself being down does not.
-            JobError::Store(e) => !matches!(
-                e,
-                StoreError::LakeContent(_) | StoreError::BatchFile { .. } | StoreError::Manifest(_) | StoreError::Config { .. }
-            ),
+            JobError::Store(e) => !matches!(e, StoreError::LakeContent(_) | StoreError::BatchFile { .. } | StoreError::Manifest(_) | StoreError::Config { .. }),
             JobError::Kafka { .. } | JobError::Undelivered { .. } | JobError::Engine { .. } => true,
             _ => false,
         }

@@ -55,13 +55,8 @@ impl<'p> EventsCsv<'p> {
     /// Opens `path` and reads its header, which must name every column of `pipeline`.
     pub fn open(path: &Path, pipeline: &'p Pipeline) -> Result<EventsCsv<'p>> {
         let file = File::open(path).map_err(JobError::io(path))?;
-        let mut records = Records {
-            path: path.to_path_buf(),
-            reader: BufReader::with_capacity(1 << 20, file),
-            buf: Vec::with_capacity(256),
-            line: 0,
-            bytes_read: 0,
-        };
+        let mut records =
+            Records { path: path.to_path_buf(), reader: BufReader::with_capacity(1 << 20, file), buf: Vec::with_capacity(256), line: 0, bytes_read: 0 };
         let bad = |line: u64, reason: String| JobError::Config {
             option: "input",
             reason: format!("{}: line {line}: {reason} (pipeline {})", path.display(), pipeline.name()),
@@ -320,9 +315,8 @@ mod tests {
         // Columns reordered, an extra column, a quoted comma, an escaped quote and a quoted
         // line break: the record after it still knows its own line number.
         let header = "DeviceType,UserID,UsageHoursPerDay,EnergyConsumption,UserPreferences,MalfunctionIncidents,DeviceAgeMonths,SmartHomeEfficiency,Note";
-        let text = format!(
-            "{header}\n\"Smart Speaker\",1,1.5,2.0,1,0,12,1,\"a, b\"\n\"Lights\",2,3,4,0,1,5,0,\"say \"\"hi\"\"\nthere\"\nToaster,3,1,1,1,0,1,1,x\n"
-        );
+        let text =
+            format!("{header}\n\"Smart Speaker\",1,1.5,2.0,1,0,12,1,\"a, b\"\n\"Lights\",2,3,4,0,1,5,0,\"say \"\"hi\"\"\nthere\"\nToaster,3,1,1,1,0,1,1,x\n");
         std::fs::write(&path, text).unwrap();
         let (good, bad) = read_all(&path, &builtin("smart-home"));
         assert_eq!(good.len(), 2);

@@ -177,11 +177,7 @@ pub fn generate(opts: &GenerateOptions, out: impl Write) -> Result<GenerateSumma
             // MovieLens ids have gaps (removed or never-rated titles).
             next_id += 1 + (rng.random::<f64>().powi(6) * 30.0) as i64;
             let popular = 1.0 - (ranks[i] as f64 / n_movies as f64);
-            Movie {
-                id: next_id,
-                quality: 0.4 * unit.sample(&mut rng) + 0.3 * (popular - 0.5),
-                taste: std::array::from_fn(|_| 0.4 * unit.sample(&mut rng)),
-            }
+            Movie { id: next_id, quality: 0.4 * unit.sample(&mut rng) + 0.3 * (popular - 0.5), taste: std::array::from_fn(|_| 0.4 * unit.sample(&mut rng)) }
         })
         .collect();
     let movie_weights = ranks.iter().map(|&r| 1.0 / (r as f64 + 8.0).powf(0.95));
@@ -202,10 +198,7 @@ pub fn generate(opts: &GenerateOptions, out: impl Write) -> Result<GenerateSumma
         let (u, m) = (0..1000)
             .map(|_| (user_pop.pick(&mut rng, progress), movie_pop.pick(&mut rng, progress)))
             .find(|&(u, m)| seen.insert(((u as u64) << 32) | m as u64))
-            .ok_or_else(|| JobError::Config {
-                option: "ratings",
-                reason: "users × movies too small to give every user distinct movies".into(),
-            })?;
+            .ok_or_else(|| JobError::Config { option: "ratings", reason: "users × movies too small to give every user distinct movies".into() })?;
         let (user, movie) = (&users[u], &movies[m]);
         let taste: f64 = user.taste.iter().zip(&movie.taste).map(|(a, b)| a * b).sum();
         let raw = 3.55 + user.bias + movie.quality + taste + 0.75 * user.spread * unit.sample(&mut rng);

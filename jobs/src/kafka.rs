@@ -46,17 +46,13 @@ pub async fn ensure_topic(kafka: &KafkaOptions, topic: &str, partitions: i32, re
     if partitions < 1 {
         return Err(JobError::Config { option: "partitions", reason: format!("{partitions} is not at least 1") });
     }
-    let admin: AdminClient<DefaultClientContext> =
-        kafka.client_config(&[]).create().map_err(JobError::kafka("create admin client"))?;
+    let admin: AdminClient<DefaultClientContext> = kafka.client_config(&[]).create().map_err(JobError::kafka("create admin client"))?;
     let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     // All topics' metadata: asking for this one by name may auto-create it on some brokers,
     // with the broker's partition count instead of ours.
     let exists = |admin: &AdminClient<DefaultClientContext>| -> Result<bool> {
-        let metadata = admin
-            .inner()
-            .fetch_metadata(None, Duration::from_secs(10))
-            .map_err(JobError::kafka(format!("metadata of {topic}")))?;
+        let metadata = admin.inner().fetch_metadata(None, Duration::from_secs(10)).map_err(JobError::kafka(format!("metadata of {topic}")))?;
         Ok(metadata.topics().iter().any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()))
     };
     if exists(&admin)? {

@@ -44,10 +44,8 @@ pub type Result<T, E = JobError> = std::result::Result<T, E>;
 /// A progress bar for work a person watches; hidden when stderr is not a terminal.
 pub(crate) fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(len);
-    let style = indicatif::ProgressStyle::with_template(&format!(
-        "{what:>10} [{{bar:30}}] {{human_pos}}/{{human_len}} {{per_sec}} eta {{eta}}"
-    ))
-    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    let style = indicatif::ProgressStyle::with_template(&format!("{what:>10} [{{bar:30}}] {{human_pos}}/{{human_len}} {{per_sec}} eta {{eta}}"))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
     bar.set_style(style.progress_chars("=> "));
     bar
 }

@@ -153,9 +153,7 @@ impl ProducerContext for DeliveryCounter {
 pub async fn produce(opts: ProduceOptions, shutdown: CancellationToken) -> Result<ProduceSummary> {
     opts.validate()?;
     ensure_topic(&opts.kafka, &opts.topic, opts.partitions, opts.replication).await?;
-    tokio::task::spawn_blocking(move || produce_blocking(&opts, &shutdown))
-        .await
-        .map_err(|e| JobError::Internal(format!("producer thread: {e}")))?
+    tokio::task::spawn_blocking(move || produce_blocking(&opts, &shutdown)).await.map_err(|e| JobError::Internal(format!("producer thread: {e}")))?
 }
 
 fn produce_blocking(opts: &ProduceOptions, shutdown: &CancellationToken) -> Result<ProduceSummary> {
@@ -242,11 +240,7 @@ fn produce_blocking(opts: &ProduceOptions, shutdown: &CancellationToken) -> Resu
     let rejects_file = rejects.finish()?;
     let seconds = start.elapsed().as_secs_f64();
     if failed > 0 {
-        return Err(JobError::Undelivered {
-            failed,
-            sent,
-            first: first_failure.unwrap_or_else(|| "no delivery report before the flush timeout".into()),
-        });
+        return Err(JobError::Undelivered { failed, sent, first: first_failure.unwrap_or_else(|| "no delivery report before the flush timeout".into()) });
     }
     Ok(ProduceSummary {
         lines,

@@ -339,7 +339,8 @@ async fn register(engine: &Engine, opts: &SqlOptions) -> Result<Vec<String>> {
             let store = models.child(p.name());
             let Some(pointer) = latest(&store).await? else { continue };
             let bytes = store.get(&Path::from(format!("{}/{MODEL_FILE}", pointer.path))).await?;
-            let artifact: ModelArtifact = serde_json::from_slice(&bytes).map_err(|e| JobError::Config { option: "models", reason: format!("{}: {e}", store.url_of(&pointer.path)) })?;
+            let artifact: ModelArtifact =
+                serde_json::from_slice(&bytes).map_err(|e| JobError::Config { option: "models", reason: format!("{}: {e}", store.url_of(&pointer.path)) })?;
             for l in &artifact.lookups {
                 let name = format!("lookup_{}", l.name);
                 if names.contains(&name) {

@@ -362,15 +362,14 @@ pub fn lake_batches(url: &str, storage: &[(String, String)]) -> usize {
 
 /// An event as one sortable string: compares values exactly (floats by their bits).
 fn sort_key(e: &Event) -> String {
-    let parts: Vec<String> = e
-        .0
-        .iter()
-        .map(|v| match v {
-            Value::Int(i) => format!("i{i}"),
-            Value::Float(f) => format!("f{:016x}", f.to_bits()),
-            Value::Text(t) => format!("t{t}"),
-        })
-        .collect();
+    let parts: Vec<String> =
+        e.0.iter()
+            .map(|v| match v {
+                Value::Int(i) => format!("i{i}"),
+                Value::Float(f) => format!("f{:016x}", f.to_bits()),
+                Value::Text(t) => format!("t{t}"),
+            })
+            .collect();
     parts.join("\u{1f}")
 }
 
@@ -491,8 +490,21 @@ pub fn land_pipeline(broker: &Broker, dir: &Path, input: &Path, pipeline: &str, 
     let lake = format!("file://{}", dir.join("lake").display());
     let rows = batch_rows.to_string();
     run_ok(&mut lensflow([
-        "consume", "--pipeline", pipeline, "--brokers", &broker.addr(), "--topic", topic, "--group", "g", "--lake", &lake, "--batch-rows", &rows,
-        "--exit-when-idle", "5s",
+        "consume",
+        "--pipeline",
+        pipeline,
+        "--brokers",
+        &broker.addr(),
+        "--topic",
+        topic,
+        "--group",
+        "g",
+        "--lake",
+        &lake,
+        "--batch-rows",
+        &rows,
+        "--exit-when-idle",
+        "5s",
     ]));
     lake
 }

@@ -63,16 +63,15 @@ pub fn openapi(models: &Models) -> utoipa::openapi::OpenApi {
                 doc.paths.add_path_operation(&path, vec![HttpMethod::Post], op);
             }
             let get = |what: &str, schema: &str, text: String| {
-                OperationBuilder::new()
-                    .summary(Some(text))
-                    .operation_id(Some(format!("{id}{what}")))
-                    .tag(name.clone())
-                    .responses(
-                        ResponsesBuilder::new()
-                            .response("200", ResponseBuilder::new().description("OK").content("application/json", Content::new(Some(Ref::from_schema_name(schema)))))
-                            .response("404", error_response("No such pipeline in the model store"))
-                            .response("503", error_response("No round of the pipeline is loaded yet")),
-                    )
+                OperationBuilder::new().summary(Some(text)).operation_id(Some(format!("{id}{what}"))).tag(name.clone()).responses(
+                    ResponsesBuilder::new()
+                        .response(
+                            "200",
+                            ResponseBuilder::new().description("OK").content("application/json", Content::new(Some(Ref::from_schema_name(schema)))),
+                        )
+                        .response("404", error_response("No such pipeline in the model store"))
+                        .response("503", error_response("No round of the pipeline is loaded yet")),
+                )
             };
             doc.paths.add_path_operation(
                 format!("{prefix}/models"),
@@ -156,7 +155,8 @@ fn request_schema(p: &Pipeline) -> Schema {
         .additional_properties(Some(AdditionalProperties::FreeForm(false)));
     for f in p.features() {
         let range = d.features.ranges.get(f);
-        features = features.property(f, ObjectBuilder::new().schema_type(SchemaType::new(Type::Number)).minimum(range.map(|r| r[0])).maximum(range.map(|r| r[1])));
+        features =
+            features.property(f, ObjectBuilder::new().schema_type(SchemaType::new(Type::Number)).minimum(range.map(|r| r[0])).maximum(range.map(|r| r[1])));
     }
     let mut schema = ObjectBuilder::new().schema_type(SchemaType::new(Type::Object)).description(Some(format!(
         "A question to pipeline {}: {}. A field may be left out when every feature that needs it is given in `{FEATURES}` (or, for a field with a default, always).",
@@ -187,10 +187,9 @@ fn answer_schema(p: &Pipeline) -> Schema {
     let m = &d.models;
     let number = |doc: &str| ObjectBuilder::new().schema_type(SchemaType::new(Type::Number)).description(Some(doc.to_string()));
     let integer = |doc: &str| ObjectBuilder::new().schema_type(SchemaType::new(Type::Integer)).description(Some(doc.to_string()));
-    let mut schema = ObjectBuilder::new().schema_type(SchemaType::new(Type::Object)).description(Some(format!(
-        "An answer of pipeline {}: the fields given, echoed, and the answers the endpoint asked for",
-        p.name()
-    )));
+    let mut schema = ObjectBuilder::new()
+        .schema_type(SchemaType::new(Type::Object))
+        .description(Some(format!("An answer of pipeline {}: the fields given, echoed, and the answers the endpoint asked for", p.name())));
     for c in request_columns(p) {
         schema = schema.property(c.wire(), field_schema(c, false).description(Some(format!("{} (as asked)", c.doc))));
     }
@@ -208,8 +207,14 @@ fn answer_schema(p: &Pipeline) -> Schema {
     }
     let (lo, hi) = m.regression.clip.map(|[lo, hi]| (Some(lo), Some(hi))).unwrap_or((None, None));
     schema
-        .property(&m.classification.probability, number(&format!("Classification: probability that {}", m.classification.doc)).minimum(Some(0.0)).maximum(Some(1.0)))
-        .property(&m.classification.answer, integer(&format!("Classification: 1 if the probability is at least 0.5, else 0 ({})", m.classification.doc)).enum_values(Some([0, 1])))
+        .property(
+            &m.classification.probability,
+            number(&format!("Classification: probability that {}", m.classification.doc)).minimum(Some(0.0)).maximum(Some(1.0)),
+        )
+        .property(
+            &m.classification.answer,
+            integer(&format!("Classification: 1 if the probability is at least 0.5, else 0 ({})", m.classification.doc)).enum_values(Some([0, 1])),
+        )
         .property(&m.regression.answer, number(&format!("Regression: {}", m.regression.doc)).minimum(lo).maximum(hi))
         .property(&m.clustering.answer, integer(&format!("Clustering: {}", m.clustering.doc)))
         .property(SEGMENT, ObjectBuilder::new().schema_type(SchemaType::new(Type::String)).description(Some("Clustering: the segment in words")))

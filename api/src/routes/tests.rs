@@ -156,7 +156,10 @@ async fn a_second_pipeline_answers_on_its_own_routes_with_its_own_fields() {
     assert_eq!(v["predicted_incidents"], 2.52);
     // Profile (10 h, 2 kWh, 20 months, 0): nearer the light-use centroid.
     assert_eq!((v["cluster_id"].as_u64(), v["segment"].as_str()), (Some(0), Some("lightly used")));
-    assert_eq!((v["features"]["heavy_use"].as_f64(), v["features"]["is_camera"].as_f64(), v["features"]["is_lights"].as_f64()), (Some(1.0), Some(1.0), Some(0.0)));
+    assert_eq!(
+        (v["features"]["heavy_use"].as_f64(), v["features"]["is_camera"].as_f64(), v["features"]["is_lights"].as_f64()),
+        (Some(1.0), Some(1.0), Some(0.0))
+    );
     assert!(v.as_object().unwrap().keys().all(|k| !k.starts_with("known_")), "no lookups, no known_ fields: {v}");
     assert!(v.get("prediction_like").is_none(), "MovieLens names do not leak: {v}");
 
@@ -189,9 +192,12 @@ async fn a_second_pipeline_answers_on_its_own_routes_with_its_own_fields() {
     assert_eq!(v["predicted_incidents"], 4.0, "{v}");
 
     // Clustering needs only what the profile reads.
-    let (status, v) =
-        post(&app, "/pipelines/smart-home/predict_clustering", json!({"UsageHoursPerDay": 22, "EnergyConsumption": 9, "DeviceAgeMonths": 50, "MalfunctionIncidents": 2}))
-            .await;
+    let (status, v) = post(
+        &app,
+        "/pipelines/smart-home/predict_clustering",
+        json!({"UsageHoursPerDay": 22, "EnergyConsumption": 9, "DeviceAgeMonths": 50, "MalfunctionIncidents": 2}),
+    )
+    .await;
     assert_eq!((status, v["segment"].as_str()), (StatusCode::OK, Some("heavily used")), "{v}");
     assert_eq!(v["features"].as_object().unwrap().len(), 4, "{v}");
 
@@ -272,7 +278,13 @@ async fn bad_input_is_a_4xx_naming_the_field() {
         ),
         ("/pipelines/smart-home/predict", toaster.to_string(), unprocessable, "DeviceType", "\"Toaster\" is not a known value (one of Camera, Lights"),
         ("/pipelines/smart-home/predict", hours.to_string(), unprocessable, "UsageHoursPerDay", "25 is out of range (0 to 24)"),
-        ("/pipelines/smart-home/predict", no_type.to_string(), unprocessable, "DeviceType", "or these features: is_camera, is_lights, is_security_system, is_thermostat"),
+        (
+            "/pipelines/smart-home/predict",
+            no_type.to_string(),
+            unprocessable,
+            "DeviceType",
+            "or these features: is_camera, is_lights, is_security_system, is_thermostat",
+        ),
         ("/pipelines/smart-home/predict", json!([camera(), toaster]).to_string(), unprocessable, "[1].DeviceType", "Toaster"),
         ("/pipelines/smart-home/predict", json!({"features": {"usage_hours": 30}}).to_string(), unprocessable, "features.usage_hours", "between 0 and 24"),
     ];
@@ -461,7 +473,19 @@ async fn the_openapi_description_has_every_pipelines_paths_and_schemas() {
     // Before any round: the fixed routes, and the default pipeline's from its built-in definition.
     let (status, v) = get(&app, "/openapi.json").await;
     assert_eq!(status, StatusCode::OK);
-    for path in ["/predict", "/predict_classification", "/predict_regression", "/predict_clustering", "/models", "/status", "/pipelines", "/healthz", "/readyz", "/metrics", "/pipelines/movielens/predict"] {
+    for path in [
+        "/predict",
+        "/predict_classification",
+        "/predict_regression",
+        "/predict_clustering",
+        "/models",
+        "/status",
+        "/pipelines",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/pipelines/movielens/predict",
+    ] {
         assert!(v["paths"].get(path).is_some(), "{path} missing from the OpenAPI paths");
     }
     assert!(v["paths"].get("/pipelines/smart-home/predict").is_none());
@@ -473,7 +497,10 @@ async fn the_openapi_description_has_every_pipelines_paths_and_schemas() {
     for name in ["movielens", "smart-home"] {
         for suffix in ["predict", "predict_classification", "predict_regression", "predict_clustering"] {
             let op = &v["paths"][format!("/pipelines/{name}/{suffix}")]["post"];
-            assert!(op["requestBody"]["content"]["application/json"]["schema"]["oneOf"][0]["$ref"].as_str().unwrap().ends_with(&format!("{name}.PredictRequest")), "{op}");
+            assert!(
+                op["requestBody"]["content"]["application/json"]["schema"]["oneOf"][0]["$ref"].as_str().unwrap().ends_with(&format!("{name}.PredictRequest")),
+                "{op}"
+            );
         }
         assert!(v["paths"][format!("/pipelines/{name}/models")].get("get").is_some());
         assert!(v["paths"][format!("/pipelines/{name}/status")].get("get").is_some());

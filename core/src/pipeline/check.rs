@@ -178,7 +178,10 @@ impl Pipeline {
         }
         let c = &m.clustering;
         if c.entity != EVENT_ENTITY && !lookup_names.contains(c.entity.as_str()) {
-            return fault("models.clustering.entity", format!("`{}` is neither `{EVENT_ENTITY}` nor a lookup ({})", c.entity, lookup_names.into_iter().collect::<Vec<_>>().join(", ")));
+            return fault(
+                "models.clustering.entity",
+                format!("`{}` is neither `{EVENT_ENTITY}` nor a lookup ({})", c.entity, lookup_names.into_iter().collect::<Vec<_>>().join(", ")),
+            );
         }
         if c.profile.is_empty() {
             return fault("models.clustering.profile", "no profile features".into());
@@ -269,7 +272,11 @@ impl Pipeline {
         // column a serving row has.
         for f in serving.fields() {
             if features.field_with_name(f.name()).is_err() {
-                return Err(sql_fault(file, "(query)", format!("the query must also give `{}` so each round can check serving's features against it", f.name())));
+                return Err(sql_fault(
+                    file,
+                    "(query)",
+                    format!("the query must also give `{}` so each round can check serving's features against it", f.name()),
+                ));
             }
         }
         // A model may not read what it predicts, however the feature is written.
@@ -318,14 +325,8 @@ impl Pipeline {
     /// The row serving builds for a request: the request fields, then each lookup's state
     /// columns (all but its key).
     pub fn serving_schema(&self, lookups: &[SchemaRef]) -> SchemaRef {
-        let mut fields: Vec<Field> = self
-            .definition
-            .request
-            .fields
-            .iter()
-            .filter_map(|f| self.column(f))
-            .map(|c| Field::new(&c.name, arrow_type(c.kind), false))
-            .collect();
+        let mut fields: Vec<Field> =
+            self.definition.request.fields.iter().filter_map(|f| self.column(f)).map(|c| Field::new(&c.name, arrow_type(c.kind), false)).collect();
         for schema in lookups {
             fields.extend(schema.fields().iter().skip(1).map(|f| Field::new(f.name(), f.data_type().clone(), false)));
         }

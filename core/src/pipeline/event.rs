@@ -10,8 +10,8 @@ use std::sync::Arc;
 use arrow_array::{ArrayRef, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray};
 use serde_json::Value as Json;
 
-use super::definition::{Column, ColumnType};
 use super::Pipeline;
+use super::definition::{Column, ColumnType};
 
 /// One value of an event.
 #[derive(Debug, Clone, PartialEq)]
@@ -250,7 +250,9 @@ impl Column {
                 let n = match v {
                     Json::Number(n) => n.as_i64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15).map(|f| f as i64)),
                     // 31.0 is an integer written loosely; 31.5 is not.
-                    Json::String(s) => s.trim().parse::<i64>().ok().or_else(|| s.trim().parse::<f64>().ok().filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15).map(|f| f as i64)),
+                    Json::String(s) => {
+                        s.trim().parse::<i64>().ok().or_else(|| s.trim().parse::<f64>().ok().filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15).map(|f| f as i64))
+                    }
                     _ => None,
                 };
                 Value::Int(n.ok_or_else(|| wrong("an integer", shown(v)))?)

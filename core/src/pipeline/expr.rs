@@ -143,7 +143,12 @@ impl FeatureExprs {
     }
 
     /// Compiles the expressions `items` gives for `names`.
-    pub fn compile_named(names: &[String], items: &BTreeMap<String, String>, schema: SchemaRef, vars: &BTreeMap<String, f64>) -> Result<FeatureExprs, (String, String)> {
+    pub fn compile_named(
+        names: &[String],
+        items: &BTreeMap<String, String>,
+        schema: SchemaRef,
+        vars: &BTreeMap<String, f64>,
+    ) -> Result<FeatureExprs, (String, String)> {
         let ctx = session();
         let mut out = FeatureExprs { names: names.to_vec(), exprs: vec![], texts: vec![], used: vec![], schema: schema.clone() };
         for name in names {
@@ -250,12 +255,15 @@ mod tests {
         let names = vec!["f".to_string(), "g".to_string()];
         let items = BTreeMap::from([("f".to_string(), "LN(1.0 + n) * ${k}".to_string()), ("g".to_string(), "CAST(ts AS DOUBLE) / 2.0".to_string())]);
         let exprs = FeatureExprs::compile_named(&names, &items, schema.clone(), &vars).unwrap();
-        let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(Float64Array::from(vec![0.0, 1.0])), Arc::new(arrow_array::Int64Array::from(vec![4, 6]))]).unwrap();
+        let batch =
+            RecordBatch::try_new(schema.clone(), vec![Arc::new(Float64Array::from(vec![0.0, 1.0])), Arc::new(arrow_array::Int64Array::from(vec![4, 6]))])
+                .unwrap();
         let out = exprs.evaluate(&batch).unwrap();
         assert_eq!(out[0].values().to_vec(), vec![0.0, 2.0 * 2f64.ln()]);
         assert_eq!(out[1].values().to_vec(), vec![2.0, 3.0]);
         assert_eq!(exprs.columns_used(0), &BTreeSet::from(["n".to_string()]));
-        let (name, err) = FeatureExprs::compile_named(&["h".to_string()], &BTreeMap::from([("h".to_string(), "zz + 1".to_string())]), schema, &vars).unwrap_err();
+        let (name, err) =
+            FeatureExprs::compile_named(&["h".to_string()], &BTreeMap::from([("h".to_string(), "zz + 1".to_string())]), schema, &vars).unwrap_err();
         assert_eq!(name, "h");
         assert!(err.contains("zz"), "{err}");
     }

@@ -21,8 +21,8 @@ use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 
 use datafusion::sql::sqlparser::ast::{
-    Expr, Function, FunctionArguments, GroupByExpr, Query, Select, SelectItem, SetExpr, TableFactor, Value, Visit, Visitor, WindowFrameBound,
-    WindowFrameUnits, WindowType,
+    Expr, Function, FunctionArguments, GroupByExpr, Query, Select, SelectItem, SetExpr, TableFactor, Value, Visit, Visitor, WindowFrameBound, WindowFrameUnits,
+    WindowType,
 };
 
 use super::expr::{identifiers, parse_query, placeholder};
@@ -252,9 +252,17 @@ mod tests {
     fn what_a_batch_at_a_time_cannot_follow_is_named() {
         let base = Pipeline::builtin("movielens").unwrap().unwrap().features_sql().to_string();
         let cases = [
-            ("COALESCE(m_sum_raw, 0.0) / (m_count + ${shrink}) AS u_resid_one_a", "COALESCE(m_sum_raw, ${prior_mean}) / (m_count + ${shrink}) AS u_resid_one_a", "the round's ${prior_mean} is used in `residuals`"),
+            (
+                "COALESCE(m_sum_raw, 0.0) / (m_count + ${shrink}) AS u_resid_one_a",
+                "COALESCE(m_sum_raw, ${prior_mean}) / (m_count + ${shrink}) AS u_resid_one_a",
+                "the round's ${prior_mean} is used in `residuals`",
+            ),
             ("AND 1 PRECEDING) AS u_count", "AND 1 FOLLOWING) AS u_count", "strictly earlier events only"),
-            ("COUNT(rating)       OVER (PARTITION BY user_id  ORDER BY ts", "COUNT(rating)       OVER (PARTITION BY user_id  ORDER BY rating", "not ordered by the event time `ts`"),
+            (
+                "COUNT(rating)       OVER (PARTITION BY user_id  ORDER BY ts",
+                "COUNT(rating)       OVER (PARTITION BY user_id  ORDER BY rating",
+                "not ordered by the event time `ts`",
+            ),
             ("SUM(liked)          OVER (PARTITION BY user_id ", "AVG(liked)          OVER (PARTITION BY user_id ", "is not SUM, COUNT, MIN or MAX"),
             ("  FROM first_pass\n", "  FROM first_pass JOIN ratings USING (user_id)\n", "does not read exactly one relation"),
         ];

@@ -40,13 +40,7 @@ impl Written {
 
 /// Writes `batch` to the lake (the pipeline's own folder) and commits it; `offsets` is brought
 /// up to date on the way.
-pub async fn commit_batch(
-    lake: &Lake,
-    offsets: &mut LakeOffsets,
-    batch: &Batch,
-    topic: &str,
-    writer: &str,
-) -> Result<CommitOutcome> {
+pub async fn commit_batch(lake: &Lake, offsets: &mut LakeOffsets, batch: &Batch, topic: &str, writer: &str) -> Result<CommitOutcome> {
     let mut parts: BTreeMap<i32, Written> = BTreeMap::new();
     for (&partition, buf) in &batch.partitions {
         let Some(range) = buf.range() else { continue };
@@ -72,11 +66,7 @@ pub async fn commit_batch(
     let mut dropped = Vec::new();
     loop {
         offsets.refresh(lake).await?;
-        let lost: Vec<i32> = parts
-            .iter()
-            .filter(|(p, w)| offsets.next_offset(**p).is_some_and(|next| next > w.range.first))
-            .map(|(p, _)| *p)
-            .collect();
+        let lost: Vec<i32> = parts.iter().filter(|(p, w)| offsets.next_offset(**p).is_some_and(|next| next > w.range.first)).map(|(p, _)| *p).collect();
         for p in lost {
             if let Some(w) = parts.remove(&p) {
                 tracing::warn!(partition = p, first = w.range.first, "another consumer committed this partition first; dropping our copy");
@@ -180,7 +170,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let lake = Lake::open(dir.path().to_str().unwrap(), &StorageOptions::default()).unwrap().child("smart-home");
         let mut b = Batch::new(&pipeline("smart-home"));
-        let event = Event(vec![Value::Int(1), Value::Text("Camera".into()), Value::Float(1.0), Value::Float(1.0), Value::Int(1), Value::Int(0), Value::Int(3), Value::Int(1)]);
+        let event = Event(vec![
+            Value::Int(1),
+            Value::Text("Camera".into()),
+            Value::Float(1.0),
+            Value::Float(1.0),
+            Value::Int(1),
+            Value::Int(0),
+            Value::Int(3),
+            Value::Int(1),
+        ]);
         b.partition(0).push_event(0, &event);
         let m = commit_batch(&lake, &mut LakeOffsets::new("t"), &b, "t", "w").await.unwrap().manifest.unwrap();
         assert_eq!((m.rows, m.min_ts, m.max_ts), (1, None, None));

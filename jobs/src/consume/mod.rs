@@ -468,13 +468,7 @@ impl Ingest {
         let outcome = loop {
             let result = {
                 let mut shared = lock(&self.shared);
-                self.handle.block_on(commit::commit_batch(
-                    &self.lake,
-                    &mut shared.offsets,
-                    &self.batch,
-                    &self.opts.topic,
-                    &self.writer,
-                ))
+                self.handle.block_on(commit::commit_batch(&self.lake, &mut shared.offsets, &self.batch, &self.opts.topic, &self.writer))
             };
             match result {
                 Ok(outcome) => break outcome,

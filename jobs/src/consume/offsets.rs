@@ -38,7 +38,8 @@ impl LakeOffsets {
             return Err(StoreError::LakeContent(format!(
                 "batch {} holds topic `{}`, this consumer reads `{}`: one lake per topic",
                 m.batch, m.topic, self.topic
-            )).into());
+            ))
+            .into());
         }
         if m.batch != self.last_batch + 1 {
             return Err(StoreError::LakeContent(format!("batch {} follows batch {}", m.batch, self.last_batch)).into());
@@ -50,7 +51,8 @@ impl LakeOffsets {
                 return Err(StoreError::LakeContent(format!(
                     "batch {} holds offsets {}..={} of partition {p}, but offsets below {next} were already in the lake",
                     m.batch, range.first, range.last
-                )).into());
+                ))
+                .into());
             }
             self.next.insert(p, range.next());
         }

@@ -68,8 +68,7 @@ impl PartitionBuffer {
         let fail = |e: String| JobError::Internal(format!("encode batch of partition {partition}: {e}"));
         let batch = self.events.to_record_batch(pipeline, partition).map_err(fail)?;
         let mut out = Vec::with_capacity(self.rows() * 4 + 1024);
-        let mut writer =
-            ArrowWriter::try_new(&mut out, batch.schema(), Some(writer_properties(pipeline))).map_err(|e| fail(e.to_string()))?;
+        let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), Some(writer_properties(pipeline))).map_err(|e| fail(e.to_string()))?;
         writer.write(&batch).map_err(|e| fail(e.to_string()))?;
         writer.close().map_err(|e| fail(e.to_string()))?;
         Ok(Bytes::from(out))
@@ -91,12 +90,10 @@ impl PartitionBuffer {
 /// few bits each, where dictionaries would not help at all.
 fn writer_properties(pipeline: &Pipeline) -> WriterProperties {
     let delta = |b: parquet::file::properties::WriterPropertiesBuilder, col: &str| {
-        b.set_column_dictionary_enabled(ColumnPath::from(col), false)
-            .set_column_encoding(ColumnPath::from(col), Encoding::DELTA_BINARY_PACKED)
+        b.set_column_dictionary_enabled(ColumnPath::from(col), false).set_column_encoding(ColumnPath::from(col), Encoding::DELTA_BINARY_PACKED)
     };
-    let mut b = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
-        .set_max_row_group_row_count(Some(1 << 20));
+    let mut b =
+        WriterProperties::builder().set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default())).set_max_row_group_row_count(Some(1 << 20));
     b = delta(b, KAFKA_OFFSET);
     // Delta encoding is for integers only; the checks require an int64 time column anyway.
     if let Some(time) = pipeline.definition.events.time.as_deref().filter(|t| pipeline.column(t).is_some_and(|c| c.kind == ColumnType::Int64)) {
@@ -202,8 +199,14 @@ mod tests {
         let p = builtin("smart-home");
         let mut buf = PartitionBuffer::new(&p);
         let text = |s: &str| Value::Text(s.into());
-        buf.push_event(0, &Event(vec![Value::Int(1), text("Camera"), Value::Float(1.5), Value::Float(2.0), Value::Int(1), Value::Int(0), Value::Int(12), Value::Int(1)]));
-        buf.push_event(1, &Event(vec![Value::Int(2), text("Lights"), Value::Float(3.0), Value::Float(0.5), Value::Int(0), Value::Int(2), Value::Int(40), Value::Int(0)]));
+        buf.push_event(
+            0,
+            &Event(vec![Value::Int(1), text("Camera"), Value::Float(1.5), Value::Float(2.0), Value::Int(1), Value::Int(0), Value::Int(12), Value::Int(1)]),
+        );
+        buf.push_event(
+            1,
+            &Event(vec![Value::Int(2), text("Lights"), Value::Float(3.0), Value::Float(0.5), Value::Int(0), Value::Int(2), Value::Int(40), Value::Int(0)]),
+        );
         assert_eq!(buf.time_span(), None);
         let batches = read(buf.to_parquet(&p, 0).unwrap());
         let b = &batches[0];

@@ -84,9 +84,9 @@ impl Engine {
     }
 
     async fn bounded<T>(&self, what: &str, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-        tokio::time::timeout(self.timeout, work).await.unwrap_or_else(|_| {
-            Err(JobError::Engine { what: what.to_string(), reason: format!("no answer within {:?}", self.timeout) })
-        })
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .unwrap_or_else(|_| Err(JobError::Engine { what: what.to_string(), reason: format!("no answer within {:?}", self.timeout) }))
     }
 
     /// The engine `choice` names, for training.
@@ -145,10 +145,7 @@ impl Engine {
 
     /// Registers `name` as the Parquet files at `urls` (explicit files or one folder ending in `/`).
     pub async fn register_parquet(&self, name: &str, urls: &[String], schema: Option<SchemaRef>) -> Result<()> {
-        let paths = urls
-            .iter()
-            .map(|u| ListingTableUrl::parse(u).map_err(engine_err(format!("table {name} path {u}"))))
-            .collect::<Result<Vec<_>>>()?;
+        let paths = urls.iter().map(|u| ListingTableUrl::parse(u).map_err(engine_err(format!("table {name} path {u}")))).collect::<Result<Vec<_>>>()?;
         let opts = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
         let mut cfg = ListingTableConfig::new_with_multi_paths(paths).with_listing_options(opts);
         cfg = match schema {
@@ -174,14 +171,13 @@ impl Engine {
     /// Runs one query whose answer is a single row of numbers, returned as `f64`s in column order.
     pub async fn query_row(&self, what: &str, sql: &str) -> Result<Vec<f64>> {
         let batches = self.query(what, sql).await?;
-        let batch = batches.iter().find(|b| b.num_rows() > 0).ok_or_else(|| JobError::Engine {
-            what: what.to_string(),
-            reason: "no row returned".into(),
-        })?;
-        (0..batch.num_columns()).map(|i| number(batch, i, 0).ok_or_else(|| JobError::Engine {
-            what: what.to_string(),
-            reason: format!("column {} is not a number", batch.schema().field(i).name()),
-        })).collect()
+        let batch = batches.iter().find(|b| b.num_rows() > 0).ok_or_else(|| JobError::Engine { what: what.to_string(), reason: "no row returned".into() })?;
+        (0..batch.num_columns())
+            .map(|i| {
+                number(batch, i, 0)
+                    .ok_or_else(|| JobError::Engine { what: what.to_string(), reason: format!("column {} is not a number", batch.schema().field(i).name()) })
+            })
+            .collect()
     }
 
     /// Runs `sql` once and registers its result under each of `names`: in memory on the local

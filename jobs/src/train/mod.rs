@@ -24,19 +24,19 @@ use std::time::{Duration, Instant};
 use arrow_array::RecordBatch;
 use bytes::Bytes;
 use lensflow_core::model::{
-    lookup_file, round_dir, sha256_hex, LatestPointer, Lineage, LinearModel, LookupTable, ModelArtifact, RoundMetrics, Scaling,
-    ARTIFACT_FORMAT_VERSION, LATEST, MODEL_FILE,
+    ARTIFACT_FORMAT_VERSION, LATEST, LatestPointer, Lineage, LinearModel, LookupTable, MODEL_FILE, ModelArtifact, RoundMetrics, Scaling, lookup_file,
+    round_dir, sha256_hex,
 };
 use lensflow_core::pipeline::definition::FieldDefault;
 use lensflow_core::pipeline::expr::FeatureExprs;
-use lensflow_core::pipeline::{substitute, KAFKA_OFFSET, KAFKA_PARTITION};
+use lensflow_core::pipeline::{KAFKA_OFFSET, KAFKA_PARTITION, substitute};
 use lensflow_core::{BatchManifest, Lake, OffsetRange, Pipeline, StorageOptions, StoreError};
-use object_store::path::Path;
 use object_store::ObjectStoreExt;
+use object_store::path::Path;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use self::engine::{number, Engine, EngineChoice};
+use self::engine::{Engine, EngineChoice, number};
 use crate::{JobError, Result};
 
 /// What to train, from where, to where.
@@ -147,9 +147,7 @@ pub async fn train(opts: TrainOptions, shutdown: CancellationToken, mut on_round
 /// The round `LATEST` points at, if any (`store` is a pipeline's folder of the model store).
 pub async fn latest(store: &Lake) -> Result<Option<LatestPointer>> {
     match store.get(&Path::from(LATEST)).await {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| JobError::Store(StoreError::LakeContent(format!("{}/{LATEST}: {e}", store.url())))),
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| JobError::Store(StoreError::LakeContent(format!("{}/{LATEST}: {e}", store.url())))),
         Err(e) if e.is_not_found() => Ok(None),
         Err(e) => Err(e.into()),
     }
@@ -232,9 +230,8 @@ impl Trainer<'_> {
             Some(time) => {
                 let n = engine.query_row("count events", &format!("SELECT COUNT(*) FROM {table}")).await?[0] as u64;
                 let offset = ((n as f64) * (1.0 - share)).floor() as u64;
-                let cutoff = engine
-                    .query_row("hold-out cutoff", &format!("SELECT {time} FROM {table} ORDER BY {time} LIMIT 1 OFFSET {offset}"))
-                    .await?[0] as i64;
+                let cutoff =
+                    engine.query_row("hold-out cutoff", &format!("SELECT {time} FROM {table} ORDER BY {time} LIMIT 1 OFFSET {offset}")).await?[0] as i64;
                 (format!("{time} < {cutoff}"), format!("{time} >= {cutoff}"), time.clone())
             }
             None => {
@@ -299,11 +296,21 @@ impl Trainer<'_> {
             return Err(fail(format!("the label `{label}` must be 0 or 1; it ranges from {} to {}", s[3], s[4])));
         }
         let k = p.features().len();
-        let scaling = Scaling {
-            mean: (0..k).map(|i| s[5 + 2 * i]).collect(),
-            scale: (0..k).map(|i| if s[6 + 2 * i] > 1e-12 { s[6 + 2 * i] } else { 1.0 }).collect(),
-        };
-        Ok(Prepared { round, variables, defaults, scaling, train_filter, test_filter, order_by, train_rows: s[0] as u64, target_mean: s[1], label_share: s[2], work })
+        let scaling =
+            Scaling { mean: (0..k).map(|i| s[5 + 2 * i]).collect(), scale: (0..k).map(|i| if s[6 + 2 * i] > 1e-12 { s[6 + 2 * i] } else { 1.0 }).collect() };
+        Ok(Prepared {
+            round,
+            variables,
+            defaults,
+            scaling,
+            train_filter,
+            test_filter,
+            order_by,
+            train_rows: s[0] as u64,
+            target_mean: s[1],
+            label_share: s[2],
+            work,
+        })
     }
 
     /// Positions of a model's features (all, unless it names a subset).
@@ -339,7 +346,16 @@ impl Trainer<'_> {
         for step in 0..25 {
             let score = solve::score_sql(self.pipeline.features(), &prep.scaling, &model);
             let prob = "(1.0 / (1.0 + EXP(-score)))";
-            let sql = solve::gram_sql(self.pipeline.features(), &prep.scaling, &uses, &prep.train_filter, &[label], Some(&score), &format!("{prob} * (1.0 - {prob})"), &format!("({label} - {prob})"));
+            let sql = solve::gram_sql(
+                self.pipeline.features(),
+                &prep.scaling,
+                &uses,
+                &prep.train_filter,
+                &[label],
+                Some(&score),
+                &format!("{prob} * (1.0 - {prob})"),
+                &format!("({label} - {prob})"),
+            );
             let row = self.engine.query_row("classification Newton step", &sql).await?;
             let (mut h, mut g) = solve::unpack_gram(uses.len(), &row);
             if c.ridge > 0.0 {
@@ -503,7 +519,12 @@ impl Trainer<'_> {
         }
         let bins = self
             .engine
-            .query("AUC histogram", &format!("{scored} SELECT CAST(FLOOR(prob * 100000) AS BIGINT) AS bin, SUM(label), COUNT(*) FROM p GROUP BY CAST(FLOOR(prob * 100000) AS BIGINT)"))
+            .query(
+                "AUC histogram",
+                &format!(
+                    "{scored} SELECT CAST(FLOOR(prob * 100000) AS BIGINT) AS bin, SUM(label), COUNT(*) FROM p GROUP BY CAST(FLOOR(prob * 100000) AS BIGINT)"
+                ),
+            )
             .await?;
         let mut hist: Vec<(i64, f64, f64)> = Vec::new();
         for b in &bins {
@@ -558,7 +579,9 @@ fn parquet_bytes(batches: &[RecordBatch]) -> Result<(Bytes, u64)> {
 /// Reads a batch file's Parquet footer: it must exist, be Parquet, and hold the rows its
 /// manifest says. Costs one small read per file and names the file when something is off.
 async fn check_batch_file(lake: &Lake, batch: u64, file: &lensflow_core::BatchFile) -> Result<()> {
-    let bad = |reason: String| JobError::Store(StoreError::BatchFile { path: lake.url_of(&file.path), reason: format!("named in batch {batch}'s manifest but {reason}") });
+    let bad = |reason: String| {
+        JobError::Store(StoreError::BatchFile { path: lake.url_of(&file.path), reason: format!("named in batch {batch}'s manifest but {reason}") })
+    };
     let path = Path::from(file.path.as_str());
     let store = lake.store();
     let size = store.head(&path).await.map_err(|e| bad(format!("unreadable: {e}")))?.size;
@@ -592,12 +615,7 @@ fn lineage(lake: &Lake, manifests: &[BatchManifest]) -> Lineage {
             e.last = e.last.max(r.last);
         }
     }
-    Lineage {
-        batches: manifests.iter().map(|m| m.batch).collect(),
-        partitions,
-        rows: manifests.iter().map(|m| m.rows).sum(),
-        lake: lake.url().to_string(),
-    }
+    Lineage { batches: manifests.iter().map(|m| m.batch).collect(), partitions, rows: manifests.iter().map(|m| m.rows).sum(), lake: lake.url().to_string() }
 }
 
 async fn remove_prefix(store: &Lake, prefix: &str) -> Result<()> {
@@ -659,8 +677,8 @@ mod tests {
     /// The solvers' cluster-side statistics give what linfa fits on the same collected rows.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn cluster_statistics_fit_what_linfa_fits_on_the_same_rows() {
-        use linfa::prelude::*;
         use crate::consume::{commit::commit_batch, offsets::LakeOffsets, writer::Batch};
+        use linfa::prelude::*;
 
         let pipeline = Pipeline::builtin("movielens").unwrap().unwrap();
         let checked = pipeline.check_sql().await.unwrap();

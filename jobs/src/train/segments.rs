@@ -16,13 +16,13 @@ use linfa::prelude::*;
 use linfa_clustering::KMeans;
 use ndarray::{Array1, Array2, Axis};
 
+use lensflow_core::Pipeline;
 use lensflow_core::model::{Scaling, Segment, Segmentation};
 use lensflow_core::pipeline::definition::Clustering;
 use lensflow_core::pipeline::expr::{self, FeatureExprs};
-use lensflow_core::Pipeline;
 
-use super::engine::{number, Engine};
 use super::Prepared;
+use super::engine::{Engine, number};
 use crate::{JobError, Result};
 
 /// Fits the pipeline's segments on round `prep.round`'s training rows; returns them and the
@@ -65,12 +65,8 @@ pub async fn fit(engine: &Engine, pipeline: &Pipeline, prep: &Prepared) -> Resul
     let mean = x.mean_axis(Axis(0)).unwrap_or_else(|| Array1::zeros(d));
     let scale = x.std_axis(Axis(0), 0.0).mapv(|s| if s > 1e-12 { s } else { 1.0 });
     let z = (&x - &mean) / &scale;
-    let model = KMeans::params(c.k)
-        .max_n_iterations(300)
-        .tolerance(1e-8)
-        .n_runs(1)
-        .fit(&DatasetBase::from(z.clone()))
-        .map_err(|e| fail(format!("k-means: {e}")))?;
+    let model =
+        KMeans::params(c.k).max_n_iterations(300).tolerance(1e-8).n_runs(1).fit(&DatasetBase::from(z.clone())).map_err(|e| fail(format!("k-means: {e}")))?;
     let labels = model.predict(&z);
     let scaling = Scaling { mean: mean.to_vec(), scale: scale.to_vec() };
     let mut segments = Vec::with_capacity(c.k);
@@ -102,7 +98,13 @@ fn describe(c: &Clustering, z: &[f64], profile: &BTreeMap<String, f64>, vars: &B
         .iter()
         .filter_map(|w| {
             let j = c.profile.iter().position(|p| p == &w.feature)?;
-            let word = if z[j] > w.threshold { &w.high } else if z[j] < -w.threshold { &w.low } else { &w.mid };
+            let word = if z[j] > w.threshold {
+                &w.high
+            } else if z[j] < -w.threshold {
+                &w.low
+            } else {
+                &w.mid
+            };
             Some(word.as_str()).filter(|s| !s.is_empty())
         })
         .collect();

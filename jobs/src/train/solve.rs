@@ -32,7 +32,16 @@ pub fn score_sql(features: &[String], scaling: &Scaling, model: &LinearModel) ->
 /// then `SUM(t·x_j)`. `weight` and `target` are SQL expressions over the `carry` columns,
 /// `z0..` and `score` (the given model score of the row, when one is given).
 #[allow(clippy::too_many_arguments)]
-pub fn gram_sql(features: &[String], scaling: &Scaling, uses: &[usize], filter: &str, carry: &[&str], score: Option<&str>, weight: &str, target: &str) -> String {
+pub fn gram_sql(
+    features: &[String],
+    scaling: &Scaling,
+    uses: &[usize],
+    filter: &str,
+    carry: &[&str],
+    score: Option<&str>,
+    weight: &str,
+    target: &str,
+) -> String {
     let d = uses.len();
     let zs: Vec<String> = uses.iter().enumerate().map(|(j, &i)| format!("{} AS z{j}", z(features, scaling, i))).collect();
     let x = |j: usize| if j == 0 { "1.0".to_string() } else { format!("z{}", j - 1) };
