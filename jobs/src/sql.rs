@@ -303,8 +303,8 @@ fn substitute_vars(statement: &str, vars: &std::collections::BTreeMap<String, St
         let close = rest[at..].find('}').map(|c| at + c);
         let name = close.map(|c| &rest[at + 2..c]).unwrap_or("");
         let line = line + statement[..statement.len() - rest.len() + at].matches('\n').count();
-        let value = close.and(vars.get(name)).ok_or_else(|| JobError::Config {
-            option: "sql",
+        let value = close.and(vars.get(name)).ok_or_else(|| JobError::Engine {
+            what: "SQL".into(),
             reason: format!("`${{{name}}}` on line {line} is not set: put `SET {name}=…;` before it, or pass --define {name}=…"),
         })?;
         out.push_str(value);
