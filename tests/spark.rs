@@ -257,6 +257,49 @@ fn first_difference(x: &[Cell], y: &[Cell]) -> Option<usize> {
     })
 }
 
+/// The column names and Spark type names of lensflow's answer.
+fn columns_of(batches: &[RecordBatch]) -> Vec<(String, String)> {
+    let schema = batches.first().map(|b| b.schema()).expect("lensflow gave no batch");
+    schema.fields().iter().map(|f| (f.name().clone(), spark_type(f.data_type()))).collect()
+}
+
+/// Spark's answer to one step of a run (see tests/spark/run_sql.py).
+struct SparkStep {
+    /// Column names and Spark's type names.
+    columns: Vec<(String, String)>,
+    /// The rows it wrote.
+    batches: Vec<RecordBatch>,
+    /// How long the step took.
+    seconds: f64,
+}
+
+/// Spark's answer to step `step` of run `run` under `out`, or the error Spark gave.
+fn spark_step(out: &Path, run: &str, step: &str) -> Result<SparkStep, String> {
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join(run).join(format!("{step}.json"))).unwrap()).unwrap();
+    if let Some(e) = meta["error"].as_str() {
+        return Err(e.to_string());
+    }
+    let columns = meta["columns"].as_array().unwrap().iter().map(|c| (c[0].as_str().unwrap().to_string(), c[1].as_str().unwrap().to_string())).collect();
+    Ok(SparkStep { columns, batches: read_parquet_dir(&out.join(run).join(step)), seconds: meta["seconds"].as_f64().unwrap_or(0.0) })
+}
+
+/// Where lensflow's `batches` differ from Spark's answer, as faults naming `at`: the columns
+/// (names and types) first, then the rows (values within 1e-9; the first five shown). None:
+/// they agree.
+fn differences(at: &str, batches: &[RecordBatch], spark: &SparkStep) -> Vec<String> {
+    let (mine, theirs) = (columns_of(batches), &spark.columns);
+    if &mine != theirs {
+        let differ: Vec<String> = mine.iter().zip(theirs).filter(|(a, b)| a != b).map(|(a, b)| format!("{} {} vs Spark's {} {}", a.0, a.1, b.0, b.1)).collect();
+        return vec![format!("{at}: columns differ ({} vs {} columns): {}", mine.len(), theirs.len(), differ.join("; "))];
+    }
+    let (a, b) = (rows(batches), rows(&spark.batches));
+    if a.len() != b.len() {
+        return vec![format!("{at}: {} rows vs Spark's {}", a.len(), b.len())];
+    }
+    let differing = a.iter().zip(&b).filter_map(|(x, y)| first_difference(x, y).map(|c| (c, x, y)));
+    differing.take(5).map(|(c, x, y)| format!("{at}: column {} of row {:?}: {:?} vs Spark's {:?}", mine[c].0, x[0], x[c], y[c])).collect()
+}
+
 fn same(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0) || (a.is_nan() && b.is_nan())
 }
@@ -297,29 +340,13 @@ fn every_shipped_sql_file_gives_spark_s_rows_types_and_values() {
     for (run, results) in runs.iter().zip(&ours) {
         for (step, batches, seconds) in results {
             let at = format!("{} {step}", run.name);
-            let meta: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(spark_out.join(&run.name).join(format!("{step}.json"))).unwrap()).unwrap();
-            eprintln!("{at}: lensflow {seconds:.3} s, Spark {:.3} s", meta["seconds"].as_f64().unwrap());
-            let theirs: Vec<(String, String)> =
-                meta["columns"].as_array().unwrap().iter().map(|c| (c[0].as_str().unwrap().to_string(), c[1].as_str().unwrap().to_string())).collect();
-            let schema = batches.first().map(|b| b.schema()).expect("lensflow gave no batch");
-            let mine: Vec<(String, String)> = schema.fields().iter().map(|f| (f.name().clone(), spark_type(f.data_type()))).collect();
-            if mine != theirs {
-                let differ: Vec<String> =
-                    mine.iter().zip(&theirs).filter(|(a, b)| a != b).map(|(a, b)| format!("{} {} vs Spark's {} {}", a.0, a.1, b.0, b.1)).collect();
-                faults.push(format!("{at}: columns differ ({} vs {} columns): {}", mine.len(), theirs.len(), differ.join("; ")));
-                continue;
+            let spark = spark_step(&spark_out, &run.name, step).unwrap_or_else(|e| panic!("{at}: Spark failed: {e}"));
+            eprintln!("{at}: lensflow {seconds:.3} s, Spark {:.3} s", spark.seconds);
+            let found = differences(&at, batches, &spark);
+            if found.is_empty() {
+                eprintln!("{at}: {} rows, {} columns agree", rows(batches).len(), spark.columns.len());
             }
-            let (a, b) = (rows(batches), rows(&read_parquet_dir(&spark_out.join(&run.name).join(step))));
-            if a.len() != b.len() {
-                faults.push(format!("{at}: {} rows vs Spark's {}", a.len(), b.len()));
-                continue;
-            }
-            let differing = a.iter().zip(&b).enumerate().filter_map(|(r, (x, y))| first_difference(x, y).map(|c| (r, c, &x[c], &y[c])));
-            for (r, c, p, q) in differing.take(5) {
-                faults.push(format!("{at}: row {r} column {}: {p:?} vs Spark's {q:?}", mine[c].0));
-            }
-            eprintln!("{at}: {} rows, {} columns agree", a.len(), mine.len());
+            faults.extend(found);
         }
     }
     assert!(faults.is_empty(), "lensflow and Spark {version} differ:\n{}", faults.join("\n"));
@@ -330,15 +357,12 @@ fn every_shipped_sql_file_gives_spark_s_rows_types_and_values() {
     let out_dir = dir.path().join("adhoc-out");
     let written = sql(&["-f", adhoc.to_str().unwrap(), "--out", out_dir.to_str().unwrap()]);
     assert!(written.status.success(), "{}", String::from_utf8_lossy(&written.stderr));
-    let (ours, theirs) = (read_parquet_dir(&out_dir), read_parquet_dir(&spark_out.join("adhoc/adhoc")));
-    let types = |b: &[RecordBatch]| b[0].schema().fields().iter().map(|f| (f.name().clone(), spark_type(f.data_type()))).collect::<Vec<_>>();
-    assert_eq!(types(&ours), types(&theirs), "plain Parquet out, with Spark's column names and types");
-    let (a, b) = (rows(&ours), rows(&theirs));
-    assert_eq!(a.len(), 671, "one row per user");
-    assert_eq!(a.len(), b.len());
-    for (x, y) in a.iter().zip(&b) {
-        assert!(first_difference(x, y).is_none(), "{x:?} vs Spark's {y:?}");
-    }
+    let ours = read_parquet_dir(&out_dir);
+    assert_eq!(rows(&ours).len(), 671, "one row per user");
+    let spark = spark_step(&spark_out, "adhoc", "adhoc").unwrap();
+    assert_eq!(columns_of(&ours), columns_of(&spark.batches), "plain Parquet out, with Spark's column names and types");
+    let found = differences("lensflow sql -f adhoc.sql", &ours, &spark);
+    assert!(found.is_empty(), "{}", found.join("\n"));
     // A shipped feature SQL file runs as a SQL job as Spark runs it: variables set with `SET`
     // in the job (and `--define`), Spark's rows out.
     let movielens = &runs[0];
@@ -350,12 +374,10 @@ fn every_shipped_sql_file_gives_spark_s_rows_types_and_values() {
     let job_out = dir.path().join("features-job-out");
     let ran = sql(&["-f", job.to_str().unwrap(), "--define", &define, "--out", job_out.to_str().unwrap()]);
     assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
-    let (a, b) = (rows(&read_parquet_dir(&job_out)), rows(&read_parquet_dir(&spark_out.join(&movielens.name).join("features"))));
-    assert_eq!(a.len(), 100_004);
-    assert_eq!(a.len(), b.len());
-    for (x, y) in a.iter().zip(&b) {
-        assert!(first_difference(x, y).is_none(), "{x:?} vs Spark's {y:?}");
-    }
+    let ours = read_parquet_dir(&job_out);
+    assert_eq!(rows(&ours).len(), 100_004);
+    let found = differences("the feature SQL as a job", &ours, &spark_step(&spark_out, &movielens.name, "features").unwrap());
+    assert!(found.is_empty(), "{}", found.join("\n"));
     // The same rows stream to stdout as JSON lines, and the batches are a table too.
     let json = sql(&["-f", adhoc.to_str().unwrap(), "--format", "json"]);
     assert!(json.status.success());
@@ -475,9 +497,6 @@ const SAME: &[(&str, &str)] = &[
       FROM cases"),
 ];
 
-/// Spark's answer to a case: its columns (name, type) and rows, or its error.
-type SparkAnswer = Result<(Vec<(String, String)>, Vec<RecordBatch>), String>;
-
 /// Runs `cases` on lensflow's engine over `table`: per case its result or its error.
 fn cases_on_lensflow(rt: &tokio::runtime::Runtime, table: &Path, cases: &[(&str, &str)]) -> Vec<Result<Vec<RecordBatch>, String>> {
     rt.block_on(async {
@@ -510,45 +529,24 @@ fn spark_functions_casts_and_window_frames_give_spark_s_answers() {
     let spark_out = dir.path().join("spark");
     let version = on_spark(vec![serde_json::json!({"name": "functions", "tables": {"cases": [table]}, "set": {}, "steps": steps})], &spark_out);
     eprintln!("compared against Spark {version} (pyspark, local mode)");
-    let spark = |name: &str| -> SparkAnswer {
-        let meta: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(spark_out.join("functions").join(format!("{name}.json"))).unwrap()).unwrap();
-        if let Some(e) = meta["error"].as_str() {
-            return Err(e.to_string());
-        }
-        let columns = meta["columns"].as_array().unwrap().iter().map(|c| (c[0].as_str().unwrap().to_string(), c[1].as_str().unwrap().to_string())).collect();
-        Ok((columns, read_parquet_dir(&spark_out.join("functions").join(name))))
-    };
+    let spark = |name: &str| spark_step(&spark_out, "functions", name);
 
     let mut faults = Vec::new();
     for ((name, _), mine) in SAME.iter().zip(&ours) {
-        let (theirs, their_rows) = match (mine, spark(name)) {
-            (Ok(_), Ok(t)) => t,
-            (mine, theirs) => {
-                faults.push(format!("{name}: lensflow {:?} / Spark {:?}", mine.as_ref().err(), theirs.err()));
-                continue;
+        match (mine, spark(name)) {
+            (Ok(batches), Ok(theirs)) => {
+                let found = differences(name, batches, &theirs);
+                if found.is_empty() {
+                    eprintln!("{name}: {} rows × {} columns agree", rows(batches).len(), theirs.columns.len());
+                }
+                faults.extend(found);
             }
-        };
-        let batches = mine.as_ref().unwrap();
-        let mine: Vec<(String, String)> = batches[0].schema().fields().iter().map(|f| (f.name().clone(), spark_type(f.data_type()))).collect();
-        for (a, b) in mine.iter().zip(&theirs).filter(|(a, b)| a != b) {
-            faults.push(format!("{name}: column {} {} vs Spark's {} {}", a.0, a.1, b.0, b.1));
+            (mine, theirs) => faults.push(format!("{name}: lensflow {:?} / Spark {:?}", mine.as_ref().err(), theirs.err())),
         }
-        let (a, b) = (rows(batches), rows(&their_rows));
-        if a.len() != b.len() {
-            faults.push(format!("{name}: {} rows vs Spark's {}", a.len(), b.len()));
-            continue;
-        }
-        for (x, y) in a.iter().zip(&b) {
-            if let Some(c) = first_difference(x, y) {
-                faults.push(format!("{name}: column {} row {:?}: {:?} vs Spark's {:?}", mine[c].0, x[0], x[c], y[c]));
-            }
-        }
-        eprintln!("{name}: {} rows × {} columns agree", a.len(), mine.len());
     }
     for (pin, mine) in PINNED.iter().zip(&ours[SAME.len()..]) {
-        let ours = render(mine.clone().map(|b| (b[0].schema().fields().iter().map(|f| spark_type(f.data_type())).collect(), b)));
-        let theirs = render(spark(pin.name).map(|(c, b)| (c.into_iter().map(|c| c.1).collect(), b)));
+        let ours = render(mine.clone().map(|b| (columns_of(&b).into_iter().map(|c| c.1).collect(), b)));
+        let theirs = render(spark(pin.name).map(|s| (s.columns.into_iter().map(|c| c.1).collect(), s.batches)));
         eprintln!("{}: lensflow {ours:?}, Spark {theirs:?}", pin.name);
         if !ours.contains(pin.lensflow) || !theirs.contains(pin.spark) {
             faults.push(format!("{}: pinned lensflow {:?} / Spark {:?}, got {ours:?} / {theirs:?}", pin.name, pin.lensflow, pin.spark));
