@@ -33,16 +33,21 @@ fn report(title: &str, out: &str, trainer: u64, executors: &[u64], wall: std::ti
     );
     let rounds: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let stages: Vec<String> = rounds[0]["seconds"].as_object().unwrap().keys().cloned().collect();
-    println!("| round | rows | {} | total s | RMSE (base) | AUC | accuracy (base) |", stages.join(" s | ") + " s");
-    println!("|---|---|{}---|---|---|---|", "---|".repeat(stages.len()));
+    println!("| round | rows | {} | total s | state rows recomputed | RMSE (base) | AUC | accuracy (base) |", stages.join(" s | ") + " s");
+    println!("|---|---|{}---|---|---|---|---|", "---|".repeat(stages.len()));
     for r in &rounds {
         let secs: BTreeMap<String, f64> = serde_json::from_value(r["seconds"].clone()).unwrap();
         println!(
-            "| {} | {} | {} | {:.2} | {:.4} ({:.4}) | {:.4} | {:.4} ({:.4}) |",
+            "| {} | {} | {} | {:.2} | {} | {:.4} ({:.4}) | {:.4} | {:.4} ({:.4}) |",
             r["round"],
             r["train_rows"].as_u64().unwrap() + r["test_rows"].as_u64().unwrap(),
             stages.iter().map(|s| format!("{:.2}", secs[s])).collect::<Vec<_>>().join(" | "),
             total(r),
+            match r["state"]["mode"].as_str() {
+                Some("incremental") => r["state"]["recomputed"].to_string(),
+                Some(_) => format!("all ({})", r["state"]["reason"].as_str().unwrap_or("")),
+                None => "-".into(),
+            },
             r["rmse"].as_f64().unwrap(),
             r["rmse_baseline"].as_f64().unwrap(),
             r["auc"].as_f64().unwrap(),
@@ -72,17 +77,17 @@ fn main() {
     std::fs::remove_file(&csv).unwrap();
     println!("\n## lensflow training benchmark: {n} generated ratings in {batches} batches ({batches} cumulative rounds)");
 
-    for (title, engine) in [("DataFusion in-process (the default)", None), ("Ballista standalone (in-process)", Some("standalone"))] {
-        if !engines.split(',').any(|e| e == engine.unwrap_or("local")) {
+    let runs: [(&str, &str, &[&str]); 3] = [
+        ("local", "DataFusion in-process (the default: state carried from round to round)", &[]),
+        ("full", "DataFusion in-process, --full (every round recomputes every event's state)", &["--full"]),
+        ("standalone", "Ballista standalone (in-process)", &["--scheduler", "standalone"]),
+    ];
+    for (name, title, args) in runs {
+        if !engines.split(',').any(|e| e == name) {
             continue;
         }
-        let models = dir.path().join(format!("models-{}", engine.unwrap_or("local")));
-        let mut cmd = lensflow(["train", "--lake", &lake, "--json", "--models"]);
-        cmd.arg(&models);
-        if let Some(engine) = engine {
-            cmd.args(["--scheduler", engine]);
-        }
-        let (out, wall, peak, _) = run_measured(&mut cmd, &[]);
+        let models = dir.path().join(format!("models-{name}"));
+        let (out, wall, peak, _) = run_measured(lensflow(["train", "--lake", &lake, "--json", "--models"]).arg(&models).args(args), &[]);
         report(title, &out, peak, &[], wall);
     }
 

@@ -147,6 +147,14 @@ struct TrainArgs {
     /// Fail a round whose single query runs longer than this (e.g. 10m).
     #[arg(long, env = "LENSFLOW_QUERY_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10m")]
     query_timeout: Duration,
+    /// Recompute every event's features instead of carrying state from the last round (the
+    /// state is rebuilt, and later rounds carry it again).
+    #[arg(long, env = "LENSFLOW_TRAIN_FULL")]
+    full: bool,
+    /// Recompute everything when late events change more than this share of the stored
+    /// state rows (carrying state then costs as much).
+    #[arg(long, env = "LENSFLOW_TRAIN_FULL_ABOVE", default_value_t = 0.5)]
+    full_above: f64,
 }
 
 #[derive(Args)]
@@ -618,6 +626,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             opts.poll_interval = a.poll_interval;
             opts.partitions = a.partitions;
             opts.query_timeout = a.query_timeout;
+            opts.full = a.full;
+            opts.full_above = a.full_above;
             let (json, watch) = (a.json, a.watch);
             let rounds = train(opts, shutdown.clone(), |r| print_round(r, json)).await?;
             // Ctrl-C is how --watch normally ends; a one-off run cut short says so in its exit code.

@@ -42,6 +42,11 @@ pub fn round(r: &RoundReport) -> String {
     out += &format!("  {:<16} {:>8.4} {:>10.4}  (0: no structure; 1: tight, separate segments)\n", "silhouette", m.silhouette, 0.0);
     let stages: Vec<String> = r.seconds.iter().map(|(k, v)| format!("{k} {v:.2}s")).collect();
     out += &format!("  time: {}", stages.join(", "));
+    match &r.state {
+        Some(s) if s.mode == "full" => out += &format!("\n  state: {} rows recomputed in full ({})", s.rows, s.reason.as_deref().unwrap_or("")),
+        Some(s) => out += &format!("\n  state: carried; {} new events, {} stored rows recomputed for late events, {} rows", s.new_events, s.recomputed, s.rows),
+        None => {}
+    }
     out
 }
 

@@ -44,6 +44,13 @@ fn three_cumulative_rounds_on_ratings_small_beat_the_bar_and_match_on_a_cluster(
         assert!(r["rmse"].as_f64() < r["rmse_baseline"].as_f64(), "beats the global mean: {r}");
         assert!(r["accuracy"].as_f64() > r["accuracy_baseline"].as_f64(), "beats the majority class: {r}");
     }
+    // The file is sorted by user, so each batch brings ratings older than what their movies have
+    // seen: the late events reach most stored state rows, and the trainer recomputes all (and
+    // says so) rather than carry.
+    assert_eq!(rounds[0]["state"]["reason"], "no carried state yet");
+    for r in &rounds[1..] {
+        assert!(r["state"]["reason"].as_str().is_some_and(|s| s.starts_with("late events change")), "{}", r["state"]);
+    }
     let last = &rounds[2];
     assert!(last["rmse"].as_f64().unwrap() <= 0.88, "round 3 RMSE {}", last["rmse"]);
     assert!(last["auc"].as_f64().unwrap() >= 0.81, "round 3 AUC {}", last["auc"]);
@@ -58,11 +65,16 @@ fn three_cumulative_rounds_on_ratings_small_beat_the_bar_and_match_on_a_cluster(
     // Nothing new to train: a second run publishes nothing and leaves LATEST alone.
     assert!(train_json(&lake, &models, &[]).is_empty());
 
-    // The same lake on a real cluster gives the same models.
+    // The same lake on a real cluster gives the same models, here carrying state through the
+    // late events instead (every query of it a job on the executors).
     let cluster = Cluster::start(dir.path(), 2);
     let cluster_models = dir.path().join("cluster-models");
-    let rounds = train_json(&lake, &cluster_models, &["--scheduler", &cluster.url()]);
+    let rounds = train_json(&lake, &cluster_models, &["--scheduler", &cluster.url(), "--full-above", "1"]);
     assert_eq!(rounds.len(), 3);
+    for r in &rounds[1..] {
+        assert_eq!(r["state"]["mode"], "incremental", "{}", r["state"]);
+        assert!(r["state"]["recomputed"].as_u64() > Some(0), "{}", r["state"]);
+    }
     let (_, remote) = load_latest(&cluster_models.join("movielens"));
     assert_eq!(remote.features, local.features);
     for (a, b) in [(&remote.regression, &local.regression), (&remote.classification, &local.classification)] {
@@ -270,6 +282,13 @@ fn the_smart_home_pipeline_trains_honestly_beside_its_baselines() {
     // Malfunction incidents carry almost no signal: the report must not claim skill.
     assert!(f("r2").abs() < 0.05, "R² is near zero, as the data allows: {r}");
     assert!((f("rmse") - f("rmse_baseline")).abs() < 0.05 * f("rmse_baseline"), "RMSE is the baseline's: {r}");
+    assert_eq!(r["state"]["reason"], "no carried state yet");
+    // `--full` recomputes, says why, and gives the same round.
+    let full = train_json(&lake, &dir.path().join("full-models"), &["--pipeline", "smart-home", "--full"]);
+    assert_eq!(full[0]["state"]["reason"], "train --full");
+    for key in ["rmse", "auc", "accuracy", "r2", "silhouette"] {
+        assert!(close(full[0][key].as_f64().unwrap(), f(key), 1e-9), "{key}: {} vs {}", full[0][key], r[key]);
+    }
     let (_, artifact) = load_latest(&models.join("smart-home"));
     assert_eq!(artifact.pipeline.name(), "smart-home");
     assert_eq!(artifact.segmentation.segments.len(), 5);

@@ -21,9 +21,11 @@ use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 
 use datafusion::sql::sqlparser::ast::{
-    Expr, Function, FunctionArguments, GroupByExpr, Query, Select, SelectItem, SetExpr, TableFactor, Value, Visit, Visitor, WindowFrameBound, WindowFrameUnits,
-    WindowType,
+    Expr, Function, FunctionArguments, GroupByExpr, Ident, ObjectName, Query, Select, SelectItem, SetExpr, TableFactor, Value, Visit, VisitMut, Visitor,
+    VisitorMut, WindowFrameBound, WindowFrameUnits, WindowType,
 };
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::parser::Parser;
 
 use super::expr::{identifiers, parse_query, placeholder};
 
@@ -69,6 +71,10 @@ pub struct Shape {
     pub keys: Vec<String>,
     /// The longest chain of window passes (0: every row's features are its own).
     pub passes: usize,
+    /// The events table's columns the SQL reads; with windows, each reaches the state rows
+    /// unchanged, so a stored state row can be turned back into its event.
+    pub reads: Vec<String>,
+    events: String,
 }
 
 /// Reads `sql` (a pipeline's feature SQL) over `events` (its table name, columns and time
@@ -85,8 +91,14 @@ pub fn shape(sql: &str, events: &str, columns: &[String], time: Option<&str>, ro
     // Column → window passes behind it, per relation.
     let mut relations: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
     relations.insert(events.to_lowercase(), columns.iter().map(|c| (c.to_lowercase(), 0)).collect());
+    // Column → where its value comes from (relation, column): a plain pass-through keeps it.
+    let mut origins: BTreeMap<String, BTreeMap<String, (String, String)>> = BTreeMap::new();
+    let events_name = events.to_lowercase();
+    origins.insert(events_name.clone(), columns.iter().map(|c| (c.to_lowercase(), (events_name.clone(), c.to_lowercase()))).collect());
     let mut order = Vec::new();
     let mut windows = Vec::new();
+    let mut inputs: BTreeMap<String, String> = BTreeMap::new();
+    let mut reads: Vec<String> = Vec::new();
     for cte in with.map(|w| w.cte_tables).unwrap_or_default() {
         let name = cte.alias.name.value.to_lowercase();
         let text = cte.query.to_string();
@@ -101,21 +113,45 @@ pub fn shape(sql: &str, events: &str, columns: &[String], time: Option<&str>, ro
             return Err(format!("`{name}` is not a plain SELECT"));
         };
         let input = single_input(&select, &name, &relations)?;
+        if let Some(filter) = &select.selection
+            && identifiers(&filter.to_string()).iter().any(|c| relations[&input].get(c).is_some_and(|p| *p > 0))
+        {
+            return Err(format!("`{name}` filters on a window's result, which later events can change"));
+        }
         let mut columns = BTreeMap::new();
+        let mut column_origins = BTreeMap::new();
+        let mut read = |text: &str| {
+            if input == events_name {
+                reads.extend(identifiers(text).into_iter().filter(|c| relations[&input].contains_key(c)));
+            }
+        };
+        if let Some(filter) = &select.selection {
+            read(&filter.to_string());
+        }
         for item in &select.projection {
             let (output, expr) = match item {
                 SelectItem::ExprWithAlias { expr, alias } => (alias.value.to_lowercase(), expr),
                 SelectItem::UnnamedExpr(expr) => (expr.to_string().to_lowercase(), expr),
                 SelectItem::Wildcard(_) => {
+                    read(&relations[&input].keys().cloned().collect::<Vec<_>>().join(" "));
                     columns.extend(relations[&input].clone());
+                    column_origins.extend(origins[&input].clone());
                     continue;
                 }
                 _ => return Err(format!("`{name}` selects `{item}`, which names no single column")),
             };
+            read(&expr.to_string());
             let pass = pass_of(expr, &name, &relations[&input], time, &mut windows)?;
+            let origin = match expr {
+                Expr::Identifier(id) => origins[&input].get(&id.value.to_lowercase()).cloned(),
+                _ => None,
+            };
+            column_origins.insert(output.clone(), origin.unwrap_or_else(|| (name.clone(), output.clone())));
             columns.insert(output, pass);
         }
         relations.insert(name.clone(), columns);
+        origins.insert(name.clone(), column_origins);
+        inputs.insert(name.clone(), input);
         order.push(name);
     }
     let state = single_input(&last, "the final SELECT", &relations)?;
@@ -137,7 +173,152 @@ pub fn shape(sql: &str, events: &str, columns: &[String], time: Option<&str>, ro
         }
     }
     let passes = relations[&state].values().copied().max().unwrap_or(0);
-    Ok(Shape { relations: order, state, windows, keys, passes })
+    reads.sort();
+    reads.dedup();
+    if !windows.is_empty() {
+        // A late event recomputes stored rows from their events, and carried sums are rebuilt
+        // from the stored arguments: both must be readable, unchanged, on the state rows.
+        let reaches = |column: &str, from: &str| origins[from].get(column).is_some_and(|o| origins[&state].get(column) == Some(o));
+        if let Some(c) = reads.iter().find(|c| !reaches(c, &events_name)) {
+            return Err(format!("the event column `{c}` does not reach `{state}` unchanged"));
+        }
+        for w in &windows {
+            let from = &inputs[&w.relation];
+            if let Some(c) = identifiers(&w.argument).into_iter().find(|c| !reaches(c, from)) {
+                return Err(format!("`{c}`, summed by a window in `{}`, does not reach `{state}` unchanged", w.relation));
+            }
+        }
+    }
+    Ok(Shape { relations: order, state, windows, keys, passes, reads, events: events_name })
+}
+
+/// The prefix of the columns that bring carried state into a batch's rows: window call `i`'s
+/// aggregate over an entity's stored rows is column `{CARRIED}{i}`.
+pub const CARRIED: &str = "__lensflow_carried_";
+
+/// A round's batch, computed against carried state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchPlan {
+    /// The state rows of a batch's events: the feature SQL's CTEs, reading the batch table
+    /// (whose rows carry the `CARRIED` columns of their entities) instead of the events table,
+    /// with every window call combined with its carried value.
+    pub sql: String,
+    /// Per entity column, the aggregates (`SUM(arg) AS {CARRIED}i`, …) that carry its state:
+    /// evaluated over an entity's stored state rows.
+    pub carried: Vec<(String, Vec<String>)>,
+}
+
+impl Shape {
+    /// The SQL of every state row: `sql`'s CTEs, then all of the state relation's columns.
+    /// `sql` is the feature SQL with its `${…}` values substituted.
+    pub fn state_sql(&self, sql: &str) -> Result<String, String> {
+        let (mut query, _) = parse_query(sql)?;
+        query.body = body_of(&format!("SELECT * FROM {}", self.state))?;
+        Ok(query.to_string())
+    }
+
+    /// The features from stored state rows: `sql`'s final SELECT over `table`, whose
+    /// `columns` are the state relation's.
+    pub fn final_sql(&self, sql: &str, table: &str, columns: &[String]) -> Result<String, String> {
+        let (mut query, _) = parse_query(sql)?;
+        let (state, _) = parse_query(&format!("WITH {} AS (SELECT {} FROM {table}) SELECT 1", self.state, quoted(columns)))?;
+        query.with = state.with;
+        Ok(query.to_string())
+    }
+
+    /// The state rows of a batch's events, read from `batch`, against carried state: see
+    /// [`BatchPlan`]. `columns` are the state relation's.
+    pub fn batch_plan(&self, sql: &str, batch: &str, columns: &[String]) -> Result<BatchPlan, String> {
+        let (mut query, _) = parse_query(sql)?;
+        let mut combine = Combine { windows: &self.windows, next: 0, carried: Vec::new(), error: None };
+        if let Some(with) = query.with.as_mut() {
+            for cte in &mut with.cte_tables {
+                let SetExpr::Select(select) = cte.query.body.as_mut() else { continue };
+                if let TableFactor::Table { name, .. } = &mut select.from[0].relation
+                    && name.to_string().eq_ignore_ascii_case(&self.events)
+                {
+                    *name = ObjectName::from(vec![Ident::new(batch)]);
+                }
+                for item in &mut select.projection {
+                    if let SelectItem::ExprWithAlias { expr, .. } | SelectItem::UnnamedExpr(expr) = item {
+                        let _ = expr.visit(&mut combine);
+                    }
+                }
+                // The carried columns ride along to every later CTE.
+                if !select.projection.iter().any(|i| matches!(i, SelectItem::Wildcard(_))) {
+                    let names = (0..self.windows.len()).map(|i| SelectItem::UnnamedExpr(Expr::Identifier(Ident::new(format!("{CARRIED}{i}")))));
+                    select.projection.extend(names);
+                }
+            }
+        }
+        if let Some(e) = combine.error {
+            return Err(e);
+        }
+        if combine.next != self.windows.len() {
+            return Err(format!("found {} of the {} window calls", combine.next, self.windows.len()));
+        }
+        let from = if self.state == self.events { batch } else { &self.state };
+        query.body = body_of(&format!("SELECT {} FROM {from}", quoted(columns)))?;
+        let mut carried = Vec::new();
+        for key in &self.keys {
+            let aggs = combine.carried.iter().filter(|(k, _)| k == key).map(|(_, a)| a.clone()).collect();
+            carried.push((key.clone(), aggs));
+        }
+        Ok(BatchPlan { sql: query.to_string(), carried })
+    }
+}
+
+/// Rewrites each window call `W` (in order) into `W` combined with its carried value.
+struct Combine<'a> {
+    windows: &'a [WindowCall],
+    next: usize,
+    carried: Vec<(String, String)>,
+    error: Option<String>,
+}
+
+impl VisitorMut for Combine<'_> {
+    type Break = ();
+    fn post_visit_expr(&mut self, expr: &mut Expr) -> ControlFlow<()> {
+        let Expr::Function(f) = expr else { return ControlFlow::Continue(()) };
+        if f.over.is_none() {
+            return ControlFlow::Continue(());
+        }
+        let i = self.next;
+        let Some(call) = self.windows.get(i) else {
+            self.error = Some("more window calls than the SQL's shape has".into());
+            return ControlFlow::Break(());
+        };
+        self.next += 1;
+        let (w, c) = (f.to_string(), format!("{CARRIED}{i}"));
+        let FunctionArguments::List(list) = &f.args else { return ControlFlow::Break(()) };
+        let argument = list.args.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ");
+        // Null-aware, as the aggregates are: an empty side leaves the other unchanged.
+        let (name, text) = match call.function {
+            Accumulate::Sum => ("SUM", format!("COALESCE(({w}) + {c}, {w}, {c})")),
+            Accumulate::Count => ("COUNT", format!("({w}) + COALESCE({c}, 0)")),
+            Accumulate::Min => ("MIN", format!("CASE WHEN {c} IS NULL OR ({w}) <= {c} THEN {w} ELSE {c} END")),
+            Accumulate::Max => ("MAX", format!("CASE WHEN {c} IS NULL OR ({w}) >= {c} THEN {w} ELSE {c} END")),
+        };
+        self.carried.push((call.key.clone(), format!("{name}({argument}) AS {c}")));
+        match Parser::new(&GenericDialect {}).try_with_sql(&text).and_then(|mut p| p.parse_expr()) {
+            Ok(e) => *expr = e,
+            Err(e) => {
+                self.error = Some(format!("combining `{w}`: {e}"));
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// The body of the one query `text`.
+fn body_of(text: &str) -> Result<Box<SetExpr>, String> {
+    Ok(parse_query(text)?.0.body)
+}
+
+/// `columns` as a SELECT list of quoted names.
+fn quoted(columns: &[String]) -> String {
+    columns.iter().map(|c| format!("\"{}\"", c.replace('"', "\"\""))).collect::<Vec<_>>().join(", ")
 }
 
 /// The one relation `select` reads, which must be known already; no joins, grouping or
@@ -267,11 +448,33 @@ mod tests {
             ("SUM(liked)          OVER (PARTITION BY user_id ", "AVG(liked)          OVER (PARTITION BY user_id ", "is not SUM, COUNT, MIN or MAX"),
             ("  FROM first_pass\n", "  FROM first_pass JOIN ratings USING (user_id)\n", "does not read exactly one relation"),
             ("  LN(1.0 + u_n) AS u_log_n,", "  SUM(u_n) OVER (PARTITION BY user_id) AS u_log_n,", "the final SELECT has a window function"),
+            (
+                "  SELECT user_id, movie_id, rating, liked, ts, u_resid_one_a,",
+                "  SELECT user_id, movie_id, rating * 2.0 AS rating, liked, ts, u_resid_one_a,",
+                "the event column `rating` does not reach `stats` unchanged",
+            ),
+            ("  FROM residuals\n", "  FROM residuals WHERE u_count > 2\n", "`second_pass` filters on a window's result"),
         ];
         for (from, to, why) in cases {
             assert!(base.contains(from), "{from}");
             let err = movielens_with(&base.replacen(from, to, 1)).unwrap_err();
             assert!(err.contains(why), "{to}: {err}");
         }
+    }
+
+    #[test]
+    fn a_batch_plan_combines_every_window_with_its_carried_value() {
+        let p = Pipeline::builtin("movielens").unwrap().unwrap();
+        let shape = p.incremental_shape().unwrap();
+        let sql = crate::pipeline::substitute(p.features_sql(), &p.definition.features.constants);
+        let columns = vec!["user_id".to_string(), "u_n".to_string()];
+        let plan = shape.batch_plan(&sql, "batch_rows", &columns).unwrap();
+        let keys: Vec<(&str, usize)> = plan.carried.iter().map(|(k, a)| (k.as_str(), a.len())).collect();
+        assert_eq!(keys, [("user_id", 7), ("movie_id", 7)]);
+        assert_eq!(plan.carried[0].1[0], format!("COUNT(rating) AS {CARRIED}0"));
+        assert!(plan.sql.contains("FROM batch_rows") && !plan.sql.contains("FROM ratings"), "{}", plan.sql);
+        assert!(plan.sql.contains(&format!("+ COALESCE({CARRIED}0, 0)")), "{}", plan.sql);
+        assert!(plan.sql.ends_with("SELECT \"user_id\", \"u_n\" FROM stats"), "{}", plan.sql);
+        assert!(shape.final_sql(&sql, "stored", &columns).unwrap().starts_with("WITH stats AS (SELECT \"user_id\", \"u_n\" FROM stored) SELECT"));
     }
 }

@@ -83,10 +83,13 @@ impl Engine {
         self
     }
 
-    async fn bounded<T>(&self, what: &str, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-        tokio::time::timeout(self.timeout, work)
+    pub(crate) async fn bounded<T>(&self, what: &str, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        let started = std::time::Instant::now();
+        let out = tokio::time::timeout(self.timeout, work)
             .await
-            .unwrap_or_else(|_| Err(JobError::Engine { what: what.to_string(), reason: format!("no answer within {:?}", self.timeout) }))
+            .unwrap_or_else(|_| Err(JobError::Engine { what: what.to_string(), reason: format!("no answer within {:?}", self.timeout) }));
+        tracing::debug!(what, seconds = started.elapsed().as_secs_f64(), "query done");
+        out
     }
 
     /// The engine `choice` names, for training.
@@ -192,7 +195,11 @@ impl Engine {
                 })
                 .await?;
             // One partition per batch keeps the scans parallel.
-            let partitions = batches.into_iter().map(|b| vec![b]).collect::<Vec<_>>();
+            let mut partitions = batches.into_iter().map(|b| vec![b]).collect::<Vec<_>>();
+            if partitions.is_empty() {
+                // An empty result is an empty table, which still needs one partition.
+                partitions.push(vec![]);
+            }
             let table = Arc::new(MemTable::try_new(schema, partitions).map_err(engine_err(what))?);
             for name in names {
                 self.ctx.deregister_table(*name).map_err(engine_err(format!("table {name}")))?;
@@ -200,21 +207,19 @@ impl Engine {
             }
             return Ok(());
         }
-        self.write_parquet(what, sql, url).await?;
+        // The planned schema, not one read back from the files: an empty result may leave none.
+        let schema = self
+            .bounded(what, async {
+                let df = self.ctx.sql(sql).await.map_err(engine_err(what))?;
+                let schema = Arc::new(df.schema().as_arrow().clone());
+                df.write_parquet(url, DataFrameWriteOptions::new(), None).await.map_err(engine_err(what))?;
+                Ok(schema)
+            })
+            .await?;
         for name in names {
-            self.register_parquet(name, &[url.to_string()], None).await?;
+            self.register_parquet(name, &[url.to_string()], Some(schema.clone())).await?;
         }
         Ok(())
-    }
-
-    /// Runs a query and writes its result as Parquet files under `url` (a folder).
-    pub async fn write_parquet(&self, what: &str, sql: &str, url: &str) -> Result<()> {
-        self.bounded(what, async {
-            let df = self.ctx.sql(sql).await.map_err(engine_err(what))?;
-            df.write_parquet(url, DataFrameWriteOptions::new(), None).await.map_err(engine_err(what))?;
-            Ok(())
-        })
-        .await
     }
 }
 

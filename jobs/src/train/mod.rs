@@ -4,12 +4,15 @@
 //! - [`engine`]: the session: DataFusion in-process, Ballista standalone, or a cluster client.
 //! - [`solve`]: least squares and logistic regression as aggregate queries plus small solves.
 //! - [`segments`]: k-means segments of the pipeline's clustered entity, described in words.
+//! - [`state`]: the feature SQL's per-event state rows, carried from round to round so a round
+//!   computes only its new events and the stored ones late events change.
 //! - this module: a round from start to `LATEST`.
 //!
 //! A round: register the round's batch files as the pipeline's events table; split off the
 //! newest share as the hold-out (by event time, or by arrival within each Kafka partition);
-//! compute the `${…}` variables on the training events; run the feature SQL on the cluster and
-//! materialise it as Parquet in the model store's work folder; standardise; fit regression (one
+//! compute the `${…}` variables on the training events; bring the carried state rows up to
+//! date (or run the whole feature SQL when it cannot carry state) and materialise the features
+//! (in memory in-process, else as Parquet in the model store's work folder); standardise; fit regression (one
 //! pass) and classification (one pass per Newton step); evaluate on the hold-out beside trivial
 //! baselines; segment; build the lookup tables; check serving's feature expressions against
 //! the SQL's own output; write the round folder, then `LATEST` last.
@@ -17,6 +20,7 @@
 pub mod engine;
 pub mod segments;
 pub mod solve;
+pub mod state;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -61,6 +65,11 @@ pub struct TrainOptions {
     pub partitions: usize,
     /// Longest a single query may run before the round fails.
     pub query_timeout: Duration,
+    /// Recompute every event's state rows, ignoring the carried state.
+    pub full: bool,
+    /// Recompute every event's state rows when late events change more than this share of
+    /// the stored ones (carrying then costs about as much).
+    pub full_above: f64,
 }
 
 impl TrainOptions {
@@ -76,6 +85,8 @@ impl TrainOptions {
             poll_interval: Duration::from_secs(5),
             partitions: 4,
             query_timeout: Duration::from_secs(600),
+            full: false,
+            full_above: 0.5,
         }
     }
 }
@@ -94,6 +105,9 @@ pub struct RoundReport {
     pub metrics: RoundMetrics,
     /// Seconds per stage.
     pub seconds: BTreeMap<String, f64>,
+    /// How the round came by its state rows (absent when the feature SQL cannot carry state).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<state::StateReport>,
     /// Where the round was written.
     pub path: String,
 }
@@ -107,7 +121,21 @@ pub async fn train(opts: TrainOptions, shutdown: CancellationToken, mut on_round
     let lake = Lake::open(&opts.lake, &opts.storage)?.child(&name);
     let store = Lake::open(&opts.models, &opts.storage)?.child(&name);
     let engine = Engine::start(&EngineChoice::from_flag(opts.scheduler.as_deref()), opts.partitions).await?.with_timeout(opts.query_timeout);
-    let trainer = Trainer { pipeline: &opts.pipeline, engine: &engine, lake: &lake, store: &store, serving: checked.serving };
+    let shape = opts.pipeline.incremental_shape();
+    if let Err(why) = &shape {
+        tracing::warn!(pipeline = %name, reason = why.as_str(), "every round recomputes all features: the feature SQL cannot carry state");
+    }
+    let trainer = Trainer {
+        pipeline: &opts.pipeline,
+        engine: &engine,
+        lake: &lake,
+        store: &store,
+        serving: checked.serving,
+        shape: shape.ok(),
+        full: opts.full,
+        full_above: opts.full_above,
+        verified: Default::default(),
+    };
     tracing::info!(pipeline = %name, engine = engine.mode, lake = lake.url(), models = store.url(), "trainer ready");
     let mut trained = 0;
     loop {
@@ -186,6 +214,8 @@ pub struct Prepared {
     pub label_share: f64,
     /// The work folder (in the model store) holding the materialised features.
     pub work: String,
+    /// How the state rows were found, when they are carried.
+    pub state: Option<state::StateReport>,
 }
 
 /// One pipeline's trainer: what every round of it needs.
@@ -200,6 +230,14 @@ pub struct Trainer<'a> {
     pub store: &'a Lake,
     /// The row serving builds (from [`Pipeline::check_sql`]).
     pub serving: arrow_schema::SchemaRef,
+    /// The feature SQL's incremental form, when it has one: rounds then carry state.
+    pub shape: Option<lensflow_core::pipeline::incremental::Shape>,
+    /// Recompute all state rows every round (`train --full`).
+    pub full: bool,
+    /// Recompute all state rows when late events change more than this share of them.
+    pub full_above: f64,
+    /// State segment files whose checksum this trainer has written or checked already.
+    pub verified: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Trainer<'_> {
@@ -283,7 +321,14 @@ impl Trainer<'_> {
         let work = format!("_work/{}", round_dir(round));
         remove_prefix(self.store, &work).await?;
         let features_url = format!("{}/", self.store.url_of(&format!("{work}/features")));
-        engine.materialise("feature SQL", &substitute(p.features_sql(), &variables), &features_url, &["features", "features_round"]).await?;
+        let sql = substitute(p.features_sql(), &variables);
+        let state = match &self.shape {
+            Some(shape) => Some(state::features(self, shape, manifests, &sql, &features_url).await?),
+            None => {
+                engine.materialise("feature SQL", &sql, &features_url, &["features", "features_round"]).await?;
+                None
+            }
+        };
 
         let (label, target) = (&d.models.classification.label, &d.models.regression.target);
         let mut stats_sql = vec!["COUNT(*)".to_string(), format!("AVG({target})"), format!("AVG({label})"), format!("MIN({label})"), format!("MAX({label})")];
@@ -310,6 +355,7 @@ impl Trainer<'_> {
             target_mean: s[1],
             label_share: s[2],
             work,
+            state,
         })
     }
 
@@ -449,6 +495,7 @@ impl Trainer<'_> {
             batches: manifests.iter().map(|m| m.batch).collect(),
             metrics,
             seconds: watch.0,
+            state: prep.state.clone(),
             path: store.url_of(&dir),
         })
     }
@@ -701,7 +748,17 @@ mod tests {
         let manifests = lake.manifests().await.unwrap();
 
         let engine = Engine::standalone(2).await.unwrap();
-        let trainer = Trainer { pipeline: &pipeline, engine: &engine, lake: &lake, store: &store, serving: checked.serving };
+        let trainer = Trainer {
+            pipeline: &pipeline,
+            engine: &engine,
+            lake: &lake,
+            store: &store,
+            serving: checked.serving,
+            shape: None,
+            full: false,
+            full_above: 0.5,
+            verified: Default::default(),
+        };
         let prep = trainer.prepare(&manifests).await.unwrap();
         let regression = trainer.fit_regression(&prep).await.unwrap();
         let classification = trainer.fit_classification(&prep).await.unwrap();

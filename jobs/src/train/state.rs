@@ -1,0 +1,622 @@
+//! Carried state: what makes a round's cost follow its new events instead of all events.
+//!
+//! A feature SQL of the incremental form ([`Shape`]) computes, before its final SELECT, one
+//! state row per event from strictly earlier events only, and no round's variables reach it.
+//! So the state rows are kept in the model store from round to round (`_state/`), and a round:
+//! 1. checks the carried state: its fingerprint (the state part of the SQL with its constants,
+//!    and the event schema), that it holds only batches of this round, and every segment file's
+//!    size and SHA-256. Anything off, or `train --full`, recomputes all state rows and says why;
+//! 2. finds the stored rows the new events change: an entity's rows at or after its earliest
+//!    new event, closed until every recomputed row's entities are cut at or before it (a late
+//!    rating changes its movie's later ratings, whose residuals change their users' later
+//!    ratings, …). On time-ordered input that is no stored row at all;
+//! 3. carries each entity's window aggregates over its kept rows (`SUM`, `COUNT`, `MIN`, `MAX`
+//!    combine exactly) into the new and recomputed events, and runs the SQL's CTEs over those
+//!    alone ([`Shape::batch_plan`]);
+//! 4. writes the recomputed rows as a new segment, rewrites the segments they were taken from,
+//!    then the state manifest (the commit point), then removes files no manifest names;
+//! 5. evaluates the final SELECT, with this round's variables, over every state row: row by
+//!    row, so the features equal a full recomputation's.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use arrow_array::{Int64Array, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use bytes::Bytes;
+use futures::StreamExt;
+use lensflow_core::BatchManifest;
+use lensflow_core::model::sha256_hex;
+use lensflow_core::pipeline::incremental::{BatchPlan, Shape};
+use object_store::ObjectStoreExt;
+use object_store::path::Path;
+use serde::{Deserialize, Serialize};
+
+use super::Trainer;
+use super::engine::engine_err;
+use crate::{JobError, Result};
+
+/// The state folder, in a pipeline's model-store folder.
+pub const STATE_DIR: &str = "_state";
+/// The state manifest: written last, so it names only complete segment files.
+pub const STATE_FILE: &str = "_state/STATE.json";
+const FORMAT: u32 = 1;
+/// The column of a state row that names its segment.
+const SEGMENT: &str = "__lensflow_segment";
+/// Rows per segment file.
+const FILE_ROWS: usize = 1_000_000;
+/// The closure of changed rows settles in a few steps on real data; a chain longer than this
+/// means the late events reach nearly everything anyway.
+const MAX_CLOSURE_STEPS: usize = 50;
+const STATE: &str = "__lensflow_state";
+const NEW: &str = "__lensflow_new";
+const BATCH: &str = "__lensflow_batch";
+const CHANGED: &str = "__lensflow_changed";
+
+/// The carried state's manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateManifest {
+    /// Layout version.
+    pub format: u32,
+    /// What the rows were computed by: the state part of the feature SQL, its constants and
+    /// the event schema.
+    pub fingerprint: String,
+    /// The batches whose events the rows are.
+    pub batches: Vec<u64>,
+    /// The segment files.
+    pub files: Vec<SegmentFile>,
+}
+
+/// One Parquet file of state rows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SegmentFile {
+    /// The segment (the round that computed its rows).
+    pub segment: u64,
+    /// Path in the pipeline's model-store folder.
+    pub path: String,
+    /// Rows.
+    pub rows: u64,
+    /// Bytes.
+    pub bytes: u64,
+    /// SHA-256 of the bytes.
+    pub sha256: String,
+}
+
+/// How a round came by its state rows, as its report shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StateReport {
+    /// `incremental` or `full`.
+    pub mode: &'static str,
+    /// Why a round recomputed everything.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Events of batches new to the state.
+    pub new_events: u64,
+    /// Stored rows the new events changed, computed again.
+    pub recomputed: u64,
+    /// State rows after the round.
+    pub rows: u64,
+}
+
+/// Registers `features` (and `features_round`) for this round from carried state, carrying
+/// it forward; `sql` is the feature SQL with this round's values substituted.
+pub async fn features(t: &Trainer<'_>, shape: &Shape, manifests: &[BatchManifest], sql: &str, work_url: &str) -> Result<StateReport> {
+    let engine = t.engine;
+    let round = manifests.len() as u64;
+    let err = |e: String| JobError::Engine { what: "incremental feature SQL".into(), reason: e };
+    let state_sql = shape.state_sql(sql).map_err(err)?;
+    let planned = engine.context().sql(&state_sql).await.map_err(engine_err("state rows"))?;
+    let columns: Vec<String> = planned.schema().fields().iter().map(|f| f.name().clone()).collect();
+    let mut fields: Vec<Field> = planned.schema().fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect();
+    fields.push(Field::new(SEGMENT, DataType::Int64, false));
+    let schema: SchemaRef = Arc::new(Schema::new(fields));
+    let fingerprint = sha256_hex(format!("{FORMAT}\n{state_sql}\n{:?}", t.pipeline.lake_schema()).as_bytes());
+
+    let carried = match t.full {
+        true => Err("train --full".to_string()),
+        false => load(t, &fingerprint, manifests).await,
+    };
+    let (files, report) = match carried {
+        Ok(state) => match advance(t, shape, manifests, sql, &state, &columns, &schema).await? {
+            Ok(advanced) => advanced,
+            Err(reason) => recompute(t, &state_sql, round, &schema, reason).await?,
+        },
+        Err(reason) => recompute(t, &state_sql, round, &schema, reason).await?,
+    };
+    match &report.reason {
+        Some(reason) => tracing::warn!(round, reason = reason.as_str(), rows = report.rows, "state: full recomputation"),
+        None => tracing::info!(round, new = report.new_events, recomputed = report.recomputed, rows = report.rows, "state: carried forward"),
+    }
+    let manifest = StateManifest { format: FORMAT, fingerprint, batches: manifests.iter().map(|m| m.batch).collect(), files };
+    let json = serde_json::to_vec_pretty(&manifest).map_err(|e| JobError::Internal(e.to_string()))?;
+    t.store.put(STATE_FILE, Bytes::from(json)).await?;
+    let named: BTreeSet<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
+    for path in t.store.list(STATE_DIR).await? {
+        if path.as_ref() != STATE_FILE && !named.contains(path.as_ref()) {
+            t.store.delete(path.as_ref()).await?;
+        }
+    }
+
+    register_state(t, &manifest.files, &schema).await?;
+    let final_sql = shape.final_sql(sql, STATE, &columns).map_err(err)?;
+    engine.materialise("feature SQL", &final_sql, work_url, &["features", "features_round"]).await?;
+    Ok(report)
+}
+
+/// The carried state, if it is there, whole, and made by this SQL from batches of this round.
+async fn load(t: &Trainer<'_>, fingerprint: &str, manifests: &[BatchManifest]) -> Result<StateManifest, String> {
+    let store = t.store;
+    let bytes = match store.get(&Path::from(STATE_FILE)).await {
+        Ok(bytes) => bytes,
+        Err(e) if e.is_not_found() => return Err("no carried state yet".into()),
+        Err(e) => return Err(format!("the carried state is unreadable: {e}")),
+    };
+    let state: StateManifest = serde_json::from_slice(&bytes).map_err(|e| format!("the carried state's {STATE_FILE} is damaged: {e}"))?;
+    if state.format != FORMAT || state.fingerprint != fingerprint {
+        return Err("the feature SQL, its constants or the event schema changed since the state was computed".into());
+    }
+    let round: BTreeSet<u64> = manifests.iter().map(|m| m.batch).collect();
+    if let Some(b) = state.batches.iter().find(|b| !round.contains(b)) {
+        return Err(format!("the carried state holds batch {b}, which this round does not"));
+    }
+    // Each file is read whole once per trainer: a watching trainer checks only what it did not
+    // write or check itself, so a round's cost stays with its new rows.
+    let verified = |f: &SegmentFile| t.verified.lock().is_ok_and(|v| v.contains(&f.sha256));
+    for f in state.files.iter().filter(|f| !verified(f)) {
+        let bytes = store.get(&Path::from(f.path.as_str())).await.map_err(|e| format!("state segment {} is missing: {e}", f.path))?;
+        if bytes.len() as u64 != f.bytes || sha256_hex(&bytes) != f.sha256 {
+            return Err(format!("state segment {} is damaged: its bytes do not match the checksum in {STATE_FILE}", f.path));
+        }
+        remember(t, f);
+    }
+    // A file checked earlier must still be there, with its size.
+    for f in state.files.iter() {
+        match store.store().head(&Path::from(f.path.as_str())).await {
+            Ok(meta) if meta.size == f.bytes => {}
+            Ok(meta) => return Err(format!("state segment {} is damaged: {} bytes, not {}", f.path, meta.size, f.bytes)),
+            Err(e) => return Err(format!("state segment {} is missing: {e}", f.path)),
+        }
+    }
+    Ok(state)
+}
+
+/// Every state row computed again from all of the round's events.
+async fn recompute(t: &Trainer<'_>, state_sql: &str, round: u64, schema: &SchemaRef, reason: String) -> Result<(Vec<SegmentFile>, StateReport)> {
+    let files = write_segment(t, "state rows", state_sql, round, schema).await?;
+    let rows = files.iter().map(|f| f.rows).sum();
+    Ok((files, StateReport { mode: "full", reason: Some(reason), new_events: rows, recomputed: 0, rows }))
+}
+
+/// The state carried forward over the new batches; `Err` says why recomputing everything is
+/// the better way (late events reaching most stored rows).
+async fn advance(
+    t: &Trainer<'_>,
+    shape: &Shape,
+    manifests: &[BatchManifest],
+    sql: &str,
+    state: &StateManifest,
+    columns: &[String],
+    schema: &SchemaRef,
+) -> Result<std::result::Result<(Vec<SegmentFile>, StateReport), String>> {
+    let (engine, round) = (t.engine, manifests.len() as u64);
+    let stored_rows: u64 = state.files.iter().map(|f| f.rows).sum();
+    let known: BTreeSet<u64> = state.batches.iter().copied().collect();
+    let new: Vec<String> = manifests.iter().filter(|m| !known.contains(&m.batch)).flat_map(|m| m.files.iter().map(|f| t.lake.url_of(&f.path))).collect();
+    let unchanged =
+        |files: Vec<SegmentFile>| StateReport { mode: "incremental", reason: None, new_events: 0, recomputed: 0, rows: files.iter().map(|f| f.rows).sum() };
+    if new.is_empty() {
+        let report = unchanged(state.files.clone());
+        return Ok(Ok((state.files.clone(), report)));
+    }
+    register_state(t, &state.files, schema).await?;
+    engine.register_parquet(NEW, &new, Some(t.pipeline.lake_schema())).await?;
+    // Work tables of an earlier round (or a crashed attempt) must not be read as this round's.
+    super::remove_prefix(t.store, "_work/state").await?;
+    let plan = shape.batch_plan(sql, BATCH, columns).map_err(|reason| JobError::Engine { what: "incremental feature SQL".into(), reason })?;
+    let time = t.pipeline.definition.events.time.as_deref().unwrap_or_default();
+    let work = |name: &str| format!("{}/", t.store.url_of(&format!("_work/state/{name}")));
+
+    // The stored rows the new events change: cut each entity at its earliest changed row,
+    // until the cuts hold every changed row's entities.
+    let mut cuts = Cuts::new(&plan, time);
+    let mut changed = 0u64;
+    if !plan.carried.is_empty() {
+        for (j, (key, _)) in plan.carried.iter().enumerate() {
+            let sql = format!("SELECT {key} AS __lensflow_key, MIN({time}) AS __lensflow_cut FROM {NEW} GROUP BY {key}");
+            engine.materialise("state cuts", &sql, &work(&format!("cut{j}")), &[&Cuts::table(j)]).await?;
+        }
+        cuts.settle(engine).await?;
+        // Each step reads the stored rows once: the changed rows' keys and times, from which
+        // every key's cuts are widened.
+        let keys: Vec<String> = plan.carried.iter().map(|(key, _)| format!("s.{key}")).collect();
+        let mut steps = 0;
+        loop {
+            let sql = format!("SELECT {}, s.{time} FROM {STATE} s {} WHERE {}", keys.join(", "), cuts.joins, cuts.changed);
+            engine.materialise("changed state rows", &sql, &work(&format!("changed-{steps}")), &[CHANGED]).await?;
+            let count = engine.query_row("changed state rows", &format!("SELECT COUNT(*) FROM {CHANGED}")).await?[0] as u64;
+            if count == changed {
+                break;
+            }
+            changed = count;
+            steps += 1;
+            if changed as f64 > t.full_above * stored_rows as f64 || steps > MAX_CLOSURE_STEPS {
+                return Ok(Err(format!("late events change {changed} of the {stored_rows} stored state rows")));
+            }
+            for (j, (key, _)) in plan.carried.iter().enumerate() {
+                let sql = format!(
+                    "SELECT k AS __lensflow_key, MIN(t) AS __lensflow_cut FROM \
+                     (SELECT {key} AS k, {time} AS t FROM {NEW} UNION ALL SELECT {key} AS k, {time} AS t FROM {CHANGED}) u GROUP BY k"
+                );
+                engine.materialise("state cuts", &sql, &work(&format!("cut{j}-{steps}")), &[&Cuts::table(j)]).await?;
+            }
+            cuts.settle(engine).await?;
+        }
+    }
+
+    // Carried aggregates over each entity's kept rows, joined onto the batch's events.
+    let reads = shape.reads.join(", ");
+    let stored_reads = shape.reads.iter().map(|c| format!("s.{c}")).collect::<Vec<_>>().join(", ");
+    let mut batch = "SELECT e.*".to_string();
+    let mut joins = String::new();
+    for (j, (key, aggregates)) in plan.carried.iter().enumerate() {
+        let table = format!("__lensflow_carried{j}");
+        let list = aggregates.join(", ");
+        // An entity's rows before its cut are exactly its kept rows, and only entities with a
+        // cut have events in the batch.
+        let cut = Cuts::table(j);
+        let sql = format!(
+            "SELECT s.{key} AS __lensflow_key, {list} FROM {STATE} s JOIN {cut} c ON s.{key} IS NOT DISTINCT FROM c.__lensflow_key \
+             WHERE s.{time} < c.__lensflow_cut GROUP BY s.{key}"
+        );
+        engine.materialise("carried state", &sql, &work(&table), &[&table]).await?;
+        for a in aggregates {
+            let column = a.rsplit(" AS ").next().unwrap_or_default();
+            batch += &format!(", a{j}.{column}");
+        }
+        joins += &format!(" LEFT JOIN {table} a{j} ON e.{key} IS NOT DISTINCT FROM a{j}.__lensflow_key");
+    }
+    let stored_part =
+        if changed == 0 { String::new() } else { format!(" UNION ALL SELECT {stored_reads} FROM {STATE} s {} WHERE {}", cuts.joins, cuts.changed) };
+    batch += &format!(" FROM (SELECT {reads} FROM {NEW}{stored_part}) e{joins}");
+    engine.materialise("batch events", &batch, &work(BATCH), &[BATCH]).await?;
+
+    let mut files: Vec<SegmentFile> = write_segment(t, "new state rows", &plan.sql, round, schema).await?;
+    let new_rows: u64 = files.iter().map(|f| f.rows).sum();
+    // Segments that lost rows to the recomputation are written again without them.
+    let mut touched = BTreeSet::new();
+    if changed > 0 {
+        let counts = engine.query("touched segments", &format!("SELECT DISTINCT s.{SEGMENT} FROM {STATE} s {} WHERE {}", cuts.joins, cuts.changed)).await?;
+        for b in &counts {
+            touched.extend((0..b.num_rows()).map(|r| super::engine::number(b, 0, r).unwrap_or(0.0) as u64));
+        }
+        for segment in &touched {
+            let kept = format!("SELECT s.* FROM {STATE} s {} WHERE s.{SEGMENT} = {segment} AND NOT {}", cuts.joins, cuts.changed);
+            files.extend(write_segment(t, "kept state rows", &kept, *segment, schema).await?);
+        }
+    }
+    files.extend(state.files.iter().filter(|f| !touched.contains(&f.segment)).cloned());
+    files.sort_by(|a, b| (a.segment, &a.path).cmp(&(b.segment, &b.path)));
+    super::remove_prefix(t.store, "_work/state").await?;
+    let rows = files.iter().map(|f| f.rows).sum();
+    Ok(Ok((files, StateReport { mode: "incremental", reason: None, new_events: new_rows - changed, recomputed: changed, rows })))
+}
+
+/// The joins and condition that pick the stored rows at or after their entities' cuts.
+struct Cuts {
+    joins: String,
+    /// Whether a stored row is at or after one of its entities' cuts.
+    any: String,
+    time: String,
+    keys: usize,
+    /// `any`, behind the earliest cut as a constant, which skips the Parquet row groups of
+    /// segments older than every cut.
+    changed: String,
+}
+
+impl Cuts {
+    fn new(plan: &BatchPlan, time: &str) -> Cuts {
+        let mut joins = String::new();
+        let mut any = Vec::new();
+        for (j, (key, _)) in plan.carried.iter().enumerate() {
+            joins += &format!(" LEFT JOIN {} c{j} ON s.{key} IS NOT DISTINCT FROM c{j}.__lensflow_key", Cuts::table(j));
+            any.push(format!("COALESCE(s.{time} >= c{j}.__lensflow_cut, FALSE)"));
+        }
+        let any = if any.is_empty() { "FALSE".to_string() } else { format!("({})", any.join(" OR ")) };
+        Cuts { joins, changed: any.clone(), any, time: time.to_string(), keys: plan.carried.len() }
+    }
+
+    /// Reads the earliest cut once the cut tables are (re)made.
+    async fn settle(&mut self, engine: &super::engine::Engine) -> Result<()> {
+        if self.keys == 0 {
+            return Ok(());
+        }
+        let all = (0..self.keys).map(|j| format!("SELECT MIN(__lensflow_cut) AS c FROM {}", Cuts::table(j))).collect::<Vec<_>>().join(" UNION ALL ");
+        let floor = engine.query_row("earliest cut", &format!("SELECT MIN(c) FROM ({all}) u")).await?[0] as i64;
+        self.changed = format!("(s.{} >= {floor} AND {})", self.time, self.any);
+        Ok(())
+    }
+
+    fn table(j: usize) -> String {
+        format!("__lensflow_cut{j}")
+    }
+}
+
+async fn register_state(t: &Trainer<'_>, files: &[SegmentFile], schema: &SchemaRef) -> Result<()> {
+    if files.is_empty() {
+        let empty = datafusion::datasource::MemTable::try_new(schema.clone(), vec![vec![]]).map_err(engine_err("state rows"))?;
+        let ctx = t.engine.context();
+        ctx.deregister_table(STATE).map_err(engine_err("state rows"))?;
+        ctx.register_table(STATE, Arc::new(empty)).map_err(engine_err("state rows"))?;
+        return Ok(());
+    }
+    let urls: Vec<String> = files.iter().map(|f| t.store.url_of(&f.path)).collect();
+    t.engine.register_parquet(STATE, &urls, Some(schema.clone())).await
+}
+
+/// Runs `sql` and writes its rows as segment `segment`'s files, in the state schema.
+async fn write_segment(t: &Trainer<'_>, what: &str, sql: &str, segment: u64, schema: &SchemaRef) -> Result<Vec<SegmentFile>> {
+    t.engine.bounded(what, write_files(t, what, sql, segment, schema)).await
+}
+
+async fn write_files(t: &Trainer<'_>, what: &str, sql: &str, segment: u64, schema: &SchemaRef) -> Result<Vec<SegmentFile>> {
+    let internal = |e: parquet::errors::ParquetError| JobError::Internal(format!("{what}: {e}"));
+    let df = t.engine.context().sql(sql).await.map_err(engine_err(what))?;
+    let mut stream = df.execute_stream().await.map_err(engine_err(what))?;
+    let stamp = lensflow_core::now_ms();
+    let mut files = Vec::new();
+    let mut pending: Option<(parquet::arrow::ArrowWriter<Vec<u8>>, usize)> = None;
+    loop {
+        let next = stream.next().await.transpose().map_err(engine_err(what))?;
+        let full = pending.as_ref().is_some_and(|(_, rows)| *rows >= FILE_ROWS);
+        if (next.is_none() || full)
+            && let Some((writer, rows)) = pending.take()
+        {
+            // `into_inner` writes the footer: the bytes are a whole file.
+            let bytes = writer.into_inner().map_err(internal)?;
+            let path = format!("{STATE_DIR}/s{segment:05}-{stamp}-{:03}.parquet", files.len());
+            let file = SegmentFile { segment, path: path.clone(), rows: rows as u64, bytes: bytes.len() as u64, sha256: sha256_hex(&bytes) };
+            t.store.put(&path, Bytes::from(bytes)).await?;
+            remember(t, &file);
+            files.push(file);
+        }
+        let Some(batch) = next else { break };
+        if batch.num_rows() == 0 {
+            continue;
+        }
+        let batch = conform(&batch, schema, segment).map_err(|reason| JobError::Engine { what: what.into(), reason })?;
+        if pending.is_none() {
+            // State columns are mostly distinct doubles: dictionary pages would be tried and
+            // thrown away for each.
+            let props = parquet::file::properties::WriterProperties::builder().set_dictionary_enabled(false).build();
+            pending = Some((parquet::arrow::ArrowWriter::try_new(Vec::new(), schema.clone(), Some(props)).map_err(internal)?, 0));
+        }
+        if let Some((writer, rows)) = pending.as_mut() {
+            writer.write(&batch).map_err(internal)?;
+            *rows += batch.num_rows();
+        }
+    }
+    Ok(files)
+}
+
+fn remember(t: &Trainer<'_>, file: &SegmentFile) {
+    if let Ok(mut v) = t.verified.lock() {
+        v.insert(file.sha256.clone());
+    }
+}
+
+/// `batch` in the state schema: columns by name, cast where the types differ, and its segment.
+fn conform(batch: &RecordBatch, schema: &SchemaRef, segment: u64) -> std::result::Result<RecordBatch, String> {
+    let mut columns = Vec::with_capacity(schema.fields().len());
+    for field in schema.fields() {
+        if field.name() == SEGMENT {
+            columns.push(Arc::new(Int64Array::from(vec![segment as i64; batch.num_rows()])) as arrow_array::ArrayRef);
+            continue;
+        }
+        let column = batch.column_by_name(field.name()).ok_or_else(|| format!("the state rows lack column {}", field.name()))?;
+        columns.push(datafusion::arrow::compute::cast(column, field.data_type()).map_err(|e| format!("column {}: {e}", field.name()))?);
+    }
+    RecordBatch::try_new(schema.clone(), columns).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consume::{commit::commit_batch, offsets::LakeOffsets, writer::Batch};
+    use crate::train::engine::{Engine, number};
+    use lensflow_core::pipeline::substitute;
+    use lensflow_core::{Lake, Pipeline, StorageOptions};
+    use rand::SeedableRng;
+    use rand::seq::SliceRandom;
+
+    /// A lake of `lines` (MovieLens CSV, header first) committed as `batches` batches, in order.
+    async fn lake_of(pipeline: &Pipeline, dir: &std::path::Path, lines: &[&str], batches: usize) -> Lake {
+        let lake = Lake::open(dir.join("lake").to_str().unwrap(), &StorageOptions::default()).unwrap().child(pipeline.name());
+        let layout = pipeline.csv_layout(lines[0].split(',').map(str::as_bytes)).unwrap();
+        let rows = &lines[1..];
+        let mut offsets = LakeOffsets::new("t");
+        for (b, chunk) in rows.chunks(rows.len().div_ceil(batches)).enumerate() {
+            let mut batch = Batch::new(pipeline);
+            for (i, line) in chunk.iter().enumerate() {
+                let fields: Vec<&[u8]> = line.split(',').map(str::as_bytes).collect();
+                let event = pipeline.event_from_csv(&layout, fields.into_iter()).unwrap();
+                batch.partition(0).push_event((b * rows.len() + i) as i64, &event);
+            }
+            commit_batch(&lake, &mut offsets, &batch, "t", "w").await.unwrap();
+        }
+        lake
+    }
+
+    /// Every column of `relation` (a table, or a query in parentheses), rows in one order.
+    async fn table(engine: &Engine, relation: &str) -> Vec<Vec<f64>> {
+        let sql = format!("SELECT * FROM {relation} f ORDER BY user_id, movie_id, ts, rating");
+        let batches = engine.query("features", &sql).await.unwrap();
+        batches.iter().flat_map(|b| (0..b.num_rows()).map(move |r| (0..b.num_columns()).map(|c| number(b, c, r).unwrap()).collect())).collect()
+    }
+
+    fn assert_close(what: &str, a: &[f64], b: &[f64]) {
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= 1e-9 * (1.0 + y.abs()), "{what}[{i}]: {x} vs {y}");
+        }
+    }
+
+    struct Outcome {
+        features: Vec<Vec<f64>>,
+        /// The feature SQL's own answer, run as it is.
+        direct: Vec<Vec<f64>>,
+        fitted: Vec<f64>,
+        report: Option<StateReport>,
+    }
+
+    /// One round's features, regression and classification coefficients and hold-out metrics.
+    async fn round(pipeline: &Pipeline, engine: &Engine, lake: &Lake, store: &Lake, full: bool, manifests: &[BatchManifest]) -> Outcome {
+        let serving = pipeline.check_sql().await.unwrap().serving;
+        let t = Trainer {
+            pipeline,
+            engine,
+            lake,
+            store,
+            serving,
+            shape: Some(pipeline.incremental_shape().unwrap()),
+            full,
+            full_above: 1.0,
+            verified: Default::default(),
+        };
+        let prep = t.prepare(manifests).await.unwrap();
+        let regression = t.fit_regression(&prep).await.unwrap();
+        let classification = t.fit_classification(&prep).await.unwrap();
+        let m = t.evaluate(&prep, &regression, &classification).await.unwrap();
+        let mut fitted = vec![regression.intercept, classification.intercept, m.rmse, m.mae, m.auc, m.accuracy, m.r2];
+        fitted.extend(regression.coefficients.iter().chain(&classification.coefficients));
+        fitted.extend(prep.scaling.mean.iter().chain(&prep.scaling.scale));
+        let direct = format!("({})", substitute(pipeline.features_sql(), &prep.variables));
+        Outcome { features: table(engine, "features").await, direct: table(engine, &direct).await, fitted, report: prep.state }
+    }
+
+    /// Trains every round of `lines` in `batches` batches twice, carrying state and recomputing
+    /// everything, and requires the same features, models and metrics; the full path must give
+    /// the feature SQL's own answer. Returns each carried round's report.
+    async fn carried_equals_full(lines: &[&str], batches: usize) -> Vec<StateReport> {
+        let pipeline = Pipeline::builtin("movielens").unwrap().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let lake = lake_of(&pipeline, dir.path(), lines, batches).await;
+        let models = |name: &str| Lake::open(dir.path().join(name).to_str().unwrap(), &StorageOptions::default()).unwrap().child("movielens");
+        let (carried_store, full_store) = (models("carried"), models("full"));
+        let (carried, full) = (Engine::local(2).unwrap(), Engine::local(2).unwrap());
+        let manifests = lake.manifests().await.unwrap();
+        let mut reports = Vec::new();
+        for r in 1..=manifests.len() {
+            let a = round(&pipeline, &carried, &lake, &carried_store, false, &manifests[..r]).await;
+            let b = round(&pipeline, &full, &lake, &full_store, true, &manifests[..r]).await;
+            assert_eq!(b.report.as_ref().map(|s| s.mode), Some("full"));
+            assert_eq!(a.features.len(), b.features.len(), "round {r}: feature rows");
+            for (i, (x, y)) in a.features.iter().zip(&b.features).enumerate() {
+                assert_close(&format!("round {r} feature row {i}"), x, y);
+            }
+            assert_close(&format!("round {r} models and metrics"), &a.fitted, &b.fitted);
+            // Both are the feature SQL's own answer.
+            for (i, (x, y)) in a.features.iter().zip(&b.direct).enumerate() {
+                assert_close(&format!("round {r} feature SQL row {i}"), x, y);
+            }
+            reports.push(a.report.unwrap());
+        }
+        reports
+    }
+
+    fn generated(ratings: u64) -> String {
+        let mut csv = Vec::new();
+        crate::generate::generate(&crate::generate::GenerateOptions { ratings, seed: 11, ..Default::default() }, &mut csv).unwrap();
+        String::from_utf8(csv).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn carried_rounds_equal_full_ones_on_time_ordered_events() {
+        let text = generated(6_000);
+        let lines: Vec<&str> = text.lines().collect();
+        let reports = carried_equals_full(&lines, 4).await;
+        assert_eq!(reports[0].mode, "full");
+        for r in &reports[1..] {
+            assert_eq!((r.mode, r.recomputed), ("incremental", 0), "{r:?}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn carried_rounds_equal_full_ones_on_shuffled_events() {
+        let text = generated(6_000);
+        let mut lines: Vec<&str> = text.lines().collect();
+        lines[1..].shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(5));
+        let reports = carried_equals_full(&lines, 4).await;
+        eprintln!("{reports:#?}");
+    }
+
+    /// `ratings_small` arrives sorted by user, so every batch brings ratings older than what
+    /// their movies have seen: the late-event path, exactly.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn carried_rounds_equal_full_ones_on_ratings_small_in_file_order() {
+        let dir = std::env::var("LENSFLOW_TEST_DATA").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data").to_string());
+        let path = std::path::Path::new(&dir).join("ratings_small.csv");
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}; set LENSFLOW_TEST_DATA to its folder", path.display()));
+        let lines: Vec<&str> = text.lines().collect();
+        let reports = carried_equals_full(&lines, 3).await;
+        eprintln!("{reports:#?}");
+        for r in &reports[1..] {
+            assert_eq!(r.mode, "incremental", "{r:?}");
+            assert!(r.recomputed > 0 && r.recomputed < r.rows - r.new_events, "late events recompute some stored rows, not all: {r:?}");
+        }
+    }
+
+    /// A damaged segment, a missing state and a changed constant each make the next round
+    /// recompute everything and say why; the features stay the feature SQL's own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn damaged_or_missing_state_falls_back_to_a_full_recomputation() {
+        let pipeline = Pipeline::builtin("movielens").unwrap().unwrap();
+        let text = generated(4_000);
+        let lines: Vec<&str> = text.lines().collect();
+        let dir = tempfile::tempdir().unwrap();
+        let lake = lake_of(&pipeline, dir.path(), &lines, 5).await;
+        let store = Lake::open(dir.path().join("models").to_str().unwrap(), &StorageOptions::default()).unwrap().child("movielens");
+        let engine = Engine::local(2).unwrap();
+        let manifests = lake.manifests().await.unwrap();
+        let check = |o: &Outcome, r: usize| {
+            for (i, (x, y)) in o.features.iter().zip(&o.direct).enumerate() {
+                assert_close(&format!("round {r} row {i}"), x, y);
+            }
+        };
+        let first = round(&pipeline, &engine, &lake, &store, false, &manifests[..1]).await;
+        assert_eq!(first.report.as_ref().and_then(|s| s.reason.as_deref()), Some("no carried state yet"));
+
+        // A flipped byte in a segment.
+        let state: StateManifest = serde_json::from_slice(&store.get(&Path::from(STATE_FILE)).await.unwrap()).unwrap();
+        let mut bytes = store.get(&Path::from(state.files[0].path.as_str())).await.unwrap().to_vec();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x55;
+        store.put(&state.files[0].path, Bytes::from(bytes)).await.unwrap();
+        let o = round(&pipeline, &engine, &lake, &store, false, &manifests[..2]).await;
+        let reason = o.report.as_ref().and_then(|s| s.reason.clone()).unwrap_or_default();
+        assert!(reason.contains("is damaged") && reason.contains(&state.files[0].path), "{reason}");
+        check(&o, 2);
+
+        // The state carries again, then its manifest goes missing.
+        let o = round(&pipeline, &engine, &lake, &store, false, &manifests[..3]).await;
+        assert_eq!(o.report.as_ref().map(|s| s.mode), Some("incremental"));
+        check(&o, 3);
+        store.delete(STATE_FILE).await.unwrap();
+        let o = round(&pipeline, &engine, &lake, &store, false, &manifests[..4]).await;
+        assert_eq!(o.report.as_ref().and_then(|s| s.reason.as_deref()), Some("no carried state yet"));
+        check(&o, 4);
+
+        // A segment file gone, and a different constant: both named.
+        let state: StateManifest = serde_json::from_slice(&store.get(&Path::from(STATE_FILE)).await.unwrap()).unwrap();
+        store.delete(&state.files[0].path).await.unwrap();
+        let o = round(&pipeline, &engine, &lake, &store, false, &manifests[..5]).await;
+        let reason = o.report.as_ref().and_then(|s| s.reason.clone()).unwrap_or_default();
+        assert!(reason.contains("is missing"), "{reason}");
+        check(&o, 5);
+        let mut changed = pipeline.clone();
+        changed.definition.features.constants.insert("shrink".into(), 7.0);
+        let o = round(&changed, &engine, &lake, &store, false, &manifests[..5]).await;
+        let reason = o.report.as_ref().and_then(|s| s.reason.clone()).unwrap_or_default();
+        assert!(reason.contains("changed since the state was computed"), "{reason}");
+        check(&o, 5);
+    }
+}
