@@ -173,6 +173,10 @@ pub fn shape(sql: &str, events: &str, columns: &[String], time: Option<&str>, ro
         }
     }
     let passes = relations[&state].values().copied().max().unwrap_or(0);
+    if state == events_name {
+        // The final SELECT reads the events themselves.
+        reads = columns.iter().map(|c| c.to_lowercase()).collect();
+    }
     reads.sort();
     reads.dedup();
     if !windows.is_empty() {
@@ -428,6 +432,7 @@ mod tests {
         assert_eq!(movielens.windows.iter().filter(|w| w.pass == 2).count(), 4);
         let home = Pipeline::builtin("smart-home").unwrap().unwrap().incremental_shape().unwrap();
         assert_eq!((home.passes, home.windows.len(), home.state.as_str()), (0, 0, "devices"), "each row's features are its own");
+        assert!(home.reads.contains(&"device_type".to_string()) && home.reads.contains(&"kafka_offset".to_string()), "{:?}", home.reads);
     }
 
     #[test]
