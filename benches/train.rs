@@ -1,10 +1,10 @@
 //! Training benchmark: round time per stage and peak memory of trainer and executors, on
-//! DataFusion in-process (the default), Ballista standalone, and a two-executor cluster
-//! (separate processes on loopback).
+//! DataFusion in-process (the default, carrying state; and `--full`, recomputing every round),
+//! Ballista standalone, and a two-executor cluster (separate processes on loopback).
 //!
 //! `cargo bench --bench train` (1M generated ratings in 3 batches; `LENSFLOW_BENCH_RATINGS=10000000`
 //! for more, `LENSFLOW_BENCH_BATCHES=30` for more rounds, `LENSFLOW_BENCH_ENGINES=local,standalone`
-//! for fewer engines (of local, standalone, cluster)). The lake is written straight through the
+//! for fewer engines (of local, full, standalone, cluster)). The lake is written straight through the
 //! library (ingest has its own benchmark).
 //! Prints a report; nothing here is asserted on time.
 

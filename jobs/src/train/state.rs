@@ -390,8 +390,13 @@ async fn write_files(t: &Trainer<'_>, what: &str, sql: &str, segment: u64, schem
         let batch = conform(&batch, schema, segment).map_err(|reason| JobError::Engine { what: what.into(), reason })?;
         if pending.is_none() {
             // State columns are mostly distinct doubles: dictionary pages would be tried and
-            // thrown away for each.
-            let props = parquet::file::properties::WriterProperties::builder().set_dictionary_enabled(false).build();
+            // thrown away for each. Row groups of 128k rows keep the writer's buffer small and
+            // give the pruning by time that late events rely on finer steps.
+            let props = parquet::file::properties::WriterProperties::builder()
+                .set_dictionary_enabled(false)
+                .set_compression(parquet::basic::Compression::ZSTD(parquet::basic::ZstdLevel::default()))
+                .set_max_row_group_size(128 * 1024)
+                .build();
             pending = Some((parquet::arrow::ArrowWriter::try_new(Vec::new(), schema.clone(), Some(props)).map_err(internal)?, 0));
         }
         if let Some((writer, rows)) = pending.as_mut() {
