@@ -206,10 +206,9 @@ async fn advance(
     let stored_rows: u64 = state.files.iter().map(|f| f.rows).sum();
     let known: BTreeSet<u64> = state.batches.iter().copied().collect();
     let new: Vec<String> = manifests.iter().filter(|m| !known.contains(&m.batch)).flat_map(|m| m.files.iter().map(|f| t.lake.url_of(&f.path))).collect();
-    let unchanged =
-        |files: Vec<SegmentFile>| StateReport { mode: "incremental", reason: None, new_events: 0, recomputed: 0, rows: files.iter().map(|f| f.rows).sum() };
     if new.is_empty() {
-        let report = unchanged(state.files.clone());
+        // A round tried again after its state was written: nothing to add.
+        let report = StateReport { mode: "incremental", reason: None, new_events: 0, recomputed: 0, rows: stored_rows };
         return Ok(Ok((state.files.clone(), report)));
     }
     register_state(t, &state.files, schema).await?;
@@ -302,7 +301,7 @@ async fn advance(
     files.sort_by(|a, b| (a.segment, &a.path).cmp(&(b.segment, &b.path)));
     super::remove_prefix(t.store, "_work/state").await?;
     let rows = files.iter().map(|f| f.rows).sum();
-    Ok(Ok((files, StateReport { mode: "incremental", reason: None, new_events: new_rows - changed, recomputed: changed, rows })))
+    Ok(Ok((files, StateReport { mode: "incremental", reason: None, new_events: new_rows.saturating_sub(changed), recomputed: changed, rows })))
 }
 
 /// The joins and condition that pick the stored rows at or after their entities' cuts.
@@ -395,7 +394,7 @@ async fn write_files(t: &Trainer<'_>, what: &str, sql: &str, segment: u64, schem
             let props = parquet::file::properties::WriterProperties::builder()
                 .set_dictionary_enabled(false)
                 .set_compression(parquet::basic::Compression::ZSTD(parquet::basic::ZstdLevel::default()))
-                .set_max_row_group_size(128 * 1024)
+                .set_max_row_group_row_count(Some(128 * 1024))
                 .build();
             pending = Some((parquet::arrow::ArrowWriter::try_new(Vec::new(), schema.clone(), Some(props)).map_err(internal)?, 0));
         }
