@@ -12,8 +12,11 @@ use common::*;
 use serde_json::{Value, json};
 
 fn service(args: &[&str], env: &[(String, String)], log: std::fs::File) -> Child {
-    lensflow(args).envs(env.iter().cloned()).env("LENSFLOW_LOG", "info").stdout(Stdio::null()).stderr(log).spawn().unwrap()
+    lensflow(args).env("LENSFLOW_LOG", "info").envs(env.iter().cloned()).stdout(Stdio::null()).stderr(log).spawn().unwrap()
 }
+
+/// Every crate of lensflow logs at debug, the libraries at info: the most a log ever says.
+const VERBOSE: &str = "info,lensflow=debug,lensflow_core=debug,lensflow_jobs=debug,lensflow_api=debug,lensflow_scheduler=debug,lensflow_executor=debug";
 
 fn stop(child: &mut Child, what: &str) {
     interrupt(child);
@@ -28,7 +31,8 @@ fn the_compose_topology_as_processes_serves_round_three() {
     let log = |name: &str| std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap();
     let broker = Broker::start();
     let s3 = S3::start("lensflow");
-    let env = s3.env();
+    let mut env = s3.env();
+    env.push(("LENSFLOW_LOG".into(), VERBOSE.into()));
     let cluster = Cluster::start_with_env(dir.path(), 2, &env);
     let (lake, models) = ("s3://lensflow/lake", "s3://lensflow/models");
 
@@ -42,7 +46,7 @@ fn the_compose_topology_as_processes_serves_round_three() {
     );
     let mut trainer =
         service(&["train", "--watch", "--poll-interval", "1s", "--lake", lake, "--models", models, "--scheduler", &cluster.url()], &env, log("trainer"));
-    let api = Server::start_with_env(models.as_ref(), &["--lake", lake, "--poll-interval", "500ms"], &env);
+    let api = Server::start_logged(models.as_ref(), &["--lake", lake, "--poll-interval", "500ms"], &env, log("api"));
     api.wait_round(3, Duration::from_secs(600));
 
     let client = reqwest::blocking::Client::new();
@@ -89,8 +93,34 @@ fn the_compose_topology_as_processes_serves_round_three() {
     }
     assert_eq!((users, ratings), (671, 100_004), "one row per user, every rating counted");
 
+    // The secret the processes used is in no answer, no `--help` and no log line, at debug.
+    let secret_free = |what: &str, text: &str| assert!(!text.contains(S3_SECRET), "{what} shows the S3 secret key");
+    for path in ["/status", "/models", "/metrics", "/pipelines"] {
+        secret_free(path, &reqwest::blocking::get(api.url(path)).unwrap().text().unwrap());
+    }
+    for command in ["consume", "train", "serve", "sql", "scheduler", "executor", "demo"] {
+        let help = lensflow([command, "--help"]).envs(env.iter().cloned()).output().unwrap();
+        secret_free(&format!("{command} --help"), &String::from_utf8_lossy(&help.stdout));
+    }
+    // A failing S3 request's error names the store, not the credentials.
+    let bad = lensflow(["train", "--lake", "s3://no-such-bucket/lake", "--models", "s3://no-such-bucket/models"]).envs(env.iter().cloned()).output().unwrap();
+    assert!(!bad.status.success());
+    secret_free("an S3 error", &String::from_utf8_lossy(&bad.stderr));
+
     stop(&mut trainer, "trainer");
     stop(&mut consumer, "consumer");
     let mut api = api;
     stop(&mut api.child, "api");
+    let mut logged = 0;
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "log") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            secret_free(&path.display().to_string(), &text);
+            logged += text.lines().count();
+        }
+    }
+    assert!(logged > 100, "the services logged ({logged} lines)");
+    let trainer_log = std::fs::read_to_string(dir.path().join("trainer.log")).unwrap();
+    assert!(trainer_log.contains("DEBUG"), "the trainer logged at debug");
 }

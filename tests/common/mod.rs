@@ -102,6 +102,11 @@ impl Drop for Broker {
 }
 
 /// A moto S3 server with one bucket, killed when dropped.
+/// The S3 test server's access key id (moto accepts any).
+pub const S3_ACCESS_KEY: &str = "LFTESTKEY7Q2W";
+/// The S3 test server's secret key: it must never appear in a log, an answer or a `--help`.
+pub const S3_SECRET: &str = "lf-secret-93kd0Zp1x7";
+
 pub struct S3 {
     child: Child,
     pub port: u16,
@@ -126,13 +131,14 @@ impl S3 {
         S3 { child, port }
     }
 
-    /// The `AWS_*` settings a client needs to reach this server.
+    /// The `AWS_*` settings a client needs to reach this server. The key and secret are words
+    /// no log line has by chance, so a test can look for them.
     pub fn env(&self) -> Vec<(String, String)> {
         [
             ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", self.port)),
             ("AWS_ALLOW_HTTP", "true".into()),
-            ("AWS_ACCESS_KEY_ID", "test".into()),
-            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            ("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY.into()),
+            ("AWS_SECRET_ACCESS_KEY", S3_SECRET.into()),
             ("AWS_REGION", "us-east-1".into()),
         ]
         .into_iter()
@@ -528,6 +534,11 @@ impl Server {
 
     /// Starts the API over the model store at `models` (a path or URL), with `env` set.
     pub fn start_with_env(models: &std::ffi::OsStr, extra: &[&str], env: &[(String, String)]) -> Server {
+        Server::start_logged(models, extra, env, Stdio::inherit())
+    }
+
+    /// As [`Server::start_with_env`], its log going to `log`.
+    pub fn start_logged(models: &std::ffi::OsStr, extra: &[&str], env: &[(String, String)], log: impl Into<Stdio>) -> Server {
         let port = free_port();
         let bind = format!("127.0.0.1:{port}");
         let mut child = lensflow(["serve", "--bind", &bind, "--models"])
@@ -535,6 +546,7 @@ impl Server {
             .args(extra)
             .envs(env.iter().cloned())
             .stdout(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("start lensflow serve");
         wait_for_port(port, "lensflow serve", &mut child);
