@@ -155,6 +155,10 @@ struct TrainArgs {
     /// state rows (carrying state then costs as much).
     #[arg(long, env = "LENSFLOW_TRAIN_FULL_ABOVE", default_value_t = 0.5)]
     full_above: f64,
+    /// Serve the trainer's Prometheus metrics at http://ADDR/metrics (empty: none). An address
+    /// already taken (another trainer) is logged and training goes on.
+    #[arg(long, env = "LENSFLOW_TRAIN_METRICS_BIND", default_value = "127.0.0.1:9465")]
+    metrics_bind: String,
 }
 
 #[derive(Args)]
@@ -628,6 +632,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             opts.query_timeout = a.query_timeout;
             opts.full = a.full;
             opts.full_above = a.full_above;
+            if !a.metrics_bind.is_empty() {
+                let (metrics, stop) = (opts.metrics.clone(), shutdown.clone());
+                let bind = a.metrics_bind.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = lensflow_api::serve_metrics(&bind, std::sync::Arc::new(move || metrics.render()), stop).await {
+                        tracing::warn!(error = %e, "no metrics endpoint; training goes on");
+                    }
+                });
+            }
             let (json, watch) = (a.json, a.watch);
             let rounds = train(opts, shutdown.clone(), |r| print_round(r, json)).await?;
             // Ctrl-C is how --watch normally ends; a one-off run cut short says so in its exit code.

@@ -210,8 +210,13 @@ fn watch_trains_each_batch_as_it_lands_and_stops_on_ctrl_c() {
     let land_batch = |seed: u64| land(&broker, dir.path(), &generate(dir.path(), 15_000, seed), "w", 100_000);
     let lake = land_batch(1);
     let models = dir.path().join("models");
-    let mut train =
-        lensflow(["train", "--lake", &lake, "--watch", "--poll-interval", "1s", "--json", "--models"]).arg(&models).stdout(Stdio::piped()).spawn().unwrap();
+    let metrics_port = free_port();
+    let mut train = lensflow(["train", "--lake", &lake, "--watch", "--poll-interval", "1s", "--json", "--metrics-bind", &format!("127.0.0.1:{metrics_port}")])
+        .arg("--models")
+        .arg(&models)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
     let round_published = |n: u64| {
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
         while std::fs::read(models.join("movielens/LATEST")).ok().and_then(|b| serde_json::from_slice::<LatestPointer>(&b).ok()).map(|p| p.round) != Some(n) {
@@ -222,6 +227,14 @@ fn watch_trains_each_batch_as_it_lands_and_stops_on_ctrl_c() {
     round_published(1);
     land_batch(2);
     round_published(2);
+    // The trainer's Prometheus endpoint shows both rounds, how long each stage took, and how
+    // the second found its state rows.
+    let metrics = http_get(metrics_port, "/metrics").unwrap_or_default();
+    for line in ["lensflow_trainer_rounds_total{pipeline=\"movielens\"} 2", "lensflow_trainer_last_round{pipeline=\"movielens\"} 2"] {
+        assert!(metrics.lines().any(|l| l == line), "{line} not in:\n{metrics}");
+    }
+    assert!(metrics.contains("lensflow_trainer_round_stage_seconds{pipeline=\"movielens\",stage=\"features\"}"), "{metrics}");
+    assert!(metrics.contains("lensflow_trainer_state_rounds_total{pipeline=\"movielens\",mode="), "{metrics}");
     interrupt(&train);
     assert!(wait_exit(&mut train, Duration::from_secs(60), "trainer").success(), "Ctrl-C ends --watch cleanly");
     let out = train.wait_with_output().unwrap();

@@ -118,5 +118,21 @@ pub async fn run(opts: ServeOptions, addr: SocketAddr, shutdown: CancellationTok
     serve(opts, listener, shutdown).await
 }
 
+/// Serves `GET /metrics` on `addr` until `shutdown`, answering with what `render` gives (in the
+/// OpenMetrics text format): the endpoint of the services that are not the API (the trainer).
+pub async fn serve_metrics(addr: &str, render: Arc<dyn Fn() -> String + Send + Sync>, shutdown: CancellationToken) -> Result<(), ApiError> {
+    use axum::http::header;
+    let listener = TcpListener::bind(addr).await.map_err(|source| ApiError::Serve { addr: addr.to_string(), source })?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let body = render();
+            async move { ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body) }
+        }),
+    );
+    tracing::info!(addr, "metrics at /metrics");
+    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await.map_err(|source| ApiError::Serve { addr: addr.to_string(), source })
+}
+
 #[cfg(test)]
 mod testing;

@@ -4,6 +4,7 @@
 //! - [`engine`]: the session: DataFusion in-process, Ballista standalone, or a cluster client.
 //! - [`solve`]: least squares and logistic regression as aggregate queries plus small solves.
 //! - [`segments`]: k-means segments of the pipeline's clustered entity, described in words.
+//! - [`metrics`]: the trainer's Prometheus metrics (rounds, failures, seconds per stage).
 //! - [`state`]: the feature SQL's per-event state rows, carried from round to round so a round
 //!   computes only its new events and the stored ones late events change.
 //! - this module: a round from start to `LATEST`.
@@ -18,6 +19,7 @@
 //! the SQL's own output; write the round folder, then `LATEST` last.
 
 pub mod engine;
+pub mod metrics;
 pub mod segments;
 pub mod solve;
 pub mod state;
@@ -70,6 +72,8 @@ pub struct TrainOptions {
     /// Recompute every event's state rows when late events change more than this share of
     /// the stored ones (carrying then costs about as much).
     pub full_above: f64,
+    /// Where rounds and failures are counted.
+    pub metrics: std::sync::Arc<metrics::TrainerMetrics>,
 }
 
 impl TrainOptions {
@@ -87,6 +91,7 @@ impl TrainOptions {
             query_timeout: Duration::from_secs(600),
             full: false,
             full_above: 0.5,
+            metrics: Default::default(),
         }
     }
 }
@@ -152,12 +157,17 @@ pub async fn train(opts: TrainOptions, shutdown: CancellationToken, mut on_round
                         break;
                     }
                 };
+                opts.metrics.published(&report);
                 on_round(&report);
                 trained += 1;
             }
             Ok::<_, JobError>(())
         };
-        match pass.await {
+        let pass = pass.await;
+        if pass.is_err() {
+            opts.metrics.failed(&name);
+        }
+        match pass {
             Ok(()) if !opts.watch => return Ok(trained),
             Err(e) if !opts.watch => return Err(e),
             Ok(()) => {}
