@@ -636,7 +636,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let (metrics, stop) = (opts.metrics.clone(), shutdown.clone());
                 let bind = a.metrics_bind.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = lensflow_api::serve_metrics(&bind, std::sync::Arc::new(move || metrics.render()), stop).await {
+                    if let Err(e) =
+                        lensflow_api::serve_metrics(&bind, std::sync::Arc::new(move || lensflow_api::metrics::encode(metrics.registry())), stop).await
+                    {
                         tracing::warn!(error = %e, "no metrics endpoint; training goes on");
                     }
                 });

@@ -84,11 +84,8 @@ impl TrainerMetrics {
         self.failures.get_or_create(&PipelineLabels { pipeline: pipeline.to_string() }).inc();
     }
 
-    /// The metrics in the OpenMetrics text format.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+    /// The registry holding them, for the endpoint that renders it.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 }

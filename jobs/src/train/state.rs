@@ -563,8 +563,7 @@ mod tests {
     /// Events whose features are their own (no windows): each round adds its batch's rows.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn carried_rounds_equal_full_ones_for_the_smart_home_pipeline() {
-        let path = std::path::Path::new(&test_data()).join("smart_home_device_usage_data.csv");
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}; set LENSFLOW_TEST_DATA to its folder", path.display()));
+        let text = test_file("smart_home_device_usage_data.csv");
         let lines: Vec<&str> = text.lines().collect();
         let reports = carried_equals_full("smart-home", &lines, 3).await;
         for r in &reports[1..] {
@@ -572,16 +571,18 @@ mod tests {
         }
     }
 
-    fn test_data() -> String {
-        std::env::var("LENSFLOW_TEST_DATA").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data").to_string())
+    /// A file of the test data (`$LENSFLOW_TEST_DATA`, or else `../shared/data`), whole.
+    fn test_file(name: &str) -> String {
+        let dir = std::env::var("LENSFLOW_TEST_DATA").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data").to_string());
+        let path = std::path::Path::new(&dir).join(name);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}; set LENSFLOW_TEST_DATA to its folder", path.display()))
     }
 
     /// `ratings_small` arrives sorted by user, so every batch brings ratings older than what
     /// their movies have seen: the late-event path, exactly.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn carried_rounds_equal_full_ones_on_ratings_small_in_file_order() {
-        let path = std::path::Path::new(&test_data()).join("ratings_small.csv");
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}; set LENSFLOW_TEST_DATA to its folder", path.display()));
+        let text = test_file("ratings_small.csv");
         let lines: Vec<&str> = text.lines().collect();
         let reports = carried_equals_full("movielens", &lines, 3).await;
         eprintln!("{reports:#?}");
