@@ -3,6 +3,11 @@
 //!
 //! `cargo bench --bench ingest` (1M generated ratings; `LENSFLOW_BENCH_RATINGS=10000000` for more).
 //! Prints a report; nothing here is asserted on time.
+//!
+//! Then backpressure: a second consumer lands the whole topic again as a backlog in small
+//! batches (`LENSFLOW_BENCH_BACKLOG_BATCH`, default 5000) while its resident memory is sampled
+//! every second; the report shows it per tenth of the run, which stays flat when nothing
+//! buffers without bound.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -84,4 +89,38 @@ fn main() {
         parquet_bytes as f64 / n as f64,
         csv_bytes as f64 / n as f64
     );
+    backlog(&broker, dir.path(), n);
+}
+
+/// Lands the topic's `n` messages again, as one backlog, in small batches; prints the
+/// consumer's RSS over the run.
+fn backlog(broker: &Broker, dir: &std::path::Path, n: u64) {
+    let batch: u64 = std::env::var("LENSFLOW_BENCH_BACKLOG_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(5000);
+    let lake = format!("file://{}", dir.join("backlog").display());
+    let started = Instant::now();
+    let mut child = lensflow(["consume", "--brokers", &broker.addr(), "--topic", "bench", "--all-partitions", "--until-end", "--metrics-bind", ""])
+        .args(["--lake", &lake, "--batch-rows", &batch.to_string(), "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut samples = vec![];
+    while child.try_wait().unwrap().is_none() {
+        if let Some(rss) = proc_memory(child.id(), "VmRSS") {
+            samples.push(rss);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let out = child.wait_with_output().unwrap();
+    let landed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(landed["rows"].as_u64(), Some(n));
+    let seconds = started.elapsed().as_secs_f64();
+    println!("\n## Backpressure: a {n}-message backlog landed in batches of {batch}\n");
+    println!("{} batches in {seconds:.1} s ({:.0} msg/s). Consumer RSS by tenth of the run (MiB):\n", landed["batches"], n as f64 / seconds);
+    let tenths: Vec<String> = (0..10)
+        .filter_map(|i| {
+            let part = &samples[samples.len() * i / 10..(samples.len() * (i + 1) / 10).max(samples.len() * i / 10)];
+            part.iter().max().map(|m| format!("{:.0}", mib(*m)))
+        })
+        .collect();
+    println!("| {} |", tenths.join(" | "));
 }

@@ -6,6 +6,8 @@
 //!
 //! `cargo bench --bench serve` (1M generated ratings; `LENSFLOW_BENCH_RATINGS` for more,
 //! `LENSFLOW_BENCH_SECONDS` per row). Prints a report; nothing here is asserted on time.
+//! Last, a saturation run: 256 connections on `/predict` for `LENSFLOW_BENCH_SATURATE` seconds
+//! (60) with the server's RSS sampled every 5 s; any failed request fails the benchmark.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -96,4 +98,31 @@ fn main() {
         }
     }
     println!("\nServer peak RSS over the whole run: {:.0} MiB", mib(pid, "VmHWM"));
+    saturate(&server, &dir.path().join("bench-0.lua"));
+}
+
+/// `/predict` at saturation (256 connections) for `LENSFLOW_BENCH_SATURATE` seconds (60),
+/// sampling the server's RSS every 5 s: zero errors, and memory flat after warm-up.
+fn saturate(server: &Server, lua: &std::path::Path) {
+    let seconds: u64 = std::env::var("LENSFLOW_BENCH_SATURATE").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
+    let pid = server.child.id();
+    let wrk = Command::new("wrk")
+        .args(["-t2", "-c256", "-d", &format!("{seconds}s"), "--latency", "-s"])
+        .arg(lua)
+        .arg(server.url(""))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("wrk (apt-get install wrk)");
+    let mut samples = vec![];
+    for _ in 0..seconds / 5 {
+        std::thread::sleep(std::time::Duration::from_secs(5));
+        samples.push(mib(pid, "VmRSS"));
+    }
+    let out = wrk.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.contains("Non-2xx") && !out.contains("Socket errors"), "errors at saturation:\n{out}");
+    let rps: f64 = field(&out, "Requests/sec:").parse().unwrap_or(0.0);
+    println!("\n## /predict at saturation: 256 connections for {seconds} s\n");
+    println!("{rps:.0} requests/s, p50 {}, p99 {}, zero errors. Server RSS every 5 s (MiB):\n", field(&out, "50%"), field(&out, "99%"));
+    println!("| {} |", samples.iter().map(|m| format!("{m:.0}")).collect::<Vec<_>>().join(" | "));
 }

@@ -119,6 +119,17 @@ const MIN_PARTITIONS: i32 = 3;
 /// broker keeps only about 5 MB or 100,000 messages per partition and silently drops the
 /// oldest beyond that, so a big file is spread over more partitions to keep every message.
 const MESSAGES_PER_PARTITION: u64 = 40_000;
+/// Most bytes of messages the demo puts in one partition, well under the mock's 5 MB.
+const BYTES_PER_PARTITION: u64 = 3 << 20;
+
+/// Partitions enough that no partition of the embedded broker outgrows what it keeps. A
+/// message is about three times its CSV line (JSON names) plus its source and line label.
+fn demo_partitions(lines: u64, file_bytes: u64) -> i32 {
+    let message_bytes = 3 * file_bytes / lines.max(1) + 48;
+    let by_count = lines.div_ceil(MESSAGES_PER_PARTITION);
+    let by_bytes = (lines * message_bytes).div_ceil(BYTES_PER_PARTITION);
+    (by_count.max(by_bytes) as i32).max(MIN_PARTITIONS)
+}
 
 /// Runs the demo until it has served (Ctrl-C) or, with `exit_after_train`, trained. Returns the
 /// rounds trained in this run.
@@ -203,7 +214,8 @@ async fn ingest(opts: &DemoOptions, lake: &str, shutdown: &CancellationToken) ->
 
     // librdkafka's in-process mock broker: a real Kafka protocol endpoint on loopback, gone when
     // the demo's ingest is done (the lake, not the broker, is what lasts).
-    let partitions = (lines.div_ceil(MESSAGES_PER_PARTITION) as i32).max(MIN_PARTITIONS);
+    let file_bytes = std::fs::metadata(&input).map_err(io(&input))?.len();
+    let partitions = demo_partitions(lines, file_bytes);
     let topic = opts.pipeline.topic().to_string();
     let cluster = MockCluster::new(1)?;
     cluster.create_topic(&topic, partitions, 1)?;
@@ -250,4 +262,20 @@ fn count_lines(path: &Path) -> Result<u64, DemoError> {
         lines += 1;
     }
     Ok(lines.saturating_sub(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_keep_each_under_what_the_embedded_broker_keeps() {
+        // 1M generated ratings: 26 bytes a line, about 126 a message.
+        let partitions = demo_partitions(1_000_000, 26_000_000) as u64;
+        assert!(1_000_000 * 126 / partitions <= BYTES_PER_PARTITION, "{partitions}");
+        assert!(1_000_000 / partitions <= MESSAGES_PER_PARTITION);
+        // A tiny file still gets a production-like topic; an empty one does not divide by zero.
+        assert_eq!(demo_partitions(10, 300), MIN_PARTITIONS);
+        assert_eq!(demo_partitions(0, 0), MIN_PARTITIONS);
+    }
 }

@@ -115,6 +115,9 @@ struct ServeArgs {
     /// Answer 408 to a request that takes longer than this (e.g. 10s).
     #[arg(long, env = "LENSFLOW_API_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     request_timeout: Duration,
+    /// Most requests handled at once; more wait for a turn, up to the request timeout.
+    #[arg(long, env = "LENSFLOW_MAX_CONCURRENT", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    max_concurrent: u32,
 }
 
 #[derive(Args)]
@@ -316,6 +319,14 @@ struct ProduceArgs {
     /// Where rejected lines go [default: <input>.rejects.csv].
     #[arg(long, env = "LENSFLOW_REJECTS")]
     rejects: Option<PathBuf>,
+    /// Send only the lines the topic does not hold yet: rerun a crashed or interrupted produce
+    /// with this and every line lands exactly once.
+    #[arg(long, env = "LENSFLOW_RESUME")]
+    resume: bool,
+    /// The source name each message carries in its `_source` field, which --resume
+    /// looks for [default: the input's file name].
+    #[arg(long, env = "LENSFLOW_SOURCE")]
+    source: Option<String>,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
@@ -349,6 +360,14 @@ struct ConsumeArgs {
     /// Read every partition without joining the group's rebalancing (a lone consumer starts at once).
     #[arg(long, env = "LENSFLOW_ALL_PARTITIONS")]
     all_partitions: bool,
+    /// Keep retrying a batch commit this long while the object store fails, then exit with an
+    /// error (nothing of that batch is recorded; a restart resumes from the lake).
+    #[arg(long, env = "LENSFLOW_STORE_RETRY_FOR", value_parser = humantime::parse_duration, default_value = "2m")]
+    store_retry_for: Duration,
+    /// Serve the consumer's Prometheus metrics at http://ADDR/metrics (empty: none). An address
+    /// other than loopback exposes them to the network: a deliberate choice.
+    #[arg(long, env = "LENSFLOW_CONSUMER_METRICS_BIND", default_value = "127.0.0.1:9466")]
+    metrics_bind: String,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
@@ -371,6 +390,20 @@ enum PipelinesAction {
         /// The folder (or its pipeline.toml).
         path: PathBuf,
     },
+}
+
+/// Serves a job's metrics at `bind` (empty: nowhere) until `shutdown`; a port that cannot be
+/// bound is logged and the job goes on without it.
+fn spawn_metrics(bind: &str, render: impl Fn() -> String + Send + Sync + 'static, shutdown: &CancellationToken, job: &'static str) {
+    if bind.is_empty() {
+        return;
+    }
+    let (bind, stop) = (bind.to_string(), shutdown.clone());
+    tokio::spawn(async move {
+        if let Err(e) = lensflow_api::serve_metrics(&bind, std::sync::Arc::new(render), stop).await {
+            tracing::warn!(error = %e, "no metrics endpoint; {job} goes on");
+        }
+    });
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
@@ -598,6 +631,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 (None, None) => Pace::Unlimited,
             };
             opts.rejects = a.rejects;
+            opts.resume = a.resume;
+            if let Some(source) = a.source {
+                opts.source = source;
+            }
             opts.progress = is_terminal();
             let s = produce(opts, shutdown).await?;
             print_produce(&s, a.json)?;
@@ -617,7 +654,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             opts.exit_when_idle = a.exit_when_idle;
             opts.until_end = a.until_end;
             opts.all_partitions = a.all_partitions;
+            opts.store_retry_for = a.store_retry_for;
             opts.progress = is_terminal();
+            let metrics = opts.metrics.clone();
+            spawn_metrics(&a.metrics_bind, move || lensflow_api::metrics::encode(metrics.registry()), &shutdown, "consuming");
             let s = consume(opts, shutdown).await?;
             print_consume(&s, a.json)?;
         }
@@ -632,17 +672,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             opts.query_timeout = a.query_timeout;
             opts.full = a.full;
             opts.full_above = a.full_above;
-            if !a.metrics_bind.is_empty() {
-                let (metrics, stop) = (opts.metrics.clone(), shutdown.clone());
-                let bind = a.metrics_bind.clone();
-                tokio::spawn(async move {
-                    if let Err(e) =
-                        lensflow_api::serve_metrics(&bind, std::sync::Arc::new(move || lensflow_api::metrics::encode(metrics.registry())), stop).await
-                    {
-                        tracing::warn!(error = %e, "no metrics endpoint; training goes on");
-                    }
-                });
-            }
+            let metrics = opts.metrics.clone();
+            spawn_metrics(&a.metrics_bind, move || lensflow_api::metrics::encode(metrics.registry()), &shutdown, "training");
             let (json, watch) = (a.json, a.watch);
             let rounds = train(opts, shutdown.clone(), |r| print_round(r, json)).await?;
             // Ctrl-C is how --watch normally ends; a one-off run cut short says so in its exit code.
@@ -692,7 +723,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             opts.lake = a.lake;
             opts.storage = storage_from_env();
             opts.poll_interval = a.poll_interval;
-            opts.limits = Limits { body_bytes: a.body_limit, batch: a.max_batch, timeout: a.request_timeout };
+            opts.limits = Limits { body_bytes: a.body_limit, batch: a.max_batch, timeout: a.request_timeout, concurrent: a.max_concurrent as usize };
             lensflow_api::run(opts, a.bind, shutdown).await?;
         }
     }

@@ -7,13 +7,14 @@ use lensflow_jobs::train::RoundReport;
 /// One line on what a producer run did.
 pub fn produce(s: &ProduceSummary) -> String {
     format!(
-        "produced {} of {} lines in {:.1}s ({:.0} msg/s); {} delivered, {} rejected{}{}",
+        "produced {} of {} lines in {:.1}s ({:.0} msg/s); {} delivered, {} rejected{}{}{}",
         s.sent,
         s.lines,
         s.seconds,
         s.messages_per_sec,
         s.delivered,
         s.rejected,
+        if s.skipped > 0 { format!(", {} already in the topic", s.skipped) } else { String::new() },
         s.rejects_file.as_ref().map(|p| format!(" (see {})", p.display())).unwrap_or_default(),
         if s.interrupted { "; interrupted" } else { "" }
     )

@@ -22,9 +22,9 @@ use lensflow_core::pipeline::expr::FeatureExprs;
 use lensflow_core::predict::{
     FEATURES, FeatureInfo, FieldError, LookupSummary, ROUND, RequestField, RoundSummary, SEGMENT, ServingRound, TaskInfo, TasksInfo, known_field,
 };
+use lensflow_core::store::read_parquet;
 use lensflow_core::{Lake, Pipeline};
 use object_store::path::Path;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rustc_hash::FxHashMap;
 use serde::ser::{SerializeMap, Serializer};
 use serde_json::Value as Json;
@@ -132,6 +132,15 @@ pub struct LoadedRound {
     profile: Vec<usize>,
     ranges: Vec<Option<[f64; 2]>>,
     feature_index: FxHashMap<String, usize>,
+}
+
+/// A request field a task cannot do without (see [`LoadedRound::needed_fields`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NeededField {
+    /// The field's wire name.
+    pub name: String,
+    /// The features that need it; a request that gives all of them may leave it out.
+    pub stand_ins: Vec<String>,
 }
 
 /// A feature computed once per entity of a lookup, at load.
@@ -539,16 +548,34 @@ impl LoadedRound {
             if values[f].is_some() || field.default.is_some() || invalid.contains(&f) {
                 continue;
             }
-            let stand_ins: Vec<&str> = self.needs[task.index()]
-                .iter()
-                .filter(|&&i| self.inputs[i].contains(&f) && !overrides.iter().any(|(o, _)| *o == i))
-                .map(|&i| self.artifact.features[i].as_str())
-                .collect();
+            let stand_ins: Vec<&str> =
+                self.needing(task, f).filter(|&i| !overrides.iter().any(|(o, _)| *o == i)).map(|i| self.artifact.features[i].as_str()).collect();
             if !stand_ins.is_empty() {
                 err(&field.names[0], format!("missing: give {}, or these features: {}", field.names[0], stand_ins.join(", ")));
             }
         }
         (errors.len() == before).then_some(Item { values, overrides })
+    }
+
+    /// The features `task` needs that cannot be built without request field `f`.
+    fn needing(&self, task: Task, f: usize) -> impl Iterator<Item = usize> + '_ {
+        self.needs[task.index()].iter().copied().filter(move |&i| self.inputs[i].contains(&f))
+    }
+
+    /// The request fields `task` cannot do without, each with the features that stand in for
+    /// it: the rule [`LoadedRound::predict`] applies to a field left out, for the API's
+    /// description.
+    pub fn needed_fields(&self, task: Task) -> Vec<NeededField> {
+        self.fields
+            .iter()
+            .enumerate()
+            .filter(|(_, field)| field.default.is_none())
+            .map(|(f, field)| NeededField {
+                name: field.names[0].clone(),
+                stand_ins: self.needing(task, f).map(|i| self.artifact.features[i].clone()).collect(),
+            })
+            .filter(|n| !n.stand_ins.is_empty())
+            .collect()
     }
 
     fn wire_names(&self) -> String {
@@ -856,12 +883,10 @@ fn check_artifact(a: &ModelArtifact, pointer: &LatestPointer, folder: &str) -> R
     Ok(())
 }
 
-/// Reads a lookup table whole.
+/// Reads a lookup table whole (a damaged file is an error, even where the Parquet reader would
+/// panic: see [`read_parquet`]).
 fn read_table(bytes: Bytes) -> Result<RecordBatch, String> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| format!("not a readable Parquet file: {e}"))?;
-    let schema = builder.schema().clone();
-    let reader = builder.build().map_err(|e| format!("not a readable Parquet file: {e}"))?;
-    let batches = reader.collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
+    let (schema, batches) = read_parquet(bytes)?;
     concat_batches(&schema, &batches).map_err(|e| e.to_string())
 }
 
@@ -947,3 +972,6 @@ fn most_active(columns: &[ArrayRef], keys: &KeyIndex) -> Vec<Json> {
 pub fn request_columns(p: &Pipeline) -> Vec<&Column> {
     p.definition.request.fields.iter().filter_map(|f| p.column(f)).collect()
 }
+
+#[cfg(test)]
+mod tests;

@@ -25,6 +25,7 @@ use lensflow_core::predict::{
 };
 use lensflow_core::{Lake, StorageOptions};
 use serde_json::Value;
+use tower::limit::GlobalConcurrencyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use utoipa::OpenApi;
 
@@ -38,20 +39,25 @@ mod openapi;
 
 pub use openapi::openapi;
 
-/// Limits on what one request may ask.
+/// Limits on what one request may ask, and on how many are worked on at once.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Largest request body, in bytes.
     pub body_bytes: usize,
     /// Most requests in one batch.
     pub batch: usize,
-    /// Longest a request may take before it is answered 408.
+    /// Longest a request may take before it is answered 408, waiting for its turn included.
     pub timeout: Duration,
+    /// Most requests handled at once, over every route; more wait for a turn (up to
+    /// `timeout`), so a burst queues instead of taking all memory and CPU.
+    pub concurrent: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { body_bytes: 2 << 20, batch: 10_000, timeout: Duration::from_secs(10) }
+        // 1024 in flight is far above what 2 cores answer at ~50k requests/s (each takes
+        // ~20 µs), so the limit only bites on a flood of slow or large requests.
+        Limits { body_bytes: 2 << 20, batch: 10_000, timeout: Duration::from_secs(10), concurrent: 1024 }
     }
 }
 
@@ -70,12 +76,22 @@ pub struct AppState {
     /// Settings to open the lake with.
     pub storage: StorageOptions,
     opened_lakes: Arc<Mutex<HashMap<String, Lake>>>,
+    /// Each pipeline's lake as last read, for a `/status` while the lake cannot be read.
+    lake_seen: Arc<Mutex<HashMap<String, PipelineStatus>>>,
 }
 
 impl AppState {
     /// State over `models`, with default limits and each pipeline's lake taken from its round.
     pub fn new(models: Arc<Models>, metrics: Arc<Metrics>) -> AppState {
-        AppState { models, metrics, limits: Limits::default(), lake: None, storage: StorageOptions::default(), opened_lakes: Arc::default() }
+        AppState {
+            models,
+            metrics,
+            limits: Limits::default(),
+            lake: None,
+            storage: StorageOptions::default(),
+            opened_lakes: Arc::default(),
+            lake_seen: Arc::default(),
+        }
     }
 }
 
@@ -99,8 +115,7 @@ struct ApiDoc;
 
 /// The router with every route, limit and the metrics middleware.
 pub fn app(state: AppState) -> Router {
-    let limits = state.limits;
-    Router::new()
+    let routes = Router::new()
         .route("/", get(crate::ui::page))
         .route("/predict", post(predict))
         .route("/predict_classification", post(predict_classification))
@@ -118,9 +133,22 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/openapi.json", get(|State(state): State<AppState>| async move { Json(openapi(&state.models)) }))
+        .route("/openapi.json", get(|State(state): State<AppState>| async move { Json(openapi(&state.models, state.limits.batch)) }))
         .route("/docs", get(|| async { Html(SWAGGER_PAGE) }))
-        .fallback(|| async { (StatusCode::NOT_FOUND, Json(ErrorBody { error: "no such route; see /docs".into(), field: None, errors: vec![] })) })
+        .fallback(|| async { (StatusCode::NOT_FOUND, Json(ErrorBody { error: "no such route; see /docs".into(), field: None, errors: vec![] })) });
+    limited(routes, state)
+}
+
+/// `routes` under the limits and the metrics, from the outside in: the body limit, the
+/// timeout, the metrics, then the limit on requests in flight. The timeout is outside the
+/// concurrency limit so that waiting for a turn counts against it: a request waits, never is
+/// refused for being one too many, and is answered 408 if its turn does not come in time.
+fn limited(routes: Router<AppState>, state: AppState) -> Router {
+    let limits = state.limits;
+    routes
+        // `Router::layer` gives each route its own copy of a layer; this one's copies share
+        // one semaphore, so the limit holds over every route together.
+        .layer(GlobalConcurrencyLimitLayer::new(limits.concurrent))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, limits.timeout))
         .layer(DefaultBodyLimit::max(limits.body_bytes))
@@ -287,27 +315,46 @@ async fn status_of(state: &AppState, name: &str) -> Result<Json<PipelineStatus>,
             lake
         }
     };
-    let manifests = lake.manifests().await?;
-    let mut partitions = std::collections::BTreeMap::new();
-    for m in &manifests {
-        for (p, range) in &m.partitions {
-            partitions.entry(*p).and_modify(|r: &mut lensflow_core::OffsetRange| r.last = r.last.max(range.last)).or_insert(*range);
-        }
-    }
-    let batches = manifests.len() as u64;
     let trained = round.as_ref().map(|r| r.artifact.lineage.batches.iter().copied().max().unwrap_or(r.round()));
-    Ok(Json(PipelineStatus {
-        pipeline: name.to_string(),
-        lake: lake.url().to_string(),
-        batches,
-        events: manifests.iter().map(|m| m.rows).sum(),
-        dead_letters: manifests.iter().map(|m| m.dead_letter_count).sum(),
-        partitions,
-        last_batch_at_ms: manifests.last().map(|m| m.created_at_ms),
-        round: round.as_ref().map(|r| r.round()),
-        round_created_at_ms: round.as_ref().map(|r| r.artifact.created_at_ms),
-        batches_behind: batches.saturating_sub(trained.unwrap_or(0)),
-    }))
+    let mut status = match lake.manifests().await {
+        Ok(manifests) => {
+            let mut partitions = std::collections::BTreeMap::new();
+            for m in &manifests {
+                for (p, range) in &m.partitions {
+                    partitions.entry(*p).and_modify(|r: &mut lensflow_core::OffsetRange| r.last = r.last.max(range.last)).or_insert(*range);
+                }
+            }
+            let status = PipelineStatus {
+                pipeline: name.to_string(),
+                lake: lake.url().to_string(),
+                batches: manifests.len() as u64,
+                // Saturating: manifests are checked one by one, not against each other.
+                events: manifests.iter().fold(0u64, |n, m| n.saturating_add(m.rows)),
+                dead_letters: manifests.iter().fold(0u64, |n, m| n.saturating_add(m.dead_letter_count)),
+                partitions,
+                last_batch_at_ms: manifests.last().map(|m| m.created_at_ms),
+                ..PipelineStatus::default()
+            };
+            if let Ok(mut seen) = state.lake_seen.lock() {
+                seen.insert(name.to_string(), status.clone());
+            }
+            status
+        }
+        // The lake's store being down is no reason to fail the answer: the served round is
+        // known, and the lake's counts from the last read say how far it had got.
+        Err(e) => {
+            tracing::warn!(pipeline = name, error = %e, "cannot read the lake for /status; answering with the last counts read");
+            let seen = state.lake_seen.lock().ok().and_then(|s| s.get(name).cloned());
+            PipelineStatus {
+                lake_error: Some(e.to_string()),
+                ..seen.unwrap_or_else(|| PipelineStatus { pipeline: name.to_string(), lake: lake.url().to_string(), ..PipelineStatus::default() })
+            }
+        }
+    };
+    status.round = round.as_ref().map(|r| r.round());
+    status.round_created_at_ms = round.as_ref().map(|r| r.artifact.created_at_ms);
+    status.batches_behind = status.batches.saturating_sub(trained.unwrap_or(0));
+    Ok(Json(status))
 }
 
 /// Every pipeline in the model store, with the round each serves.

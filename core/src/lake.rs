@@ -68,7 +68,26 @@ pub struct OffsetRange {
 impl OffsetRange {
     /// The offset a reader resumes from after this range.
     pub fn next(&self) -> i64 {
-        self.last + 1
+        // Manifests are checked to keep `last` below i64::MAX; saturating keeps a range built
+        // any other way from overflowing.
+        self.last.saturating_add(1)
+    }
+
+    /// How many offsets the range covers (0 when it is backwards).
+    pub fn len(&self) -> u64 {
+        if self.last < self.first { 0 } else { self.last.abs_diff(self.first).saturating_add(1) }
+    }
+
+    /// Whether the range covers no offset (only a backwards range, which no manifest may hold).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Why the range cannot be Kafka offsets consumed, if it cannot: offsets are from 0, a
+    /// range runs forwards, and the offset after it must exist.
+    fn fault(&self) -> Option<String> {
+        (self.first < 0 || self.last < self.first || self.last == i64::MAX)
+            .then(|| format!("offsets {}..={} are not a range of Kafka offsets", self.first, self.last))
     }
 }
 
@@ -164,15 +183,29 @@ impl BatchManifest {
         if parse_manifest_path(path).is_some_and(|n| n != manifest.batch) {
             return Err(invalid(format!("names batch {} but its file name says otherwise", manifest.batch)));
         }
-        let rows: u64 = manifest.files.iter().map(|f| f.rows).sum();
-        if rows != manifest.rows {
-            return Err(invalid(format!("rows {} but its files hold {rows}", manifest.rows)));
+        for (p, range) in &manifest.partitions {
+            if let Some(fault) = range.fault() {
+                return Err(invalid(format!("partition {p}: {fault}")));
+            }
         }
         for file in &manifest.files {
+            if let Some(fault) = file.offsets.fault() {
+                return Err(invalid(format!("file {}: {fault}", file.path)));
+            }
             let covered = manifest.partitions.get(&file.partition);
             if !covered.is_some_and(|r| r.first <= file.offsets.first && file.offsets.last <= r.last) {
                 return Err(invalid(format!("file {} lies outside the batch's offsets", file.path)));
             }
+            // One event per offset: a file cannot hold more rows than its range has offsets
+            // (this also keeps every sum of rows far from overflowing).
+            if file.rows > file.offsets.len() {
+                return Err(invalid(format!("file {} holds {} rows in {} offsets", file.path, file.rows, file.offsets.len())));
+            }
+        }
+        let rows = manifest.files.iter().try_fold(0u64, |sum, f| sum.checked_add(f.rows));
+        if rows != Some(manifest.rows) {
+            let rows = rows.map_or_else(|| "more than 2^64".to_string(), |r| r.to_string());
+            return Err(invalid(format!("rows {} but its files hold {rows}", manifest.rows)));
         }
         Ok(manifest)
     }
@@ -224,6 +257,16 @@ mod tests {
         }
     }
 
+    /// Batch 7 of two partitions: 10 events of partition 2, 100 of partition 5.
+    fn two_files_manifest() -> BatchManifest {
+        let mut m = sample();
+        let range = OffsetRange { first: 100, last: 199 };
+        m.partitions.insert(5, range);
+        m.files.push(BatchFile { path: batch_file_path(5, range, "w1"), partition: 5, offsets: range, rows: 100, bytes: 9, min_ts: 1, max_ts: 2 });
+        m.rows = 110;
+        m
+    }
+
     #[test]
     fn names_carry_partition_and_offsets_and_sort_by_batch() {
         let range = OffsetRange { first: 12, last: 3456 };
@@ -232,6 +275,199 @@ mod tests {
         assert_eq!(parse_manifest_path(&manifest_path(42)), Some(42));
         assert_eq!(parse_manifest_path("_batches/42.json"), None);
         assert!(manifest_path(9) < manifest_path(10));
+    }
+
+    #[test]
+    fn offsets_that_no_kafka_partition_has_are_refused() {
+        let path = manifest_path(7);
+        type Edit = fn(&mut BatchManifest);
+        let edits: [(&str, Edit); 5] = [
+            ("offsets -1..=9", |m| m.partitions.get_mut(&2).unwrap().first = -1),
+            ("offsets 5..=4", |m| {
+                m.partitions.insert(3, OffsetRange { first: 5, last: 4 });
+            }),
+            ("offsets 0..=9223372036854775807", |m| {
+                m.partitions.get_mut(&2).unwrap().last = i64::MAX;
+                m.files[0].offsets.last = i64::MAX;
+            }),
+            ("holds 11 rows in 10 offsets", |m| {
+                m.files[0].rows = 11;
+                m.rows = 11;
+            }),
+            ("rows 18446744073709551615 but its files hold 10", |m| m.rows = u64::MAX),
+        ];
+        for (expected, edit) in edits {
+            let mut m = sample();
+            edit(&mut m);
+            let err = BatchManifest::from_json(&path, &m.to_json()).unwrap_err().to_string();
+            assert!(err.starts_with("manifest _batches/0000000007.json: ") && err.contains(expected), "{err} lacks {expected:?}");
+        }
+        assert_eq!(OffsetRange { first: 0, last: i64::MAX }.next(), i64::MAX);
+        assert_eq!(OffsetRange { first: i64::MIN, last: i64::MAX }.len(), u64::MAX);
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+        use serde_json::Value as Json;
+
+        use super::*;
+
+        /// A manifest of two partitions, as JSON text.
+        fn two_files() -> Vec<u8> {
+            two_files_manifest().to_json()
+        }
+
+        /// Replaces the `n`th leaf (in document order) of `v` by `with`; returns whether it did.
+        fn replace_leaf(v: &mut Json, n: &mut usize, with: &Json) -> bool {
+            match v {
+                Json::Array(items) => items.iter_mut().any(|i| replace_leaf(i, n, with)),
+                Json::Object(map) => map.values_mut().any(|i| replace_leaf(i, n, with)),
+                leaf if *n == 0 => {
+                    *leaf = with.clone();
+                    true
+                }
+                _ => {
+                    *n -= 1;
+                    false
+                }
+            }
+        }
+
+        fn leaves(v: &Json) -> usize {
+            match v {
+                Json::Array(items) => items.iter().map(leaves).sum(),
+                Json::Object(map) => map.values().map(leaves).sum(),
+                _ => 1,
+            }
+        }
+
+        fn hostile_leaf() -> impl Strategy<Value = Json> {
+            prop_oneof![
+                prop::sample::select(vec![
+                    Json::from(u64::MAX),
+                    Json::from(i64::MAX),
+                    Json::from(i64::MIN),
+                    Json::from(-1),
+                    Json::from(0),
+                    Json::from(u64::MAX / 2 + 1),
+                    Json::from(1.5),
+                    Json::Null,
+                    Json::from(""),
+                    Json::from(vec![1, 2]),
+                ]),
+                any::<i64>().prop_map(Json::from),
+                any::<u64>().prop_map(Json::from),
+                ".{0,8}".prop_map(Json::from),
+            ]
+        }
+
+        fn check(path: &str, bytes: &[u8]) -> Result<(), TestCaseError> {
+            match BatchManifest::from_json(path, bytes) {
+                Ok(m) => {
+                    // What was accepted keeps the rules readers rely on.
+                    prop_assert_eq!(m.files.iter().map(|f| f.rows).sum::<u64>(), m.rows);
+                    for r in m.partitions.values() {
+                        prop_assert!(r.first >= 0 && r.first <= r.last && r.next() > r.last);
+                    }
+                }
+                Err(e) => prop_assert!(e.to_string().starts_with(&format!("manifest {path}: ")), "{}", e),
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Any bytes: a manifest, or an error naming the file.
+            #[test]
+            fn any_bytes_are_a_manifest_or_an_error_naming_it(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+                check(&manifest_path(3), &bytes)?;
+            }
+
+            /// A real manifest with bytes overwritten or cut off: the same.
+            #[test]
+            fn damaged_manifests_are_refused_by_name(edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4), cut in any::<prop::sample::Index>(), truncate in any::<bool>()) {
+                let mut bytes = two_files();
+                for (at, byte) in edits {
+                    let i = at.index(bytes.len());
+                    bytes[i] = byte;
+                }
+                if truncate {
+                    bytes.truncate(cut.index(bytes.len()));
+                }
+                check(&manifest_path(7), &bytes)?;
+            }
+
+            /// Well-formed JSON with any one value replaced by an extreme one (`u64::MAX` rows
+            /// in two files, `i64::MAX` offsets, negative counts): a manifest that keeps the
+            /// rules, or an error naming the file.
+            #[test]
+            fn extreme_values_are_refused_by_name(leaf in any::<prop::sample::Index>(), with in hostile_leaf(), second in any::<prop::sample::Index>(), with2 in hostile_leaf()) {
+                let mut json: Json = serde_json::from_slice(&two_files()).unwrap();
+                let leaves = leaves(&json);
+                replace_leaf(&mut json, &mut leaf.index(leaves), &with);
+                replace_leaf(&mut json, &mut second.index(leaves), &with2);
+                check(&manifest_path(7), &serde_json::to_vec(&json).unwrap())?;
+            }
+        }
+    }
+
+    /// Through the store, as every reader of the lake gets them: a damaged manifest is refused
+    /// by its path in the lake, never skipped and never a panic.
+    #[tokio::test]
+    async fn a_damaged_manifest_in_the_lake_is_refused_by_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = crate::Lake::open(dir.path().to_str().unwrap(), &crate::StorageOptions::default()).unwrap();
+        let mut m = sample();
+        m.batch = 1;
+        assert!(lake.try_commit(&m).await.unwrap());
+        let mut overflowing = two_files_manifest();
+        overflowing.batch = 2;
+        overflowing.files.iter_mut().for_each(|f| f.rows = u64::MAX / 2 + 1);
+        overflowing.rows = 0;
+        let damaged: [(&[u8], &str); 4] = [
+            (b"", "EOF while parsing"),
+            (b"\xff\xfe{\x00", "expected value"),
+            (&overflowing.to_json(), "holds 9223372036854775808 rows in 10 offsets"),
+            // Typed parsing refuses nesting at its first level, before any depth is reached.
+            (&[b'['; 100_000], "invalid type: sequence"),
+        ];
+        for (bytes, reason) in damaged {
+            lake.put(&manifest_path(2), bytes::Bytes::copy_from_slice(bytes)).await.unwrap();
+            let err = lake.manifests().await.unwrap_err().to_string();
+            assert!(err.starts_with("manifest _batches/0000000002.json: ") && err.contains(reason), "{err} lacks {reason:?}");
+        }
+    }
+
+    /// A batch file damaged at any one byte is read or refused by its path in the lake, never
+    /// a panic (the Parquet reader panics on some such files; `read_parquet` catches it).
+    #[tokio::test]
+    async fn a_damaged_batch_file_is_refused_by_its_path() {
+        use crate::pipeline::event::{Event, EventColumns, Value};
+
+        let dir = tempfile::tempdir().unwrap();
+        let lake = crate::Lake::open(dir.path().to_str().unwrap(), &crate::StorageOptions::default()).unwrap();
+        let pipeline = crate::Pipeline::builtin("movielens").unwrap().unwrap();
+        let mut events = EventColumns::new(&pipeline);
+        for offset in 0..10 {
+            events.push(offset, &Event(vec![Value::Int(offset + 1), Value::Int(31), Value::Float(4.0), Value::Int(5)]));
+        }
+        let batch = events.to_record_batch(&pipeline, 2).unwrap();
+        let mut good = Vec::new();
+        let mut writer = parquet::arrow::ArrowWriter::try_new(&mut good, batch.schema(), None).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        let file = sample().files.remove(0);
+        lake.put(&file.path, good.clone().into()).await.unwrap();
+        assert_eq!(lake.read_batch_file(&file).await.unwrap()[0], batch);
+        for i in 0..good.len() {
+            let mut damaged = good.clone();
+            damaged[i] ^= 0xff;
+            lake.put(&file.path, damaged.into()).await.unwrap();
+            if let Err(e) = lake.read_batch_file(&file).await {
+                assert!(e.to_string().starts_with(&format!("batch file {}: ", file.path)), "byte {i}: {e}");
+            }
+        }
     }
 
     #[test]

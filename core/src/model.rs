@@ -150,6 +150,8 @@ pub struct Lineage {
     /// Batch numbers used (1..=round).
     pub batches: Vec<u64>,
     /// Offsets covered per partition, over all those batches.
+    // JSON keys are strings ("0"), whatever the map's key type in Rust.
+    #[schema(value_type = BTreeMap<String, OffsetRange>)]
     pub partitions: BTreeMap<i32, OffsetRange>,
     /// Events in those batches.
     pub rows: u64,

@@ -134,7 +134,8 @@ pub struct RequestField {
     pub lookup: Option<String>,
     /// For a lookup key: some keys the round knows (the most active first).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schema(value_type = Vec<Object>)]
+    // Keys are numbers or strings, as the key column is: any JSON value, not an object.
+    #[schema(value_type = Vec<Value>)]
     pub suggestions: Vec<Value>,
 }
 
@@ -227,7 +228,7 @@ pub struct ModelsResponse {
 }
 
 /// `GET /status`: how far a pipeline has got.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct PipelineStatus {
     /// The pipeline's name.
     pub pipeline: String,
@@ -240,6 +241,8 @@ pub struct PipelineStatus {
     /// Messages dead-lettered.
     pub dead_letters: u64,
     /// Offsets landed per Kafka partition.
+    // JSON keys are strings ("0"), whatever the map's key type in Rust.
+    #[schema(value_type = BTreeMap<String, OffsetRange>)]
     pub partitions: BTreeMap<i32, OffsetRange>,
     /// When the newest batch was committed (unix milliseconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -252,6 +255,10 @@ pub struct PipelineStatus {
     pub round_created_at_ms: Option<i64>,
     /// Batches landed that the served round does not include yet.
     pub batches_behind: u64,
+    /// Why the lake could not be read just now; the lake's counts are then those of the last
+    /// read that worked (zero if none has).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lake_error: Option<String>,
 }
 
 /// One pipeline the server found in its model store.

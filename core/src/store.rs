@@ -7,10 +7,12 @@
 //! how a MinIO-style endpoint over plain http is reached.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use arrow_array::RecordBatch;
 use bytes::Bytes;
 use futures::TryStreamExt;
+use object_store::RetryConfig;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
@@ -102,7 +104,12 @@ impl Lake {
             if bucket.is_empty() {
                 return Err(bad("no bucket name".into()));
             }
-            let mut builder = AmazonS3Builder::new().with_bucket_name(bucket);
+            // A few quick tries per request, not object_store's default of ten over three
+            // minutes: a longer outage then reaches the caller's own retry loop, which logs it,
+            // counts it and bounds it (the consumer's --store-retry-for), instead of stalling
+            // silently inside one request.
+            let retry = RetryConfig { max_retries: 3, retry_timeout: Duration::from_secs(15), ..RetryConfig::default() };
+            let mut builder = AmazonS3Builder::new().with_bucket_name(bucket).with_retry(retry);
             for (key, value) in &storage.0 {
                 // Unknown AWS_* variables (profiles, SDK switches) are not object-store settings.
                 if let Ok(key) = key.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() {
@@ -216,8 +223,7 @@ impl Lake {
     pub async fn read_batch_file(&self, file: &BatchFile) -> Result<Vec<RecordBatch>> {
         let bytes = self.get(&Path::from(file.path.as_str())).await?;
         let bad = |reason: String| StoreError::BatchFile { path: file.path.clone(), reason };
-        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes).and_then(|b| b.build()).map_err(|e| bad(e.to_string()))?;
-        let batches = reader.collect::<Result<Vec<_>, _>>().map_err(|e| bad(e.to_string()))?;
+        let (_, batches) = read_parquet(bytes).map_err(bad)?;
         let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
         if rows as u64 != file.rows {
             return Err(bad(format!("holds {rows} rows, its manifest says {}", file.rows)));
@@ -235,6 +241,25 @@ impl Lake {
         }
         Ok(out)
     }
+}
+
+/// Decodes a whole Parquet file: its Arrow schema and its rows. The Parquet and Arrow readers
+/// panic on some damaged files (an unknown type in the embedded Arrow schema, a page shorter
+/// than its header says) instead of returning an error, so a panic while decoding is caught and
+/// returned as the error: a damaged file must refuse what it belongs to, not stop the process.
+pub fn read_parquet(bytes: Bytes) -> Result<(arrow_schema::SchemaRef, Vec<RecordBatch>), String> {
+    let decode = || -> Result<_, String> {
+        let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| format!("not a readable Parquet file: {e}"))?;
+        let schema = builder.schema().clone();
+        let reader = builder.build().map_err(|e| format!("not a readable Parquet file: {e}"))?;
+        let batches = reader.collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
+        Ok((schema, batches))
+    };
+    // Nothing outside the closure is touched, so nothing is left half-changed by a panic.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)).unwrap_or_else(|panic| {
+        let what = panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("a panic");
+        Err(format!("not a readable Parquet file: the reader failed on it ({what})"))
+    })
 }
 
 #[cfg(test)]

@@ -64,6 +64,20 @@ pub enum JobError {
         /// Why.
         reason: String,
     },
+    /// The object store stayed unreachable for longer than the consumer's retry budget.
+    #[error(
+        "gave up committing a batch of {messages} messages after {attempts} tries over {seconds} s (nothing of it was recorded; a restart resumes from the lake): {source}"
+    )]
+    StoreDown {
+        /// How long the commit was retried.
+        seconds: u64,
+        /// Tries made.
+        attempts: u32,
+        /// Messages in the batch that could not be committed.
+        messages: usize,
+        /// The last failure.
+        source: Box<JobError>,
+    },
     /// A consumer background thread stopped unexpectedly.
     #[error("internal: {0}")]
     Internal(String),

@@ -65,13 +65,18 @@ pub struct Broker {
 
 impl Broker {
     pub fn start() -> Broker {
-        let bin = tool("tansu", "TANSU_BIN", "cargo install tansu --locked --features dynostore,libsql");
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
+        let child = Broker::spawn(dir.path(), port);
+        Broker { child, port, _dir: dir }
+    }
+
+    fn spawn(dir: &Path, port: u16) -> Child {
+        let bin = tool("tansu", "TANSU_BIN", "cargo install tansu --locked --features dynostore,libsql");
         let url = format!("tcp://127.0.0.1:{port}");
-        let log = std::fs::File::create(dir.path().join("broker.log")).unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("broker.log")).unwrap();
         let mut child = Command::new(bin)
-            .current_dir(dir.path())
+            .current_dir(dir)
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
             .args(["--storage-engine", "sqlite://tansu.db"])
             .env("RUST_LOG", "warn")
@@ -80,7 +85,7 @@ impl Broker {
             .spawn()
             .expect("start tansu");
         wait_for_port(port, "tansu", &mut child);
-        Broker { child, port, _dir: dir }
+        child
     }
 
     pub fn addr(&self) -> String {
@@ -92,6 +97,90 @@ impl Broker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Stops the broker (SIGTERM, then SIGKILL after 10 s) and starts it again on the same
+    /// storage and port after `down`.
+    pub fn restart(&mut self, down: Duration) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill();
+        std::thread::sleep(down);
+        self.child = Broker::spawn(self._dir.path(), self.port);
+    }
+
+    /// Messages in `topic` over all its partitions (the sum of their end offsets).
+    pub fn messages(&self, topic: &str) -> i64 {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", self.addr()).create().unwrap();
+        let Ok(metadata) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) else { return 0 };
+        let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+        partitions.iter().filter_map(|p| consumer.fetch_watermarks(topic, *p, Duration::from_secs(5)).ok()).map(|(_, high)| high).sum()
+    }
+}
+
+/// A TCP proxy in front of a server that can be taken down and brought back: while down it
+/// cuts every open connection and refuses new ones at once, as a store that went away does.
+pub struct FaultProxy {
+    pub port: u16,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl FaultProxy {
+    pub fn start(target: u16) -> FaultProxy {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let down = Arc::new(AtomicBool::new(false));
+        let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (down2, open2) = (down.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if down2.load(Ordering::SeqCst) {
+                    continue; // dropped: the client sees its connection closed
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else { continue };
+                let mut conns = open2.lock().unwrap();
+                conns.retain(|c: &TcpStream| c.peer_addr().is_ok());
+                conns.push(client.try_clone().unwrap());
+                conns.push(server.try_clone().unwrap());
+                drop(conns);
+                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        FaultProxy { port, down, open }
+    }
+
+    /// Takes the server away (cutting open connections) or brings it back.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+        if down {
+            for c in self.open.lock().unwrap().drain(..) {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+/// A metric's value from a Prometheus endpoint (the sum over its label sets), or None when the
+/// endpoint does not answer or has no such metric.
+pub fn metric(port: u16, name: &str) -> Option<f64> {
+    let body = http_get(port, "/metrics")?;
+    let values: Vec<f64> = body
+        .lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
 }
 
 impl Drop for Broker {

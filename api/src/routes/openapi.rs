@@ -4,6 +4,7 @@
 //! `{"userId":…}` for MovieLens and `{"DeviceType":…}` for smart-home.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use lensflow_core::Pipeline;
 use lensflow_core::pipeline::definition::ColumnType;
@@ -16,26 +17,28 @@ use utoipa::openapi::response::{ResponseBuilder, ResponsesBuilder};
 use utoipa::openapi::schema::{AdditionalProperties, ArrayBuilder, ObjectBuilder, OneOfBuilder, Ref, Schema, SchemaType, Type};
 use utoipa::openapi::{Content, RefOr, Required};
 
-use crate::round::request_columns;
+use crate::round::{LoadedRound, Task, request_columns};
 use crate::watcher::Models;
 
-/// The prediction endpoints: path suffix, task words, and which answers they carry.
-const ENDPOINTS: [(&str, &str); 4] = [
-    ("predict", "All three answers"),
-    ("predict_classification", "The classification answer"),
-    ("predict_regression", "The regression answer"),
-    ("predict_clustering", "The segment"),
+/// The prediction endpoints: path suffix, task words, and the task.
+const ENDPOINTS: [(&str, &str, Task); 4] = [
+    ("predict", "All three answers", Task::All),
+    ("predict_classification", "The classification answer", Task::Classification),
+    ("predict_regression", "The regression answer", Task::Regression),
+    ("predict_clustering", "The segment", Task::Clustering),
 ];
 
 /// The OpenAPI description of this server as it is now: the fixed routes, and the routes and
-/// schemas of every pipeline it can answer for.
-pub fn openapi(models: &Models) -> utoipa::openapi::OpenApi {
+/// schemas of every pipeline it can answer for; a batch holds at most `max_batch` requests.
+pub fn openapi(models: &Models, max_batch: usize) -> utoipa::openapi::OpenApi {
     let mut doc = super::ApiDoc::openapi();
     let default = models.default_pipeline();
     let mut known: BTreeMap<String, Pipeline> = BTreeMap::new();
+    let mut rounds: BTreeMap<String, Arc<LoadedRound>> = BTreeMap::new();
     for (name, p) in models.pipelines().iter() {
         if let Some(round) = p.current() {
             known.insert(name.clone(), round.pipeline().clone());
+            rounds.insert(name.clone(), round);
         }
     }
     for name in models.pipelines().keys().map(String::as_str).chain([default]) {
@@ -57,9 +60,10 @@ pub fn openapi(models: &Models) -> utoipa::openapi::OpenApi {
         }
         for prefix in prefixes {
             let id = if prefix.is_empty() { String::new() } else { format!("{name}.") };
-            for (suffix, words) in ENDPOINTS {
+            for (suffix, words, task) in ENDPOINTS {
                 let path = format!("{prefix}/{suffix}");
-                let op = predict_operation(p, suffix, words).operation_id(Some(format!("{id}{suffix}")));
+                let needs = needs_in_words(rounds.get(name).map(|r| r.as_ref()), task);
+                let op = predict_operation(p, suffix, words, &needs, max_batch).operation_id(Some(format!("{id}{suffix}")));
                 doc.paths.add_path_operation(&path, vec![HttpMethod::Post], op);
             }
             let get = |what: &str, schema: &str, text: String| {
@@ -85,6 +89,14 @@ pub fn openapi(models: &Models) -> utoipa::openapi::OpenApi {
             );
         }
     }
+    // Any request may wait for a turn past the timeout; the answer is then a bare 408.
+    for item in doc.paths.paths.values_mut() {
+        for op in [&mut item.get, &mut item.post].into_iter().flatten() {
+            op.responses.responses.entry("408".into()).or_insert_with(|| {
+                RefOr::T(ResponseBuilder::new().description("Not answered within the request timeout (waiting for a turn included); no body").build())
+            });
+        }
+    }
     doc
 }
 
@@ -92,12 +104,23 @@ fn error_response(text: &str) -> ResponseBuilder {
     ResponseBuilder::new().description(text).content("application/json", Content::new(Some(Ref::from_schema_name("ErrorBody"))))
 }
 
-/// One object, or an array of them.
-fn one_or_many(schema: &str) -> OneOfBuilder {
-    OneOfBuilder::new().item(Ref::from_schema_name(schema)).item(ArrayBuilder::new().items(Ref::from_schema_name(schema)))
+/// One object, or an array of 1 to `max` of them.
+fn one_or_many(schema: &str, max: usize) -> OneOfBuilder {
+    let array = ArrayBuilder::new().items(Ref::from_schema_name(schema)).min_items(Some(1)).max_items(Some(max));
+    OneOfBuilder::new().item(Ref::from_schema_name(schema)).item(array)
 }
 
-fn predict_operation(p: &Pipeline, suffix: &str, words: &str) -> OperationBuilder {
+/// What a request to `task` must give, in words, when a round is loaded: each field the task
+/// cannot do without, unless every feature that needs it is given instead (the rule the round
+/// applies, see [`LoadedRound::needed_fields`]). Said in words rather than as `anyOf` schemas,
+/// which client generators and schema-driven testers handle poorly.
+fn needs_in_words(round: Option<&LoadedRound>, task: Task) -> String {
+    let needed = round.map(|r| r.needed_fields(task)).unwrap_or_default();
+    let each: Vec<String> = needed.iter().map(|f| format!("`{}` (or all of {} in `{FEATURES}`)", f.name, f.stand_ins.join(", "))).collect();
+    if each.is_empty() { String::new() } else { format!(" Each request needs {}.", each.join(", ")) }
+}
+
+fn predict_operation(p: &Pipeline, suffix: &str, words: &str, needs: &str, max_batch: usize) -> OperationBuilder {
     let name = p.name();
     let m = &p.definition.models;
     let what = match suffix {
@@ -110,14 +133,17 @@ fn predict_operation(p: &Pipeline, suffix: &str, words: &str) -> OperationBuilde
     let answer = format!("{name}.Prediction");
     OperationBuilder::new()
         .summary(Some(format!("{name}: {words}")))
-        .description(Some(format!("{what}. One request object, or a JSON array of them (answered with an array in the same order).")))
+        .description(Some(format!("{what}. One request object, or a JSON array of them (answered with an array in the same order).{needs}")))
         .tag(name)
         .request_body(Some(
-            RequestBodyBuilder::new().required(Some(Required::True)).content("application/json", Content::new(Some(one_or_many(&request)))).build(),
+            RequestBodyBuilder::new().required(Some(Required::True)).content("application/json", Content::new(Some(one_or_many(&request, max_batch)))).build(),
         ))
         .responses(
             ResponsesBuilder::new()
-                .response("200", ResponseBuilder::new().description("The answers").content("application/json", Content::new(Some(one_or_many(&answer)))))
+                .response(
+                    "200",
+                    ResponseBuilder::new().description("The answers").content("application/json", Content::new(Some(one_or_many(&answer, max_batch)))),
+                )
                 .response("400", error_response("Malformed JSON"))
                 .response("404", error_response("No such pipeline in the model store"))
                 .response("413", error_response("Body over the size limit"))
@@ -126,13 +152,15 @@ fn predict_operation(p: &Pipeline, suffix: &str, words: &str) -> OperationBuilde
         )
 }
 
-/// The schema of one request field's value.
-fn field_schema(c: &lensflow_core::pipeline::definition::Column, default: bool) -> ObjectBuilder {
+/// The schema of one request field's value; `nullable` in a request, where `null` is the
+/// same as leaving the field out.
+fn field_schema(c: &lensflow_core::pipeline::definition::Column, default: bool, nullable: bool) -> ObjectBuilder {
     let ty = match c.kind {
         ColumnType::Int64 => Type::Integer,
         ColumnType::Float64 => Type::Number,
         ColumnType::String => Type::String,
     };
+    let ty = if nullable { SchemaType::from_iter([ty, Type::Null]) } else { SchemaType::new(ty) };
     let mut doc = c.doc.clone();
     if c.wire() != c.name {
         doc.push_str(&format!(" (also accepted as `{}`)", c.name));
@@ -140,9 +168,10 @@ fn field_schema(c: &lensflow_core::pipeline::definition::Column, default: bool) 
     if default {
         doc.push_str(" [optional: defaults to the round's value, see /models]");
     }
-    let mut schema = ObjectBuilder::new().schema_type(SchemaType::new(ty)).description(Some(doc)).minimum(c.min).maximum(c.max).multiple_of(c.step);
+    let mut schema = ObjectBuilder::new().schema_type(ty).description(Some(doc)).minimum(c.min).maximum(c.max).multiple_of(c.step);
     if let Some(values) = &c.values {
-        schema = schema.enum_values(Some(values.clone()));
+        let null = nullable.then_some(serde_json::Value::Null);
+        schema = schema.enum_values(Some(values.iter().map(|v| json!(v)).chain(null)));
     }
     schema
 }
@@ -150,7 +179,7 @@ fn field_schema(c: &lensflow_core::pipeline::definition::Column, default: bool) 
 fn request_schema(p: &Pipeline) -> Schema {
     let d = &p.definition;
     let mut features = ObjectBuilder::new()
-        .schema_type(SchemaType::new(Type::Object))
+        .schema_type(SchemaType::from_iter([Type::Object, Type::Null]))
         .description(Some("Feature values to use instead of those built from the fields (a what-if), by feature name"))
         .additional_properties(Some(AdditionalProperties::FreeForm(false)));
     for f in p.features() {
@@ -165,7 +194,7 @@ fn request_schema(p: &Pipeline) -> Schema {
     )));
     let mut example = serde_json::Map::new();
     for c in request_columns(p) {
-        schema = schema.property(c.wire(), field_schema(c, d.request.defaults.contains_key(&c.name)));
+        schema = schema.property(c.wire(), field_schema(c, d.request.defaults.contains_key(&c.name), true));
         if !d.request.defaults.contains_key(&c.name) {
             example.insert(c.wire().to_string(), example_value(c));
         }
@@ -191,7 +220,7 @@ fn answer_schema(p: &Pipeline) -> Schema {
         .schema_type(SchemaType::new(Type::Object))
         .description(Some(format!("An answer of pipeline {}: the fields given, echoed, and the answers the endpoint asked for", p.name())));
     for c in request_columns(p) {
-        schema = schema.property(c.wire(), field_schema(c, false).description(Some(format!("{} (as asked)", c.doc))));
+        schema = schema.property(c.wire(), field_schema(c, false, false).description(Some(format!("{} (as asked)", c.doc))));
     }
     schema = schema.property(ROUND, integer("The training round whose models answered")).required(ROUND);
     for l in &d.lookups {

@@ -1,15 +1,19 @@
 //! The router through `oneshot`, on hand-made rounds of the shipped pipelines in a temporary
 //! model store.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
+use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
 use crate::testing::{self, publish, publish_artifact};
-use crate::{AppState, Limits, ServeOptions, app};
+use crate::{ApiError, AppState, Limits, ServeOptions, app};
 
 async fn state_for(models: &std::path::Path, limits: Limits) -> AppState {
     let mut opts = ServeOptions::new(models.to_str().unwrap());
@@ -507,9 +511,9 @@ async fn the_openapi_description_has_every_pipelines_paths_and_schemas() {
     }
     let schemas = &v["components"]["schemas"];
     let device = &schemas["smart-home.PredictRequest"]["properties"]["DeviceType"];
-    assert_eq!((device["type"].as_str(), device["enum"][0].as_str()), (Some("string"), Some("Camera")), "{device}");
+    assert_eq!((&device["type"], device["enum"][0].as_str()), (&json!(["string", "null"]), Some("Camera")), "{device}");
     assert_eq!(schemas["smart-home.PredictRequest"]["properties"]["UsageHoursPerDay"]["maximum"], 24.0);
-    assert_eq!(schemas["movielens.PredictRequest"]["properties"]["userId"]["type"], "integer");
+    assert_eq!(schemas["movielens.PredictRequest"]["properties"]["userId"]["type"], json!(["integer", "null"]));
     assert!(schemas["movielens.PredictRequest"]["properties"]["features"]["properties"].get("u_mean").is_some());
     assert!(schemas["movielens.Prediction"]["properties"].get("prediction_like").is_some());
     assert!(schemas["movielens.Prediction"]["required"].as_array().unwrap().contains(&json!("known_user")));
@@ -520,4 +524,275 @@ async fn the_openapi_description_has_every_pipelines_paths_and_schemas() {
     let (status, page) = get(&app, "/docs").await;
     assert_eq!(status, StatusCode::OK);
     assert!(page.as_str().unwrap().contains("/openapi.json"));
+}
+
+/// A router under the app's own limits whose routes `/a` and `/b` count the requests inside
+/// them and hold each until `gate` lets it go.
+fn gated(state: AppState, inside: Arc<AtomicUsize>, most: Arc<AtomicUsize>, gate: Arc<Semaphore>) -> Router {
+    let handler = move || {
+        let (inside, most, gate) = (inside.clone(), most.clone(), gate.clone());
+        async move {
+            let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(now, Ordering::SeqCst);
+            let _turn = gate.acquire().await;
+            inside.fetch_sub(1, Ordering::SeqCst);
+            "done"
+        }
+    };
+    super::limited(Router::new().route("/a", axum::routing::get(handler.clone())).route("/b", axum::routing::get(handler)), state)
+}
+
+/// Waits (up to 5 s) until `check` holds.
+async fn eventually(check: impl Fn() -> bool) {
+    let start = std::time::Instant::now();
+    while !check() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(5), "timed out");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_the_concurrency_limit_wait_their_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits { concurrent: 2, timeout: std::time::Duration::from_secs(30), ..Limits::default() };
+    let (inside, most, gate) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(Semaphore::new(0)));
+    let app = gated(state_for(dir.path(), limits).await, inside.clone(), most.clone(), gate.clone());
+    // Five requests over two routes: the limit is one for the whole router, not per route.
+    let calls: Vec<_> = ["/a", "/b", "/a", "/b", "/b"]
+        .into_iter()
+        .map(|uri| {
+            let app = app.clone();
+            tokio::spawn(async move { call(&app, "GET", uri, Body::empty()).await })
+        })
+        .collect();
+    eventually(|| inside.load(Ordering::SeqCst) == 2).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(inside.load(Ordering::SeqCst), 2, "the others wait outside");
+    assert!(calls.iter().all(|c| !c.is_finished()), "nobody is turned away");
+    gate.add_permits(5);
+    for c in calls {
+        assert_eq!(c.await.unwrap(), (StatusCode::OK, Value::String("done".into())));
+    }
+    assert_eq!(most.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_a_turn_counts_against_the_request_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let timeout = std::time::Duration::from_millis(1000);
+    let limits = Limits { concurrent: 1, timeout, ..Limits::default() };
+    let (inside, most, gate) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(Semaphore::new(0)));
+    let app = gated(state_for(dir.path(), limits).await, inside.clone(), most, gate.clone());
+    // The first request holds the only turn until its own timeout; the second, sent half a
+    // timeout later, waits for it and gets in when the first is answered 408.
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { call(&app, "GET", "/a", Body::empty()).await.0 }
+    });
+    eventually(|| inside.load(Ordering::SeqCst) == 1).await;
+    tokio::time::sleep(timeout / 2).await;
+    let start = std::time::Instant::now();
+    assert_eq!(call(&app, "GET", "/b", Body::empty()).await.0, StatusCode::REQUEST_TIMEOUT);
+    // Its 408 comes one timeout after it was sent, the wait included: were the wait not
+    // counted, it would come half a timeout later.
+    let took = start.elapsed();
+    assert!(took >= timeout && took < timeout * 13 / 10, "{took:?}");
+    assert_eq!(first.await.unwrap(), StatusCode::REQUEST_TIMEOUT);
+    assert_eq!(inside.load(Ordering::SeqCst), 2, "both got their turn, one after the other");
+    gate.add_permits(1);
+    assert_eq!(call(&app, "GET", "/a", Body::empty()).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn oversized_and_deeply_nested_bodies_are_refused_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    publish(dir.path(), "movielens", 1);
+    let app = app(state_for(dir.path(), Limits::default()).await);
+    // 10 MB, declared up front or streamed without a length: refused at the 2 MiB limit.
+    let big = format!("{{\"userId\":1,\"movieId\":31,\"pad\":\"{}\"}}", "x".repeat(10 << 20));
+    let (status, v) = call(&app, "POST", "/predict", big.clone()).await;
+    assert_eq!((status, v["field"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("body")), "{v}");
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = big.into_bytes().chunks(64 << 10).map(|c| Ok(c.to_vec())).collect();
+    let (status, v) = call(&app, "POST", "/predict", Body::from_stream(futures::stream::iter(chunks))).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("2097152 byte limit"), "{v}");
+    // Nesting past serde_json's depth limit is malformed JSON, not a stack overflow.
+    for body in ["[".repeat(100_000), format!("{{\"userId\":{}", "[".repeat(100_000)), format!("{}1{}", "[".repeat(127), "]".repeat(127))] {
+        let (status, v) = call(&app, "POST", "/predict", body.clone()).await;
+        let nested_ok = body.starts_with("[[") && body.ends_with("]]");
+        if nested_ok {
+            // 127 levels parse, and are then refused as not request objects.
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+        } else {
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+            assert!(v["error"].as_str().unwrap().contains("recursion limit exceeded"), "{v}");
+        }
+    }
+}
+
+mod properties {
+    use proptest::prelude::*;
+    use proptest::test_runner::TestRunner;
+
+    use super::*;
+
+    /// JSON with the values that break parsers and arithmetic, nested a little.
+    fn hostile_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            prop::sample::select(vec![0.0, -0.0, 0.5, 1e-300, 1e16, 4102444800.0, 1e308, -1e308, 24.0, 31.0]).prop_map(Value::from),
+            prop::sample::select(vec![i64::MAX, i64::MIN, 0, -1, 1, 2, 31, 4102444800, 4102444801]).prop_map(Value::from),
+            prop::sample::select(vec!["", "NaN", "inf", "1e999", "31", "Camera", "Toaster", " 1 ", "\u{0}"]).prop_map(Value::from),
+            ".{0,10}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 12, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+                prop::collection::btree_map(".{0,4}", inner, 0..3).prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// A request object naming the pipelines' own fields and features, with hostile values.
+    fn hostile_request() -> impl Strategy<Value = Value> {
+        let keys = prop::sample::select(vec![
+            "userId",
+            "movieId",
+            "timestamp",
+            "user_id",
+            "ts",
+            "DeviceType",
+            "UsageHoursPerDay",
+            "EnergyConsumption",
+            "UserPreferences",
+            "MalfunctionIncidents",
+            "DeviceAgeMonths",
+            "features",
+            "x",
+        ]);
+        let features =
+            prop::collection::btree_map(prop::sample::select(vec!["u_mean", "m_mean", "u_log_n", "usage_hours", "is_camera", "nope"]), hostile_json(), 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect()));
+        (prop::collection::btree_map(keys, hostile_json(), 0..8), proptest::option::of(features)).prop_map(|(m, f)| {
+            let mut map: serde_json::Map<String, Value> = m.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            if let Some(f) = f {
+                map.insert("features".into(), f);
+            }
+            Value::Object(map)
+        })
+    }
+
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            2 => prop::collection::vec(any::<u8>(), 0..64),
+            5 => hostile_request().prop_map(|v| v.to_string().into_bytes()),
+            2 => prop::collection::vec(hostile_request(), 0..4).prop_map(|v| Value::Array(v).to_string().into_bytes()),
+            1 => hostile_json().prop_map(|v| v.to_string().into_bytes()),
+        ]
+    }
+
+    /// Any body to any prediction route gets an answer of the route's own shapes: never a
+    /// 5xx, and every error in our error format naming what it can.
+    #[test]
+    fn any_body_gets_an_answer_never_a_server_error() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        publish(dir.path(), "movielens", 1);
+        publish(dir.path(), "smart-home", 1);
+        let app = app(runtime.block_on(state_for(dir.path(), Limits { batch: 3, ..Limits::default() })));
+        let routes = prop::sample::select(vec![
+            "/predict",
+            "/predict_classification",
+            "/predict_regression",
+            "/predict_clustering",
+            "/pipelines/smart-home/predict",
+            "/pipelines/smart-home/predict_regression",
+            "/pipelines/smart-home/predict_clustering",
+            "/pipelines/nope/predict",
+        ]);
+        let mut runner = TestRunner::new(ProptestConfig::with_cases(256));
+        runner
+            .run(&(routes, body()), |(route, body)| {
+                let (status, v) = runtime.block_on(call(&app, "POST", route, body.clone()));
+                let shown = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+                prop_assert!(
+                    [StatusCode::OK, StatusCode::BAD_REQUEST, StatusCode::NOT_FOUND, StatusCode::UNPROCESSABLE_ENTITY].contains(&status),
+                    "{} {}: {} {}",
+                    route,
+                    shown,
+                    status,
+                    v
+                );
+                if status == StatusCode::OK {
+                    let answers = if v.is_array() { v.as_array().unwrap().clone() } else { vec![v.clone()] };
+                    prop_assert!(answers.iter().all(|a| a["round"] == 1 && a["features"].is_object()), "{}", v);
+                } else {
+                    prop_assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{}", v);
+                    if status == StatusCode::UNPROCESSABLE_ENTITY {
+                        prop_assert!(v["field"].is_string() && !v["errors"].as_array().unwrap().is_empty(), "{}", v);
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// The body parser answers any bytes with request objects (one, or a batch within the
+        /// limit) or a client error.
+        #[test]
+        fn any_bytes_parse_to_requests_or_a_client_error(bytes in prop::collection::vec(any::<u8>(), 0..128), json in hostile_json()) {
+            for bytes in [bytes, json.to_string().into_bytes()] {
+                match super::super::parse_body(&bytes, 2) {
+                    Ok(body) => {
+                        prop_assert!((1..=2).contains(&body.items.len()));
+                        prop_assert!(body.batch || body.items[0].is_object());
+                    }
+                    Err(e) => prop_assert!(matches!(e, ApiError::MalformedJson(_) | ApiError::Invalid(_)), "{:?}", e),
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_openapi_description_says_what_the_api_accepts_and_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    publish(dir.path(), "movielens", 1);
+    let app = app(state_for(dir.path(), Limits { batch: 7, ..Limits::default() }).await);
+    let (_, doc) = get(&app, "/openapi.json").await;
+    let schemas = &doc["components"]["schemas"];
+    // Partition numbers are JSON object keys, so strings.
+    for schema in ["PipelineStatus", "Lineage"] {
+        assert_eq!(schemas[schema]["properties"]["partitions"]["propertyNames"]["type"], "string", "{schema}");
+    }
+    // Suggested keys are numbers or strings, not objects.
+    assert_eq!(schemas["RequestField"]["properties"]["suggestions"]["items"], json!({}));
+    // A request field may be null (the same as left out), and so may `features`.
+    let request = &schemas["movielens.PredictRequest"]["properties"];
+    assert_eq!(request["userId"]["type"], json!(["integer", "null"]));
+    assert_eq!(request["features"]["type"], json!(["object", "null"]));
+    let (status, _) = post(&app, "/predict", json!({"userId": 1, "movieId": 31, "timestamp": null, "features": null})).await;
+    assert_eq!(status, StatusCode::OK);
+    // A batch holds 1 to the server's limit of requests; every operation may answer 408.
+    let predict = &doc["paths"]["/predict"]["post"];
+    let batch = &predict["requestBody"]["content"]["application/json"]["schema"]["oneOf"][1];
+    assert_eq!((batch["minItems"].as_u64(), batch["maxItems"].as_u64()), (Some(1), Some(7)), "{batch}");
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for op in item.as_object().unwrap().values() {
+            assert!(op["responses"].get("408").is_some(), "{path}");
+        }
+    }
+    // What each task cannot do without, from the round's own rule.
+    let clustering = doc["paths"]["/predict_clustering"]["post"]["description"].as_str().unwrap();
+    assert!(clustering.contains("Each request needs `userId` (or all of u_log_n"), "{clustering}");
+    assert!(!clustering.contains("`movieId`"), "clustering reads only the user: {clustering}");
+    let all = predict["description"].as_str().unwrap();
+    assert!(all.contains("`userId` (or all of") && all.contains("`movieId` (or all of m_log_n"), "{all}");
 }

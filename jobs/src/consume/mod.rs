@@ -3,6 +3,7 @@
 //! - [`offsets`]: where each partition resumes, read from the lake's manifests.
 //! - [`writer`]: the open batch, buffered per partition, and its Parquet encoding.
 //! - [`commit`]: writing a batch's files and creating its manifest, safe against other writers.
+//! - [`metrics`]: what the loop counts, for `--metrics-bind`.
 //! - this module: the poll loop and the rebalance handling that tie them to a Kafka consumer.
 //!
 //! The loop runs on its own thread around a `BaseConsumer`, because librdkafka calls the
@@ -16,6 +17,7 @@
 //! its new owner resumes from the lake.
 
 pub mod commit;
+pub mod metrics;
 pub mod offsets;
 pub mod writer;
 
@@ -35,6 +37,7 @@ use serde::Serialize;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
+use self::metrics::ConsumerMetrics;
 use self::offsets::LakeOffsets;
 use self::writer::Batch;
 use crate::kafka::KafkaOptions;
@@ -69,6 +72,10 @@ pub struct ConsumeOptions {
     /// consumer, which then starts at once instead of waiting for the group to form. The lake
     /// still decides where each partition resumes.
     pub all_partitions: bool,
+    /// How long a batch commit keeps retrying a failing object store before the run fails.
+    pub store_retry_for: Duration,
+    /// Where the loop counts what it does.
+    pub metrics: Arc<ConsumerMetrics>,
     /// Show a progress line.
     pub progress: bool,
 }
@@ -89,6 +96,8 @@ impl ConsumeOptions {
             exit_when_idle: None,
             until_end: false,
             all_partitions: false,
+            store_retry_for: Duration::from_secs(120),
+            metrics: Arc::default(),
             progress: false,
         }
     }
@@ -163,9 +172,12 @@ struct Shared {
     offsets: LakeOffsets,
     events: Vec<Reassigned>,
     fatal: Option<JobError>,
+    /// Each partition's end offset, as librdkafka's last statistics saw it.
+    high: BTreeMap<i32, i64>,
 }
 
 struct IngestContext {
+    topic: String,
     lake: Lake,
     handle: Handle,
     shared: Arc<Mutex<Shared>>,
@@ -176,7 +188,19 @@ fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
     shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-impl ClientContext for IngestContext {}
+impl ClientContext for IngestContext {
+    /// The end offsets for the lag gauges, from librdkafka's periodic statistics (no extra
+    /// round trip to the broker, and nothing that blocks while it is down).
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Some(topic) = statistics.topics.get(&self.topic) else { return };
+        let mut shared = lock(&self.shared);
+        for (p, partition) in &topic.partitions {
+            if *p >= 0 && partition.hi_offset >= 0 {
+                shared.high.insert(*p, partition.hi_offset);
+            }
+        }
+    }
+}
 
 impl IngestContext {
     /// Sets each partition of `tpl` to resume where the lake says (not where the group's
@@ -232,6 +256,12 @@ impl ConsumerContext for IngestContext {
 /// Shortest idle limit before the consumer has joined its group.
 const JOIN_GRACE: Duration = Duration::from_secs(30);
 
+/// How often the lag gauges are brought up to date.
+const LAG_EVERY: Duration = Duration::from_secs(1);
+
+/// The longest wait between two tries of a batch commit.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(8);
+
 /// One incoming message, judged, with nothing borrowed from the consumer.
 struct Incoming {
     partition: i32,
@@ -282,8 +312,8 @@ struct Ingest {
 
 impl Ingest {
     fn start(opts: ConsumeOptions, lake: Lake, offsets: LakeOffsets, handle: Handle) -> Result<Ingest> {
-        let shared = Arc::new(Mutex::new(Shared { offsets, events: Vec::new(), fatal: None }));
-        let context = IngestContext { lake: lake.clone(), handle: handle.clone(), shared: shared.clone() };
+        let shared = Arc::new(Mutex::new(Shared { offsets, events: Vec::new(), fatal: None, high: BTreeMap::new() }));
+        let context = IngestContext { topic: opts.topic.clone(), lake: lake.clone(), handle: handle.clone(), shared: shared.clone() };
         let eof = if opts.until_end { "true" } else { "false" };
         let consumer: BaseConsumer<IngestContext> = opts
             .kafka
@@ -299,6 +329,8 @@ impl Ingest {
                 ("heartbeat.interval.ms", "1500"),
                 // With `until_end`, librdkafka says when a partition is read to its end.
                 ("enable.partition.eof", eof),
+                // End offsets for the lag gauges, once a second.
+                ("statistics.interval.ms", "1000"),
             ])
             .create_with_context(context)
             .map_err(JobError::kafka("create consumer"))?;
@@ -342,6 +374,7 @@ impl Ingest {
         let mut joined = false;
         // Partitions read to their end since their last message (with `until_end`).
         let mut at_end = std::collections::BTreeSet::new();
+        let mut last_lag = Instant::now();
         while !shutdown.is_cancelled() {
             let incoming = match self.consumer.poll(Duration::from_millis(100)) {
                 None => None,
@@ -360,6 +393,7 @@ impl Ingest {
                 joined = true;
             }
             if let Some(incoming) = incoming {
+                self.opts.metrics.message();
                 last_activity = Instant::now();
                 at_end.remove(&incoming.partition);
                 self.accept(incoming);
@@ -368,6 +402,10 @@ impl Ingest {
             let old = self.batch.opened_at().is_some_and(|t| t.elapsed() >= self.opts.batch_interval);
             if full || old {
                 self.flush()?;
+            }
+            if last_lag.elapsed() >= LAG_EVERY {
+                self.update_lag();
+                last_lag = Instant::now();
             }
             let idle_limit = self.opts.exit_when_idle.map(|idle| if joined { idle } else { idle.max(JOIN_GRACE) });
             if idle_limit.is_some_and(|idle| last_activity.elapsed() >= idle) {
@@ -387,6 +425,17 @@ impl Ingest {
         self.summary.seconds = start.elapsed().as_secs_f64();
         self.summary.rows_per_sec = self.summary.rows as f64 / self.summary.seconds.max(1e-9);
         Ok(self.summary)
+    }
+
+    /// Sets each owned partition's lag: its end offset less the next offset the lake lacks.
+    fn update_lag(&self) {
+        let shared = lock(&self.shared);
+        for &p in self.expected.keys() {
+            if let Some(high) = shared.high.get(&p) {
+                let landed = shared.offsets.next_offset(p).unwrap_or(0);
+                self.opts.metrics.set_lag(&self.opts.topic, p, high - landed);
+            }
+        }
     }
 
     fn on_kafka_error(&self, e: KafkaError) -> Result<()> {
@@ -413,6 +462,7 @@ impl Ingest {
                 Reassigned::Revoked(partitions) => {
                     for p in partitions {
                         self.expected.remove(&p);
+                        self.opts.metrics.forget(&self.opts.topic, p);
                         let dropped = self.batch.drop_partition(p);
                         if dropped > 0 {
                             tracing::info!(partition = p, dropped, "revoked: dropping what was buffered, unwritten");
@@ -458,24 +508,38 @@ impl Ingest {
         }
     }
 
-    /// Commits the open batch, retrying storage failures with backoff; the batch stays in
-    /// memory until it is committed, so a slow store delays ingest but loses nothing.
+    /// Commits the open batch, retrying storage failures with backoff for up to
+    /// `store_retry_for`; the batch stays in memory until it is committed, so a store outage
+    /// delays ingest but loses nothing. Polling pauses meanwhile, which is the backpressure:
+    /// librdkafka's prefetch queue is bounded, and nothing else is buffered.
     fn flush(&mut self) -> Result<()> {
         if self.batch.is_empty() {
             return Ok(());
         }
-        let mut delay = Duration::from_millis(500);
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(250);
+        let mut attempts = 0u32;
         let outcome = loop {
+            attempts += 1;
             let result = {
                 let mut shared = lock(&self.shared);
                 self.handle.block_on(commit::commit_batch(&self.lake, &mut shared.offsets, &self.batch, &self.opts.topic, &self.writer))
             };
             match result {
-                Ok(outcome) => break outcome,
-                Err(e) if e.is_retryable() && delay < Duration::from_secs(30) => {
-                    tracing::warn!(error = %e, retry_in = ?delay, "batch commit failed; retrying");
+                Ok(outcome) => {
+                    if attempts > 1 {
+                        tracing::info!(attempts, after = ?started.elapsed(), "batch committed after the object store recovered");
+                    }
+                    break outcome;
+                }
+                Err(e) if e.is_retryable() && started.elapsed() + delay <= self.opts.store_retry_for => {
+                    tracing::warn!(error = %e, attempt = attempts, retry_in = ?delay, "batch commit failed (the batch stays in memory, no offset recorded); retrying");
+                    self.opts.metrics.retried();
                     std::thread::sleep(delay);
-                    delay *= 2;
+                    delay = (delay * 2).min(MAX_RETRY_DELAY);
+                }
+                Err(e) if e.is_retryable() => {
+                    return Err(JobError::StoreDown { seconds: started.elapsed().as_secs(), attempts, messages: self.batch.messages(), source: Box::new(e) });
                 }
                 Err(e) => return Err(e),
             }
@@ -498,6 +562,8 @@ impl Ingest {
         self.summary.batches += 1;
         self.summary.rows += manifest.rows;
         self.summary.dead_letters += manifest.dead_letter_count;
+        self.opts.metrics.committed(manifest.rows, manifest.dead_letter_count);
+        self.update_lag();
         tracing::info!(batch = manifest.batch, rows = manifest.rows, dead_letters = manifest.dead_letter_count, "batch committed");
         self.bar.set_message(format!("landed {} events in {} batches", self.summary.rows, self.summary.batches));
         // Only so that Kafka tools show the lag: the lake is what a restart resumes from.

@@ -457,6 +457,7 @@ impl Trainer<'_> {
         metrics.silhouette = silhouette;
         watch.lap("segments");
 
+        tracing::info!(pipeline = p.name(), round, "models fitted; writing the round");
         // Lookup tables over every event of the round: serving's "now".
         let dir = round_dir(round);
         let mut checksums = BTreeMap::new();

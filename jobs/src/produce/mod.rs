@@ -2,6 +2,11 @@
 //! the pipeline's key column, so one key's events stay in order on one partition; bad records
 //! go to the rejects file. Every message's delivery report is awaited: the run fails if any
 //! message was not acknowledged.
+//!
+//! - [`resume`]: the source and line every message carries, and how `--resume` finds the
+//!   lines a topic already holds.
+
+pub mod resume;
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -52,6 +57,10 @@ pub struct ProduceOptions {
     pub pace: Pace,
     /// Where rejected lines go; default `<input>.rejects.csv`.
     pub rejects: Option<PathBuf>,
+    /// The name messages carry as their source [default: the input's file name].
+    pub source: String,
+    /// Send only the lines the topic does not hold yet (after a crash or an interrupted run).
+    pub resume: bool,
     /// Show a progress bar.
     pub progress: bool,
 }
@@ -60,8 +69,11 @@ impl ProduceOptions {
     /// Options for sending `pipeline`'s events in `input` to its topic, every other setting at
     /// its default.
     pub fn new(input: impl Into<PathBuf>, kafka: KafkaOptions, pipeline: Pipeline) -> Self {
+        let input: PathBuf = input.into();
         ProduceOptions {
-            input: input.into(),
+            source: input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            resume: false,
+            input,
             kafka,
             topic: pipeline.topic().to_string(),
             pipeline,
@@ -88,6 +100,9 @@ impl ProduceOptions {
         if self.topic.is_empty() {
             return bad("topic", "is empty".into());
         }
+        if self.source.is_empty() {
+            return bad("source", "is empty".into());
+        }
         if !self.input.is_file() {
             return bad("input", format!("{} is not a readable file", self.input.display()));
         }
@@ -104,6 +119,11 @@ pub struct ProduceSummary {
     pub lines: u64,
     /// Messages handed to the producer.
     pub sent: u64,
+    /// Good lines not sent because the topic held them already (with `resume`, or after a
+    /// failed delivery).
+    pub skipped: u64,
+    /// Times deliveries failed and the run resumed from what the topic held.
+    pub resumes: u32,
     /// Messages the broker acknowledged.
     pub delivered: u64,
     /// Messages that failed delivery.
@@ -156,8 +176,33 @@ pub async fn produce(opts: ProduceOptions, shutdown: CancellationToken) -> Resul
     tokio::task::spawn_blocking(move || produce_blocking(&opts, &shutdown)).await.map_err(|e| JobError::Internal(format!("producer thread: {e}")))?
 }
 
+/// Tries of one run: the first, then resumptions after failed deliveries.
+const ATTEMPTS: u32 = 6;
+
+/// Sends the file, and when deliveries fail (a broker restarting or failing over) resumes from
+/// what the topic holds, with backoff, before giving up.
 fn produce_blocking(opts: &ProduceOptions, shutdown: &CancellationToken) -> Result<ProduceSummary> {
     let start = Instant::now();
+    let mut resume = opts.resume;
+    let mut delay = Duration::from_secs(1);
+    let mut attempt = 1;
+    loop {
+        match send_file(opts, shutdown, resume, start) {
+            Ok(summary) => return Ok(ProduceSummary { resumes: attempt - 1, ..summary }),
+            Err(e @ JobError::Undelivered { .. }) if attempt < ATTEMPTS && !shutdown.is_cancelled() => {
+                tracing::warn!(error = %e, attempt, retry_in = ?delay, "deliveries failed; resuming from the lines the topic holds");
+                std::thread::sleep(delay);
+                delay *= 2;
+                resume = true;
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One pass over the file, skipping the lines the topic holds when `resume` is set.
+fn send_file(opts: &ProduceOptions, shutdown: &CancellationToken, resume: bool, start: Instant) -> Result<ProduceSummary> {
     let producer: ThreadedProducer<DeliveryCounter> = opts
         .kafka
         .client_config(&[
@@ -171,12 +216,18 @@ fn produce_blocking(opts: &ProduceOptions, shutdown: &CancellationToken) -> Resu
         .create_with_context(DeliveryCounter::default())
         .map_err(JobError::kafka("create producer"))?;
 
+    let total_bytes = std::fs::metadata(&opts.input).map(|m| m.len()).unwrap_or(0);
+    let landed = match resume {
+        // A line takes at least two bytes, so no line number exceeds the file's size.
+        true => resume::find_landed(&opts.kafka, &opts.topic, &opts.source, total_bytes + 1)?,
+        false => resume::Landed::default(),
+    };
+    let source_json = serde_json::Value::from(opts.source.as_str()).to_string();
     let pipeline = &opts.pipeline;
     let mut csv = EventsCsv::open(&opts.input, pipeline)?;
-    let total_bytes = std::fs::metadata(&opts.input).map(|m| m.len()).unwrap_or(0);
     let mut rejects = RejectsFile::new(opts.rejects.clone().unwrap_or_else(|| RejectsFile::beside(&opts.input)));
     let bar = if opts.progress { crate::progress_bar(total_bytes, "produce") } else { indicatif::ProgressBar::hidden() };
-    let (mut lines, mut sent) = (0u64, 0u64);
+    let (mut lines, mut sent, mut skipped) = (0u64, 0u64, 0u64);
     let mut first_ts: Option<i64> = None;
     let mut interrupted = false;
 
@@ -208,8 +259,18 @@ fn produce_blocking(opts: &ProduceOptions, shutdown: &CancellationToken) -> Resu
         if let Some(wait) = due.and_then(|d| d.checked_sub(start.elapsed())) {
             std::thread::sleep(wait.min(Duration::from_secs(1)));
         }
+        if landed.holds(line_no) {
+            skipped += 1;
+            continue;
+        }
+        // A failed delivery (a broker restarting) ends this attempt early: the next one
+        // resumes from what the topic holds instead of sending into the failure.
+        if sent % 1024 == 0 && producer.context().failed.load(Ordering::Relaxed) > 0 {
+            break;
+        }
         let key = pipeline.event_key(&event);
         let payload = pipeline.event_to_json(&event);
+        let payload = resume::labelled(payload, &source_json, line_no);
         let mut record = BaseRecord::with_opaque_to(&opts.topic, line_no as usize).key(&key).payload(&payload);
         loop {
             match producer.send(record) {
@@ -245,6 +306,8 @@ fn produce_blocking(opts: &ProduceOptions, shutdown: &CancellationToken) -> Resu
     Ok(ProduceSummary {
         lines,
         sent,
+        skipped,
+        resumes: 0,
         delivered,
         failed,
         rejected,
