@@ -11,6 +11,7 @@ use lensflow::demo::DemoOptions;
 use lensflow::report;
 use lensflow_api::{Limits, ServeOptions};
 use lensflow_executor::ExecutorOptions;
+use lensflow_jobs::compact::{CompactOptions, compact};
 use lensflow_jobs::consume::{ConsumeOptions, ConsumeSummary, consume};
 use lensflow_jobs::generate::{GenerateOptions, generate};
 use lensflow_jobs::kafka::KafkaOptions;
@@ -55,6 +56,43 @@ enum Command {
     Serve(ServeArgs),
     /// Everything on one machine: ratings → embedded Kafka → lake → 3 rounds → API and page.
     Demo(DemoArgs),
+    /// Look after a lake (`lake compact`).
+    Lake(LakeArgs),
+}
+
+#[derive(Args)]
+struct LakeArgs {
+    #[command(subcommand)]
+    action: LakeAction,
+}
+
+#[derive(Subcommand)]
+enum LakeAction {
+    /// Rewrite the small event files of trained batches into one file per partition; readers
+    /// see the same events. Safe beside a running consumer and trainer.
+    Compact(CompactArgs),
+}
+
+#[derive(Args)]
+struct CompactArgs {
+    #[command(flatten)]
+    pipeline: PipelineArgs,
+    /// The lake's root (as for consume).
+    #[arg(long, env = "LENSFLOW_LAKE", default_value = "data/lake")]
+    lake: String,
+    /// The model store's root: only batches its LATEST round has trained on are compacted.
+    #[arg(long, env = "LENSFLOW_MODELS", default_value = "data/models")]
+    models: String,
+    /// Compact only when at least this many event files would be replaced.
+    #[arg(long, env = "LENSFLOW_COMPACT_MIN_FILES", default_value_t = 32)]
+    min_files: usize,
+    /// Remove replaced files once their compaction is older than this (longer than any round
+    /// or query that may still read them).
+    #[arg(long, env = "LENSFLOW_COMPACT_GRACE", value_parser = humantime::parse_duration, default_value = "15m")]
+    grace: Duration,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -662,6 +700,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print_consume(&s, a.json)?;
         }
         Command::Pipelines(a) => return pipelines(a).await,
+        Command::Lake(LakeArgs { action: LakeAction::Compact(a) }) => {
+            let mut opts = CompactOptions::new(a.pipeline.load()?, a.lake, a.models);
+            opts.storage = storage_from_env();
+            opts.min_files = a.min_files;
+            opts.grace = a.grace;
+            let s = compact(&opts).await?;
+            println!("{}", if a.json { serde_json::to_string(&s)? } else { report::compact(&s) });
+        }
         Command::Train(a) => {
             let mut opts = TrainOptions::new(a.pipeline.load()?, a.lake, a.models);
             opts.storage = storage_from_env();

@@ -1,5 +1,6 @@
 //! Summaries for people at a terminal (the `--json` flags print the structs instead).
 
+use lensflow_jobs::compact::CompactSummary;
 use lensflow_jobs::consume::ConsumeSummary;
 use lensflow_jobs::produce::ProduceSummary;
 use lensflow_jobs::train::RoundReport;
@@ -18,6 +19,23 @@ pub fn produce(s: &ProduceSummary) -> String {
         s.rejects_file.as_ref().map(|p| format!(" (see {})", p.display())).unwrap_or_default(),
         if s.interrupted { "; interrupted" } else { "" }
     )
+}
+
+/// One line on what a compaction did.
+pub fn compact(s: &CompactSummary) -> String {
+    let removed = if s.removed > 0 { format!("; removed {} files replaced earlier", s.removed) } else { String::new() };
+    match (s.record, s.batches, &s.skipped) {
+        (Some(record), Some((first, last)), _) => format!(
+            "compaction {record}: batches {first}..={last}, {} event files ({:.1} MiB) into {} ({:.1} MiB), {} events{removed}",
+            s.files_in,
+            s.bytes_in as f64 / 1048576.0,
+            s.files_out,
+            s.bytes_out as f64 / 1048576.0,
+            s.rows
+        ),
+        (_, _, Some(why)) => format!("nothing to compact: {why}{removed}"),
+        _ => format!("nothing to compact{removed}"),
+    }
 }
 
 /// One line on what a consumer run landed.

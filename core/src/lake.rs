@@ -50,6 +50,25 @@ pub fn parse_manifest_path(path: &str) -> Option<u64> {
     if name.len() == 10 && name.bytes().all(|b| b.is_ascii_digit()) { name.parse().ok() } else { None }
 }
 
+/// Folder of the compaction records.
+pub const COMPACTIONS_DIR: &str = "_compactions";
+
+/// Path of compaction record number `number`.
+pub fn compaction_path(number: u64) -> String {
+    format!("{COMPACTIONS_DIR}/{number:010}.json")
+}
+
+/// The record number a compaction path names, if it is one.
+pub fn parse_compaction_path(path: &str) -> Option<u64> {
+    let name = path.strip_prefix(COMPACTIONS_DIR)?.strip_prefix('/')?.strip_suffix(".json")?;
+    if name.len() == 10 && name.bytes().all(|b| b.is_ascii_digit()) { name.parse().ok() } else { None }
+}
+
+/// Path of the compacted file of `partition` written by compaction `number`.
+pub fn compacted_file_path(number: u64, partition: i32, range: OffsetRange) -> String {
+    format!("{EVENTS_DIR}/{}.parquet", segment_name(partition, range, &format!("c{number:06}")))
+}
+
 /// Zero-padded offsets keep a folder listing in offset order; the writer id keeps two writers
 /// that briefly read the same range (during a rebalance) from ever clobbering each other.
 fn segment_name(partition: i32, range: OffsetRange, writer: &str) -> String {
@@ -216,6 +235,125 @@ impl BatchManifest {
     }
 }
 
+/// The commit record of one compaction: the events of batches `first..=last` now live in
+/// `files` (one per partition), which replace every event file those batches' manifests name.
+/// Manifests are never rewritten; readers resolve them through these records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompactionRecord {
+    /// [`MANIFEST_FORMAT_VERSION`] at the time of writing.
+    pub format_version: u32,
+    /// The record number, 1-based and dense; also its file name.
+    pub number: u64,
+    /// The first batch it covers.
+    pub first: u64,
+    /// The last batch it covers.
+    pub last: u64,
+    /// The compacted files, one per partition.
+    pub files: Vec<BatchFile>,
+    /// The batch files they replace, removed once the record is older than the grace period.
+    pub replaced: Vec<String>,
+    /// When it was written (unix milliseconds).
+    pub created_at_ms: i64,
+}
+
+impl CompactionRecord {
+    /// Parses and checks a record read from `path`.
+    pub fn from_json(path: &str, bytes: &[u8]) -> Result<Self, LakeError> {
+        let record: CompactionRecord = serde_json::from_slice(bytes).map_err(|source| LakeError::ManifestJson { path: path.to_string(), source })?;
+        let invalid = |reason: String| LakeError::ManifestInvalid { path: path.to_string(), reason };
+        if record.format_version != MANIFEST_FORMAT_VERSION {
+            return Err(invalid(format!("format version {} is not the supported {MANIFEST_FORMAT_VERSION}", record.format_version)));
+        }
+        if parse_compaction_path(path).is_some_and(|n| n != record.number) {
+            return Err(invalid(format!("names compaction {} but its file name says otherwise", record.number)));
+        }
+        if record.first == 0 || record.first > record.last {
+            return Err(invalid(format!("batches {}..={} are not a range of batches", record.first, record.last)));
+        }
+        for file in &record.files {
+            if let Some(fault) = file.offsets.fault() {
+                return Err(invalid(format!("file {}: {fault}", file.path)));
+            }
+            if file.rows > file.offsets.len() {
+                return Err(invalid(format!("file {} holds {} rows in {} offsets", file.path, file.rows, file.offsets.len())));
+            }
+        }
+        Ok(record)
+    }
+
+    /// The record as pretty JSON.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+
+    /// Whether it covers batch `batch`.
+    pub fn covers(&self, batch: u64) -> bool {
+        (self.first..=self.last).contains(&batch)
+    }
+}
+
+/// The files holding the events of some batches, and the offsets to keep when a compacted
+/// file among them also holds events of batches not asked for.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EventFiles {
+    /// The Parquet files to read.
+    pub files: Vec<BatchFile>,
+    /// When set, only these offsets per partition are the batches' events.
+    pub keep: Option<BTreeMap<i32, Vec<OffsetRange>>>,
+}
+
+impl EventFiles {
+    /// The SQL predicate on the lake's `kafka_partition` and `kafka_offset` columns that keeps
+    /// only the batches' events, if one is needed.
+    pub fn sql_filter(&self) -> Option<String> {
+        let keep = self.keep.as_ref()?;
+        let ranges: Vec<String> = keep
+            .iter()
+            .flat_map(|(p, ranges)| {
+                ranges.iter().map(move |r| {
+                    format!("({} = {p} AND {} BETWEEN {} AND {})", crate::pipeline::KAFKA_PARTITION, crate::pipeline::KAFKA_OFFSET, r.first, r.last)
+                })
+            })
+            .collect();
+        Some(if ranges.is_empty() { "FALSE".to_string() } else { ranges.join(" OR ") })
+    }
+}
+
+/// The event files holding the events of `manifests`, each compacted run of batches replaced
+/// by its compacted files. When only part of a compacted run is asked for, the offsets of the
+/// batches asked for come with the files, so that a reader keeps exactly those events.
+pub fn resolve_event_files(manifests: &[BatchManifest], records: &[CompactionRecord]) -> EventFiles {
+    let wanted: std::collections::BTreeSet<u64> = manifests.iter().map(|m| m.batch).collect();
+    let mut out = EventFiles::default();
+    let mut used = std::collections::BTreeSet::new();
+    let mut partial = false;
+    for m in manifests {
+        match records.iter().find(|r| r.covers(m.batch)) {
+            None => out.files.extend(m.files.iter().cloned()),
+            Some(r) if used.insert(r.number) => {
+                partial |= (r.first..=r.last).any(|b| !wanted.contains(&b));
+                out.files.extend(r.files.iter().cloned());
+            }
+            Some(_) => {}
+        }
+    }
+    if partial {
+        // Adjacent batches' ranges merge, so a run of batches is one range per partition.
+        let mut keep: BTreeMap<i32, Vec<OffsetRange>> = BTreeMap::new();
+        for m in manifests {
+            for (p, r) in &m.partitions {
+                let ranges = keep.entry(*p).or_default();
+                match ranges.last_mut() {
+                    Some(last) if last.last.checked_add(1) == Some(r.first) => last.last = r.last,
+                    _ => ranges.push(*r),
+                }
+            }
+        }
+        out.keep = Some(keep);
+    }
+    out
+}
+
 /// One rejected Kafka message, as stored in a dead-letter file (one JSON object per line).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {
@@ -255,6 +393,51 @@ mod tests {
             min_ts: Some(5),
             max_ts: Some(6),
         }
+    }
+
+    /// Batch `n` of partition 2, offsets `10(n-1)..10n`.
+    fn batch(n: u64) -> BatchManifest {
+        let range = OffsetRange { first: 10 * (n as i64 - 1), last: 10 * n as i64 - 1 };
+        let file = BatchFile { path: batch_file_path(2, range, "w1"), partition: 2, offsets: range, rows: 10, bytes: 100, min_ts: 5, max_ts: 6 };
+        BatchManifest { batch: n, partitions: BTreeMap::from([(2, range)]), files: vec![file], ..sample() }
+    }
+
+    #[test]
+    fn manifests_resolve_through_compaction_records() {
+        let manifests: Vec<BatchManifest> = (1..=4).map(batch).collect();
+        let range = OffsetRange { first: 10, last: 29 };
+        let compacted = BatchFile { path: compacted_file_path(1, 2, range), partition: 2, offsets: range, rows: 20, bytes: 150, min_ts: 5, max_ts: 6 };
+        let record = CompactionRecord {
+            format_version: MANIFEST_FORMAT_VERSION,
+            number: 1,
+            first: 2,
+            last: 3,
+            files: vec![compacted.clone()],
+            replaced: manifests[1..3].iter().map(|m| m.files[0].path.clone()).collect(),
+            created_at_ms: 1,
+        };
+        let records = [record.clone()];
+        // Every batch: batch 1's file, the compacted file once, batch 4's file; nothing to filter.
+        let all = resolve_event_files(&manifests, &records);
+        assert_eq!(all.files, vec![manifests[0].files[0].clone(), compacted.clone(), manifests[3].files[0].clone()]);
+        assert_eq!((&all.keep, all.sql_filter()), (&None, None));
+        // Batches 3..=4: the compacted file also holds batch 2, so only 3's and 4's offsets count.
+        let part = resolve_event_files(&manifests[2..], &records);
+        assert_eq!(part.files, vec![compacted, manifests[3].files[0].clone()]);
+        assert_eq!(part.keep, Some(BTreeMap::from([(2, vec![OffsetRange { first: 20, last: 39 }])])));
+        assert_eq!(part.sql_filter().as_deref(), Some("(kafka_partition = 2 AND kafka_offset BETWEEN 20 AND 39)"));
+        // No record: the manifests' own files.
+        assert_eq!(resolve_event_files(&manifests[..1], &[]).files, manifests[0].files);
+
+        // A record reads back, and one that contradicts itself is refused naming its path.
+        let path = compaction_path(1);
+        assert_eq!(parse_compaction_path(&path), Some(1));
+        assert_eq!(CompactionRecord::from_json(&path, &record.to_json()).unwrap(), record);
+        let backwards = CompactionRecord { first: 3, last: 2, ..record.clone() };
+        let err = CompactionRecord::from_json(&path, &backwards.to_json()).unwrap_err().to_string();
+        assert!(err.contains("_compactions/0000000001.json") && err.contains("3..=2"), "{err}");
+        let misnamed = CompactionRecord::from_json(&compaction_path(2), &record.to_json()).unwrap_err().to_string();
+        assert!(misnamed.contains("file name"), "{misnamed}");
     }
 
     /// Batch 7 of two partitions: 10 events of partition 2, 100 of partition 5.

@@ -28,7 +28,7 @@ pub mod pipeline;
 pub mod predict;
 pub mod store;
 
-pub use lake::{BatchFile, BatchManifest, DeadLetter, DeadLetterFile, LakeError, OffsetRange};
+pub use lake::{BatchFile, BatchManifest, CompactionRecord, DeadLetter, DeadLetterFile, EventFiles, LakeError, OffsetRange};
 pub use pipeline::{Pipeline, PipelineError};
 pub use store::{Lake, StorageOptions, StoreError};
 

@@ -20,8 +20,8 @@ use object_store::prefix::PrefixStore;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-use crate::lake::{BATCHES_DIR, manifest_path, parse_manifest_path};
-use crate::{BatchFile, BatchManifest, LakeError};
+use crate::lake::{BATCHES_DIR, COMPACTIONS_DIR, manifest_path, parse_compaction_path, parse_manifest_path, resolve_event_files};
+use crate::{BatchFile, BatchManifest, CompactionRecord, EventFiles, LakeError};
 
 /// What can go wrong with storage; each variant names the object or setting at fault.
 #[derive(Debug, thiserror::Error)]
@@ -196,13 +196,38 @@ impl Lake {
     /// Commits a batch by creating its manifest, only if no manifest with its number exists.
     /// Returns `false` when another writer took the number first.
     pub async fn try_commit(&self, manifest: &BatchManifest) -> Result<bool> {
-        let path = manifest_path(manifest.batch);
+        self.create(&manifest_path(manifest.batch), manifest.to_json().into()).await
+    }
+
+    /// Creates an object only if nothing is at `path` yet; `false` when something was.
+    pub async fn create(&self, path: &str, bytes: Bytes) -> Result<bool> {
         let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
-        match self.store.put_opts(&Path::from(path.as_str()), manifest.to_json().into(), opts).await {
+        match self.store.put_opts(&Path::from(path), bytes.into(), opts).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. }) | Err(object_store::Error::Precondition { .. }) => Ok(false),
             Err(e) => Err(StoreError::store(path)(e)),
         }
+    }
+
+    /// Every compaction record, in number order.
+    pub async fn compactions(&self) -> Result<Vec<CompactionRecord>> {
+        let prefix = Path::from(COMPACTIONS_DIR);
+        let metas: Vec<_> = self.store.list(Some(&prefix)).try_collect().await.map_err(StoreError::store(COMPACTIONS_DIR))?;
+        let mut numbered: Vec<(u64, Path)> = metas.into_iter().filter_map(|m| parse_compaction_path(m.location.as_ref()).map(|n| (n, m.location))).collect();
+        numbered.sort_by_key(|(n, _)| *n);
+        let mut records = Vec::with_capacity(numbered.len());
+        for (_, path) in numbered {
+            let bytes = self.get(&path).await?;
+            records.push(CompactionRecord::from_json(path.as_ref(), &bytes)?);
+        }
+        Ok(records)
+    }
+
+    /// The event files holding the events of `manifests`, through the lake's compaction
+    /// records (see [`EventFiles`] for reading part of a compacted run).
+    pub async fn event_files(&self, manifests: &[BatchManifest]) -> Result<EventFiles> {
+        let records = if manifests.is_empty() { Vec::new() } else { self.compactions().await? };
+        Ok(resolve_event_files(manifests, &records))
     }
 
     /// Removes an object; one already gone is fine.
@@ -234,10 +259,9 @@ impl Lake {
     /// Every event of every committed batch, in batch order.
     pub async fn read_all(&self) -> Result<Vec<RecordBatch>> {
         let mut out = Vec::new();
-        for manifest in self.manifests().await? {
-            for file in &manifest.files {
-                out.extend(self.read_batch_file(file).await?);
-            }
+        // Every batch: whole compacted runs, so no event needs filtering out.
+        for file in self.event_files(&self.manifests().await?).await?.files {
+            out.extend(self.read_batch_file(&file).await?);
         }
         Ok(out)
     }

@@ -16,6 +16,8 @@
 //!   aggregate queries, k-means segments, and the round's artifacts with `LATEST` written last.
 //! - [`sql`]: ad-hoc SQL and SQL job files over the lake's committed batches, on the same
 //!   engines, streamed to stdout or written to a folder.
+//! - [`compact`]: rewrites the small event files of trained batches into one file per
+//!   partition behind a compaction record, which every reader resolves manifests through.
 //!
 //! ```text
 //! generate ─▶ CSV ─▶ produce ─▶ Kafka ─▶ consume ─▶ <lake>/<pipeline>/{events/*.parquet, _dead_letters/*, _batches/N.json}
@@ -24,6 +26,7 @@
 //!                                        <models>/<pipeline>/round-N/…, LATEST
 //! ```
 
+pub mod compact;
 pub mod consume;
 pub mod error;
 pub mod events_csv;

@@ -327,12 +327,12 @@ async fn register(engine: &Engine, opts: &SqlOptions) -> Result<Vec<String>> {
         if names.contains(table) {
             return Err(JobError::Config { option: "pipeline", reason: format!("two pipelines name their events table `{table}`") });
         }
-        let urls: Vec<String> = manifests.iter().flat_map(|m| &m.files).map(|f| lake.url_of(&f.path)).collect();
-        if urls.is_empty() {
+        let files = lake.event_files(&manifests).await?;
+        if files.files.is_empty() {
             tracing::warn!(pipeline = p.name(), lake = lake.url(), "no committed batch yet: no `{table}` table");
             continue;
         }
-        engine.register_parquet(table, &urls, Some(p.lake_schema())).await?;
+        engine.register_events(table, &lake, &files, p.lake_schema()).await?;
         names.push(table.clone());
         all_batches.extend(manifests.into_iter().map(|m| (p.name().to_string(), m)));
         if let Some(models) = &models {

@@ -88,7 +88,7 @@ impl PartitionBuffer {
 
 /// Offsets and event times climb steadily within a partition: delta encoding stores them in a
 /// few bits each, where dictionaries would not help at all.
-fn writer_properties(pipeline: &Pipeline) -> WriterProperties {
+pub fn writer_properties(pipeline: &Pipeline) -> WriterProperties {
     let delta = |b: parquet::file::properties::WriterPropertiesBuilder, col: &str| {
         b.set_column_dictionary_enabled(ColumnPath::from(col), false).set_column_encoding(ColumnPath::from(col), Encoding::DELTA_BINARY_PACKED)
     };

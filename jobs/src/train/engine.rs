@@ -161,6 +161,19 @@ impl Engine {
         Ok(())
     }
 
+    /// Registers `name` as the events in `files` of `lake`: the files themselves, or, when
+    /// compacted files also hold events of other batches, a view keeping only the batches'.
+    pub async fn register_events(&self, name: &str, lake: &lensflow_core::Lake, files: &lensflow_core::EventFiles, schema: SchemaRef) -> Result<()> {
+        let urls: Vec<String> = files.files.iter().map(|f| lake.url_of(&f.path)).collect();
+        let Some(filter) = files.sql_filter() else { return self.register_parquet(name, &urls, Some(schema)).await };
+        let all = format!("{name}__files");
+        self.register_parquet(&all, &urls, Some(schema)).await?;
+        self.ctx.deregister_table(name).map_err(engine_err(format!("table {name}")))?;
+        let view = format!("CREATE VIEW {name} AS SELECT * FROM {all} WHERE {filter}");
+        self.ctx.sql(&view).await.map_err(engine_err(format!("view {name}")))?;
+        Ok(())
+    }
+
     /// Runs one query and collects its result.
     pub async fn query(&self, what: &str, sql: &str) -> Result<Vec<RecordBatch>> {
         tracing::debug!(what, sql, "query");

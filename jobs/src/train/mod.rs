@@ -260,16 +260,15 @@ impl Trainer<'_> {
         let fail = |reason: String| JobError::Round { round, reason };
         // Every file a manifest names must be there: a clear error naming the file beats a
         // query that fails somewhere on an executor.
-        let mut urls = Vec::new();
-        for (m, file) in manifests.iter().flat_map(|m| m.files.iter().map(move |f| (m, f))) {
-            check_batch_file(self.lake, m.batch, file).await?;
-            urls.push(self.lake.url_of(&file.path));
+        let files = self.lake.event_files(manifests).await?;
+        for file in &files.files {
+            check_batch_file(self.lake, round, file).await?;
         }
-        if urls.is_empty() {
+        if files.files.is_empty() {
             return Err(fail("the batches hold no events".into()));
         }
         let table = &d.events.table;
-        engine.register_parquet(table, &urls, Some(p.lake_schema())).await?;
+        engine.register_events(table, self.lake, &files, p.lake_schema()).await?;
 
         // The hold-out: the newest share, by event time or, without one, by arrival within
         // each partition (offsets order a partition, not the topic).
@@ -636,9 +635,9 @@ fn parquet_bytes(batches: &[RecordBatch]) -> Result<(Bytes, u64)> {
 
 /// Reads a batch file's Parquet footer: it must exist, be Parquet, and hold the rows its
 /// manifest says. Costs one small read per file and names the file when something is off.
-async fn check_batch_file(lake: &Lake, batch: u64, file: &lensflow_core::BatchFile) -> Result<()> {
+async fn check_batch_file(lake: &Lake, round: u64, file: &lensflow_core::BatchFile) -> Result<()> {
     let bad = |reason: String| {
-        JobError::Store(StoreError::BatchFile { path: lake.url_of(&file.path), reason: format!("named in batch {batch}'s manifest but {reason}") })
+        JobError::Store(StoreError::BatchFile { path: lake.url_of(&file.path), reason: format!("an event file of batches 1..={round} but {reason}") })
     };
     let path = Path::from(file.path.as_str());
     let store = lake.store();

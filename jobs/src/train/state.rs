@@ -205,14 +205,15 @@ async fn advance(
     let (engine, round) = (t.engine, manifests.len() as u64);
     let stored_rows: u64 = state.files.iter().map(|f| f.rows).sum();
     let known: BTreeSet<u64> = state.batches.iter().copied().collect();
-    let new: Vec<String> = manifests.iter().filter(|m| !known.contains(&m.batch)).flat_map(|m| m.files.iter().map(|f| t.lake.url_of(&f.path))).collect();
-    if new.is_empty() {
+    let new_batches: Vec<BatchManifest> = manifests.iter().filter(|m| !known.contains(&m.batch)).cloned().collect();
+    let new = t.lake.event_files(&new_batches).await?;
+    if new.files.is_empty() {
         // A round tried again after its state was written: nothing to add.
         let report = StateReport { mode: "incremental", reason: None, new_events: 0, recomputed: 0, rows: stored_rows };
         return Ok(Ok((state.files.clone(), report)));
     }
     register_state(t, &state.files, schema).await?;
-    engine.register_parquet(NEW, &new, Some(t.pipeline.lake_schema())).await?;
+    engine.register_events(NEW, t.lake, &new, t.pipeline.lake_schema()).await?;
     // Work tables of an earlier round (or a crashed attempt) must not be read as this round's.
     super::remove_prefix(t.store, "_work/state").await?;
     let plan = shape.batch_plan(sql, BATCH, columns).map_err(|reason| JobError::Engine { what: "incremental feature SQL".into(), reason })?;
