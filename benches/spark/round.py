@@ -513,9 +513,9 @@ def final_select_items(sql):
 class MemorySampler(threading.Thread):
     """Samples the resident set of the JVM Spark runs in, every 0.2 s.
 
-    The JVM is found in /proc as a `java` process descending from this one (spark-submit's
-    script execs java, but a /proc scan does not depend on that), so sampling can start before
-    the session does."""
+    The JVM is found in /proc as the `java` process running SparkSubmit that descends from
+    this one (spark-submit's script execs it, but a /proc scan does not depend on that), so
+    sampling can start before the session does."""
 
     def __init__(self, parent):
         super().__init__(daemon=True)
@@ -530,11 +530,13 @@ class MemorySampler(threading.Thread):
             if self.pid is None:
                 self.pid = find_jvm(self.parent)
             rss = status_kib(self.pid, "VmRSS") if self.pid else None
-            if rss is not None:
-                with self.lock:
-                    self.peak = max(self.peak, rss)
-                    self.stage_peak = max(self.stage_peak, rss)
-                    self.samples += 1
+            if rss is None:
+                self.pid = None  # not there yet, or not the JVM after all: look again
+                continue
+            with self.lock:
+                self.peak = max(self.peak, rss)
+                self.stage_peak = max(self.stage_peak, rss)
+                self.samples += 1
 
     def take_stage_peak(self):
         """The peak since the last call (one stage's), in MiB, and a fresh start for the next."""
@@ -568,8 +570,11 @@ class MemorySampler(threading.Thread):
 
 
 def find_jvm(ancestor):
-    """The pid of a `java` process descending from `ancestor`, if there is one yet."""
-    parents, names = {}, {}
+    """The pid of Spark's JVM (a `java` process running SparkSubmit) descending from
+    `ancestor`, if there is one yet. spark-submit first runs a short-lived `java` of its own
+    (Spark's launcher, given SparkSubmit as an argument) to build the JVM's command line: that
+    one must not be mistaken for it."""
+    parents, candidates = {}, []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -579,11 +584,12 @@ def find_jvm(ancestor):
         except OSError:
             continue  # gone meanwhile
         # The name sits in parentheses and may hold spaces; the parent pid follows it.
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
         parents[int(entry)] = int(stat[stat.rindex(")") + 2 :].split()[1])
-        names[int(entry)] = name
-    for pid, name in names.items():
-        if name != "java":
+        if stat[stat.index("(") + 1 : stat.rindex(")")] == "java":
+            candidates.append(int(entry))
+    for pid in candidates:
+        args = cmdline(pid)
+        if "org.apache.spark.deploy.SparkSubmit" not in args or "org.apache.spark.launcher.Main" in args:
             continue
         p = pid
         while p in parents and p > 1:
@@ -591,6 +597,15 @@ def find_jvm(ancestor):
             if p == ancestor:
                 return pid
     return None
+
+
+def cmdline(pid):
+    """The arguments of process `pid` ([] once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0")]
+    except (OSError, TypeError):
+        return []
 
 
 def status_kib(pid, field):
@@ -618,12 +633,7 @@ def jvm_cpu_seconds(pid):
 
 def jvm_max_heap(pid):
     """The -Xmx the JVM was started with: proof that --driver-memory reached it."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            args = f.read().split(b"\0")
-    except (OSError, TypeError):
-        return None
-    return next((a.decode()[4:] for a in args if a.startswith(b"-Xmx")), None)
+    return next((a[4:] for a in cmdline(pid) if a.startswith("-Xmx")), None)
 
 
 class Clock:
