@@ -3,10 +3,10 @@
 //!
 //! A run takes the batches after the last compaction up to the round `LATEST` has trained, so
 //! the batches a running trainer reads next are never rewritten under it. It streams each
-//! partition's files,
-//! in offset order, into one Parquet file, then commits a compaction record with a conditional
-//! create, as batches are committed: two compactors cannot both commit a number. Readers
-//! resolve manifests through the records ([`Lake::event_files`]). The replaced files stay until
+//! partition's files, in offset order, into one Parquet file, then commits a compaction record
+//! with a conditional create, as batches are committed: two compactors cannot both commit a
+//! number. Readers resolve manifests through the records ([`Lake::event_files`]); one that
+//! wants part of a compacted run keeps only its batches' offsets. The replaced files stay until
 //! their record is older than the grace period, so a query planned before the record still
 //! finds them; a later run removes them.
 
