@@ -11,8 +11,8 @@ use std::time::Duration;
 use common::*;
 use serde_json::{Value, json};
 
-fn service(args: &[&str], env: &[(String, String)], log: std::fs::File) -> Child {
-    lensflow(args).env("LENSFLOW_LOG", "info").envs(env.iter().cloned()).stdout(Stdio::null()).stderr(log).spawn().unwrap()
+fn service(args: &[&str], env: &[(String, String)], log: std::fs::File) -> Running {
+    Running(lensflow(args).env("LENSFLOW_LOG", "info").envs(env.iter().cloned()).stdout(Stdio::null()).stderr(log).spawn().unwrap())
 }
 
 /// Every crate of lensflow logs at debug, the libraries at info: the most a log ever says.

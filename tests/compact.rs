@@ -6,13 +6,13 @@
 
 mod common;
 
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
 
-fn spawn(args: &[&str], log: &std::path::Path) -> Child {
-    lensflow(args).env("LENSFLOW_LOG", "info").stdout(Stdio::null()).stderr(std::fs::File::create(log).unwrap()).spawn().unwrap()
+fn spawn(args: &[&str], log: &std::path::Path) -> Running {
+    Running(lensflow(args).env("LENSFLOW_LOG", "info").stdout(Stdio::null()).stderr(std::fs::File::create(log).unwrap()).spawn().unwrap())
 }
 
 fn compact(lake: &str, models: &str, grace: &str, min_files: &str) -> serde_json::Value {

@@ -21,7 +21,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,9 +43,9 @@ fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-fn spawn(args: &[&str], env: &[(String, String)], log: &Path) -> Child {
+fn spawn(args: &[&str], env: &[(String, String)], log: &Path) -> Running {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    lensflow(args).env("LENSFLOW_LOG", "info").envs(env.iter().cloned()).stdout(Stdio::piped()).stderr(log).spawn().unwrap()
+    Running(lensflow(args).env("LENSFLOW_LOG", "info").envs(env.iter().cloned()).stdout(Stdio::piped()).stderr(log).spawn().unwrap())
 }
 
 fn log_count(log: &Path, needle: &str) -> usize {

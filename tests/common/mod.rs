@@ -243,6 +243,29 @@ impl Drop for S3 {
     }
 }
 
+/// A child process killed when dropped, so that a failing test leaves nothing running.
+pub struct Running(pub Child);
+
+impl std::ops::Deref for Running {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The `lensflow` binary, as a user would run it.
 pub fn lensflow<I, S>(args: I) -> Command
 where
