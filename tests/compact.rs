@@ -20,12 +20,6 @@ fn compact(lake: &str, models: &str, grace: &str, min_files: &str) -> serde_json
     serde_json::from_str(out.trim()).unwrap()
 }
 
-fn latest_round(models: &str) -> u64 {
-    let store = pipeline_lake(models, "movielens", &[]);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(lensflow_jobs::train::latest(&store)).unwrap().map(|l| l.round).unwrap_or(0)
-}
-
 #[test]
 fn compaction_beside_a_running_consumer_and_trainer_changes_nothing_they_see() {
     let _heavy = heavy();
@@ -40,11 +34,7 @@ fn compaction_beside_a_running_consumer_and_trainer_changes_nothing_they_see() {
     // Paced, so that batches keep landing while rounds train and compactions commit.
     let mut producer = spawn(&["produce", "--brokers", &broker.addr(), "--rate", "8000", "--input", input.to_str().unwrap()], &log("producer"));
     // The lone consumer reads the topic's partitions at start: the producer creates the topic.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while broker.messages("ratings") == 0 {
-        assert!(Instant::now() < deadline, "the producer sent nothing within 60 s");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(Duration::from_secs(60), "the producer's first message", || broker.messages("ratings") > 0);
     let mut consumer = spawn(
         &["consume", "--brokers", &broker.addr(), "--lake", &lake, "--all-partitions", "--batch-rows", "5000", "--batch-interval", "1s", "--metrics-bind", ""],
         &log("consumer"),
@@ -57,12 +47,12 @@ fn compaction_beside_a_running_consumer_and_trainer_changes_nothing_they_see() {
     // Compact again and again until every rating has landed and every batch has its round.
     let mut records = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(300);
-    while landed() < 120_000 || latest_round(&models) < batches() {
+    while landed() < 120_000 || latest_round(&models, &[]) < batches() {
         assert!(
             Instant::now() < deadline,
             "not every rating landed and trained within 300 s ({} landed, round {}):\n{}",
             landed(),
-            latest_round(&models),
+            latest_round(&models, &[]),
             std::fs::read_to_string(log("consumer")).unwrap()
         );
         // At least three batches' files (three partitions each) per compaction.

@@ -24,24 +24,16 @@ use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-use lensflow_core::model::{LatestPointer, ModelArtifact};
+use lensflow_core::model::ModelArtifact;
 use lensflow_core::{BatchManifest, OffsetRange};
 
 const BUCKET: &str = "lensflow";
 const LAKE: &str = "s3://lensflow/lake";
 const MODELS: &str = "s3://lensflow/models";
 const TOPIC: &str = "ratings";
-
-fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn spawn(args: &[&str], env: &[(String, String)], log: &Path) -> Running {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
@@ -52,14 +44,9 @@ fn log_count(log: &Path, needle: &str) -> usize {
     std::fs::read_to_string(log).unwrap_or_default().matches(needle).count()
 }
 
-/// The model store's `LATEST` as the S3 server holds it (read past the proxy), if any.
-fn latest(s3: &S3) -> Option<LatestPointer> {
-    let store = pipeline_lake(MODELS, "movielens", &s3.env());
-    tokio::runtime::Runtime::new().unwrap().block_on(lensflow_jobs::train::latest(&store)).unwrap()
-}
-
+/// The round the model store's `LATEST` names, read past the proxy (0: none).
 fn latest_round(s3: &S3) -> u64 {
-    latest(s3).map(|l| l.round).unwrap_or(0)
+    common::latest_round(MODELS, &s3.env())
 }
 
 /// Writes the header and `lines` of `csv` to `out`.
@@ -223,10 +210,10 @@ fn every_fault_in_one_run_loses_nothing_and_duplicates_nothing() {
     assert_eq!(log_count(&log("trainer"), "round published"), 0, "the round ended before the kill");
     trainer.kill().unwrap();
     trainer.wait().unwrap();
-    assert!(latest(&s3).is_none(), "LATEST was written by a killed round");
+    assert_eq!(latest_round(&s3), 0, "LATEST was written by a killed round");
     let trainer_metrics = free_port();
     let mut trainer = train(trainer_metrics);
-    wait_until(Duration::from_secs(600), "the first round after the kill", || latest(&s3).is_some());
+    wait_until(Duration::from_secs(600), "the first round after the kill", || latest_round(&s3) > 0);
     let first_round = latest_round(&s3);
     eprintln!("trainer: killed mid-round; the restarted trainer published round {first_round}");
 

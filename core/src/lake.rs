@@ -41,12 +41,22 @@ pub fn dead_letter_path(partition: i32, range: OffsetRange, writer: &str) -> Str
 
 /// Path of manifest number `batch`.
 pub fn manifest_path(batch: u64) -> String {
-    format!("{BATCHES_DIR}/{batch:010}.json")
+    numbered_path(BATCHES_DIR, batch)
 }
 
 /// The batch number a manifest path names, if it is one.
 pub fn parse_manifest_path(path: &str) -> Option<u64> {
-    let name = path.strip_prefix(BATCHES_DIR)?.strip_prefix('/')?.strip_suffix(".json")?;
+    parse_numbered_path(BATCHES_DIR, path)
+}
+
+/// `<dir>/<n>.json`, zero-padded so that a listing is in number order.
+fn numbered_path(dir: &str, n: u64) -> String {
+    format!("{dir}/{n:010}.json")
+}
+
+/// The number a [`numbered_path`] in `dir` names, if `path` is one.
+fn parse_numbered_path(dir: &str, path: &str) -> Option<u64> {
+    let name = path.strip_prefix(dir)?.strip_prefix('/')?.strip_suffix(".json")?;
     if name.len() == 10 && name.bytes().all(|b| b.is_ascii_digit()) { name.parse().ok() } else { None }
 }
 
@@ -55,13 +65,12 @@ pub const COMPACTIONS_DIR: &str = "_compactions";
 
 /// Path of compaction record number `number`.
 pub fn compaction_path(number: u64) -> String {
-    format!("{COMPACTIONS_DIR}/{number:010}.json")
+    numbered_path(COMPACTIONS_DIR, number)
 }
 
 /// The record number a compaction path names, if it is one.
 pub fn parse_compaction_path(path: &str) -> Option<u64> {
-    let name = path.strip_prefix(COMPACTIONS_DIR)?.strip_prefix('/')?.strip_suffix(".json")?;
-    if name.len() == 10 && name.bytes().all(|b| b.is_ascii_digit()) { name.parse().ok() } else { None }
+    parse_numbered_path(COMPACTIONS_DIR, path)
 }
 
 /// Path of the compacted file of `partition` written by compaction `number`.
@@ -127,6 +136,18 @@ pub struct BatchFile {
     pub min_ts: i64,
     /// Latest event time in the file (0 without a time column).
     pub max_ts: i64,
+}
+
+impl BatchFile {
+    /// What makes the file's entry impossible, if anything: offsets that are no range, or more
+    /// rows than offsets (one event per offset; this also keeps every sum of rows far from
+    /// overflowing).
+    pub fn fault(&self) -> Option<String> {
+        if let Some(fault) = self.offsets.fault() {
+            return Some(format!("file {}: {fault}", self.path));
+        }
+        (self.rows > self.offsets.len()).then(|| format!("file {} holds {} rows in {} offsets", self.path, self.rows, self.offsets.len()))
+    }
 }
 
 /// One dead-letter file of a batch.
@@ -208,17 +229,12 @@ impl BatchManifest {
             }
         }
         for file in &manifest.files {
-            if let Some(fault) = file.offsets.fault() {
-                return Err(invalid(format!("file {}: {fault}", file.path)));
+            if let Some(fault) = file.fault() {
+                return Err(invalid(fault));
             }
             let covered = manifest.partitions.get(&file.partition);
             if !covered.is_some_and(|r| r.first <= file.offsets.first && file.offsets.last <= r.last) {
                 return Err(invalid(format!("file {} lies outside the batch's offsets", file.path)));
-            }
-            // One event per offset: a file cannot hold more rows than its range has offsets
-            // (this also keeps every sum of rows far from overflowing).
-            if file.rows > file.offsets.len() {
-                return Err(invalid(format!("file {} holds {} rows in {} offsets", file.path, file.rows, file.offsets.len())));
             }
         }
         let rows = manifest.files.iter().try_fold(0u64, |sum, f| sum.checked_add(f.rows));
@@ -270,13 +286,8 @@ impl CompactionRecord {
         if record.first == 0 || record.first > record.last {
             return Err(invalid(format!("batches {}..={} are not a range of batches", record.first, record.last)));
         }
-        for file in &record.files {
-            if let Some(fault) = file.offsets.fault() {
-                return Err(invalid(format!("file {}: {fault}", file.path)));
-            }
-            if file.rows > file.offsets.len() {
-                return Err(invalid(format!("file {} holds {} rows in {} offsets", file.path, file.rows, file.offsets.len())));
-            }
+        if let Some(fault) = record.files.iter().find_map(BatchFile::fault) {
+            return Err(invalid(fault));
         }
         Ok(record)
     }

@@ -171,6 +171,22 @@ impl FaultProxy {
     }
 }
 
+/// Waits until `done`, failing the test with `what` after `limit`.
+pub fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The round `LATEST` names in the movielens folder of the model store root `models` (0: none).
+pub fn latest_round(models: &str, storage: &[(String, String)]) -> u64 {
+    let store = pipeline_lake(models, "movielens", storage);
+    let latest = tokio::runtime::Runtime::new().unwrap().block_on(lensflow_jobs::train::latest(&store)).unwrap();
+    latest.map(|l| l.round).unwrap_or(0)
+}
+
 /// A metric's value from a Prometheus endpoint (the sum over its label sets), or None when the
 /// endpoint does not answer or has no such metric.
 pub fn metric(port: u16, name: &str) -> Option<f64> {
