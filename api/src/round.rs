@@ -203,19 +203,22 @@ impl LoadedRound {
             }
             tables.push(read_table(bytes).map_err(|reason| bad(&path, reason))?);
         }
-        LoadedRound::build(pointer.clone(), artifact, tables).map_err(|reason| bad(&model_path, reason))
+        LoadedRound::build(pointer.clone(), artifact, tables).map_err(|fault| match fault.file {
+            Some(file) => bad(&format!("{}/{file}", pointer.path), fault.reason),
+            None => bad(&model_path, fault.reason),
+        })
     }
 
     /// Builds the round from its checked artifact and its lookup tables (one record batch each,
     /// in the definition's order).
-    fn build(pointer: LatestPointer, artifact: ModelArtifact, tables: Vec<RecordBatch>) -> Result<LoadedRound, String> {
+    fn build(pointer: LatestPointer, artifact: ModelArtifact, tables: Vec<RecordBatch>) -> Result<LoadedRound, BuildFault> {
         let p = &artifact.pipeline;
         let d = &p.definition;
         let mut fields = Vec::with_capacity(d.request.fields.len());
         for name in &d.request.fields {
             let column = p.column(name).ok_or_else(|| format!("request field `{name}` is not an event column"))?.clone();
             let default = match artifact.defaults.get(name) {
-                None if d.request.defaults.contains_key(name) => return Err(format!("defaults: no value for request field `{name}`")),
+                None if d.request.defaults.contains_key(name) => return Err(format!("defaults: no value for request field `{name}`").into()),
                 None => None,
                 Some(v) => Some(typed(&column, *v).ok_or_else(|| format!("defaults: {v} is not a value of `{name}`"))?),
             };
@@ -231,9 +234,11 @@ impl LoadedRound {
         let mut lookups = Vec::with_capacity(tables.len());
         let mut schemas = Vec::with_capacity(tables.len());
         for (def, table) in d.lookups.iter().zip(tables) {
-            let at = |e: String| format!("{}: {e}", artifact.lookups.iter().find(|l| l.name == def.name).map(|l| l.file.as_str()).unwrap_or(&def.name));
-            let field = field_of(&def.key).ok_or_else(|| at(format!("key `{}` is not a request field", def.key)))?;
-            let (lookup, schema) = lookup_plan(def.name.clone(), field, &fields[field].column, table).map_err(at)?;
+            let file = artifact.lookups.iter().find(|l| l.name == def.name).map(|l| l.file.clone());
+            let field = field_of(&def.key).ok_or_else(|| format!("lookup `{}`: key `{}` is not a request field", def.name, def.key))?;
+            // What is wrong with a table's content is the table file's fault, and named so.
+            let (lookup, schema) = lookup_plan(def.name.clone(), field, &fields[field].column, table)
+                .map_err(|reason| BuildFault { reason: format!("lookup `{}`: {reason}", def.name), file })?;
             lookups.push(lookup);
             schemas.push(schema);
         }
@@ -881,6 +886,19 @@ fn check_artifact(a: &ModelArtifact, pointer: &LatestPointer, folder: &str) -> R
         return Err(format!("lookup tables {stored:?}, the pipeline declares {declared:?}"));
     }
     Ok(())
+}
+
+/// Why a round's files do not make a servable round, and which lookup table file is at fault
+/// (none: `model.json` is).
+struct BuildFault {
+    file: Option<String>,
+    reason: String,
+}
+
+impl From<String> for BuildFault {
+    fn from(reason: String) -> Self {
+        BuildFault { file: None, reason }
+    }
 }
 
 /// Reads a lookup table whole (a damaged file is an error, even where the Parquet reader would

@@ -217,6 +217,21 @@ fn damaged_lookup_tables_are_refused_naming_the_file() {
         }
         Ok(())
     }));
+    // Well-formed Parquet whose content is unservable (a null feature value) is the table's
+    // fault too, and named so (a damaged byte once produced exactly this, blamed on model.json).
+    let (schema, batches) = lensflow_core::store::read_parquet(table.clone().into()).unwrap();
+    let batch = datafusion::arrow::compute::concat_batches(&schema, &batches).unwrap();
+    let mut columns = batch.columns().to_vec();
+    columns[1] = arrow_array::new_null_array(columns[1].data_type(), batch.num_rows());
+    let fields: Vec<_> = schema.fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect();
+    let nullable = arrow_array::RecordBatch::try_new(Arc::new(arrow_schema::Schema::new(fields)), columns).unwrap();
+    let mut bytes = Vec::new();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(&mut bytes, nullable.schema(), None).unwrap();
+    writer.write(&nullable).unwrap();
+    writer.close().unwrap();
+    replace(dir.path(), &file, &bytes);
+    let err = load(&runtime, dir.path()).err().unwrap();
+    assert!(refused_naming(&err, Some(&[&file])) && err.to_string().contains("has nulls"), "{err}");
     // A footer that declares 4 GiB of metadata in a file of a few hundred bytes is refused
     // before anything that size is allocated.
     let mut huge = table.clone();
