@@ -17,28 +17,6 @@ use std::process::Command;
 
 use common::*;
 
-/// A wrk script posting `batch` requests made by the Lua expression `item` per request to `path`.
-fn script(path: &str, batch: usize, item: &str) -> String {
-    format!(
-        r#"wrk.method = "POST"
-wrk.path = "{path}"
-wrk.headers["Content-Type"] = "application/json"
-local types = {{"Camera", "Lights", "Security System", "Smart Speaker", "Thermostat"}}
-request = function()
-  local items = {{}}
-  for i = 1, {batch} do
-    items[i] = {item}
-  end
-  return wrk.format(nil, nil, nil, "[" .. table.concat(items, ",") .. "]")
-end
-"#
-    )
-}
-
-fn field<'a>(out: &'a str, label: &str) -> &'a str {
-    out.lines().find_map(|l| l.trim().strip_prefix(label)).map(str::trim).unwrap_or("?")
-}
-
 fn mib(pid: u32, key: &str) -> f64 {
     proc_memory(pid, key).unwrap_or(0) as f64 / (1024.0 * 1024.0)
 }
@@ -83,7 +61,7 @@ fn main() {
     }
     for (i, (path, batch, item)) in rows.into_iter().enumerate() {
         let lua = dir.path().join(format!("bench-{i}.lua"));
-        std::fs::write(&lua, script(path, batch, item)).unwrap();
+        std::fs::write(&lua, wrk_script(path, batch, item)).unwrap();
         for connections in [8, 64] {
             let out = Command::new("wrk")
                 .args(["-t2", "-c", &connections.to_string(), "-d", &format!("{seconds}s"), "--latency", "-s"])
@@ -93,8 +71,8 @@ fn main() {
                 .expect("wrk (apt-get install wrk)");
             let out = String::from_utf8_lossy(&out.stdout);
             assert!(!out.contains("Non-2xx"), "failed requests under load:\n{out}");
-            let rps: f64 = field(&out, "Requests/sec:").parse().unwrap_or(0.0);
-            println!("| {path} | {batch} | {connections} | {rps:.0} | {:.0} | {} | {} |", rps * batch as f64, field(&out, "50%"), field(&out, "99%"));
+            let rps: f64 = wrk_field(&out, "Requests/sec:").parse().unwrap_or(0.0);
+            println!("| {path} | {batch} | {connections} | {rps:.0} | {:.0} | {} | {} |", rps * batch as f64, wrk_field(&out, "50%"), wrk_field(&out, "99%"));
         }
     }
     println!("\nServer peak RSS over the whole run: {:.0} MiB", mib(pid, "VmHWM"));
@@ -121,8 +99,8 @@ fn saturate(server: &Server, lua: &std::path::Path) {
     let out = wrk.wait_with_output().unwrap();
     let out = String::from_utf8_lossy(&out.stdout);
     assert!(!out.contains("Non-2xx") && !out.contains("Socket errors"), "errors at saturation:\n{out}");
-    let rps: f64 = field(&out, "Requests/sec:").parse().unwrap_or(0.0);
+    let rps: f64 = wrk_field(&out, "Requests/sec:").parse().unwrap_or(0.0);
     println!("\n## /predict at saturation: 256 connections for {seconds} s\n");
-    println!("{rps:.0} requests/s, p50 {}, p99 {}, zero errors. Server RSS every 5 s (MiB):\n", field(&out, "50%"), field(&out, "99%"));
+    println!("{rps:.0} requests/s, p50 {}, p99 {}, zero errors. Server RSS every 5 s (MiB):\n", wrk_field(&out, "50%"), wrk_field(&out, "99%"));
     println!("| {} |", samples.iter().map(|m| format!("{m:.0}")).collect::<Vec<_>>().join(" | "));
 }

@@ -19,11 +19,6 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
-/// A round's seconds over every stage.
-fn total(round: &serde_json::Value) -> f64 {
-    round["seconds"].as_object().unwrap().values().map(|v| v.as_f64().unwrap()).sum()
-}
-
 fn report(title: &str, out: &str, trainer: u64, executors: &[u64], wall: std::time::Duration) {
     println!(
         "\n### {title} (wall {:.1} s, trainer peak RSS {:.0} MiB{})\n",
@@ -42,7 +37,7 @@ fn report(title: &str, out: &str, trainer: u64, executors: &[u64], wall: std::ti
             r["round"],
             r["train_rows"].as_u64().unwrap() + r["test_rows"].as_u64().unwrap(),
             stages.iter().map(|s| format!("{:.2}", secs[s])).collect::<Vec<_>>().join(" | "),
-            total(r),
+            round_seconds(r),
             match r["state"]["mode"].as_str() {
                 Some("incremental") => r["state"]["recomputed"].to_string(),
                 Some(_) => format!("all ({})", r["state"]["reason"].as_str().unwrap_or("")),
@@ -57,10 +52,9 @@ fn report(title: &str, out: &str, trainer: u64, executors: &[u64], wall: std::ti
     }
     // How round time grows with the data: least squares of seconds on rows.
     if rounds.len() >= 3 {
-        let xy: Vec<(f64, f64)> = rounds.iter().map(|r| ((r["train_rows"].as_u64().unwrap() + r["test_rows"].as_u64().unwrap()) as f64, total(r))).collect();
-        let n = xy.len() as f64;
-        let (mx, my) = (xy.iter().map(|p| p.0).sum::<f64>() / n, xy.iter().map(|p| p.1).sum::<f64>() / n);
-        let slope = xy.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum::<f64>() / xy.iter().map(|p| (p.0 - mx).powi(2)).sum::<f64>();
+        let xy: Vec<(f64, f64)> =
+            rounds.iter().map(|r| ((r["train_rows"].as_u64().unwrap() + r["test_rows"].as_u64().unwrap()) as f64, round_seconds(r))).collect();
+        let slope = slope(&xy);
         let all: f64 = xy.iter().map(|p| p.1).sum();
         println!("\nround time grows {:.2} s per 100k events of the lake; all {} rounds: {all:.1} s", slope * 1e5, rounds.len());
     }

@@ -92,6 +92,16 @@ impl Broker {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// The broker's process id (for its memory figures).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Bytes the broker's storage takes on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        disk_usage(self._dir.path()).0
+    }
+
     /// Kills the broker process abruptly.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -732,4 +742,52 @@ pub fn build_lake_of(csv: &std::path::Path, url: &str, pipeline_name: &str, batc
         }
         rt.block_on(lensflow_jobs::consume::commit::commit_batch(&lake, &mut offsets, &batch, p.topic(), "bench")).unwrap();
     }
+}
+
+/// A wrk script posting `batch` requests made by the Lua expression `item` per request to `path`.
+pub fn wrk_script(path: &str, batch: usize, item: &str) -> String {
+    format!(
+        r#"wrk.method = "POST"
+wrk.path = "{path}"
+wrk.headers["Content-Type"] = "application/json"
+local types = {{"Camera", "Lights", "Security System", "Smart Speaker", "Thermostat"}}
+request = function()
+  local items = {{}}
+  for i = 1, {batch} do
+    items[i] = {item}
+  end
+  return wrk.format(nil, nil, nil, "[" .. table.concat(items, ",") .. "]")
+end
+"#
+    )
+}
+
+/// A figure of wrk's report by its label (`Requests/sec:`, `99%`), or `?`.
+pub fn wrk_field<'a>(out: &'a str, label: &str) -> &'a str {
+    out.lines().find_map(|l| l.trim().strip_prefix(label)).map(str::trim).unwrap_or("?")
+}
+
+/// Bytes and files under a folder (0, 0 when it is not there).
+pub fn disk_usage(dir: &Path) -> (u64, u64) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return (0, 0) };
+    entries.flatten().fold((0, 0), |(bytes, files), e| match e.metadata() {
+        Ok(m) if m.is_dir() => {
+            let (b, f) = disk_usage(&e.path());
+            (bytes + b, files + f)
+        }
+        Ok(m) => (bytes + m.len(), files + 1),
+        Err(_) => (bytes, files),
+    })
+}
+
+/// A round's seconds over every stage (a `train --json` line).
+pub fn round_seconds(round: &serde_json::Value) -> f64 {
+    round["seconds"].as_object().map(|s| s.values().filter_map(serde_json::Value::as_f64).sum()).unwrap_or(0.0)
+}
+
+/// Least-squares slope of `y` on `x`.
+pub fn slope(xy: &[(f64, f64)]) -> f64 {
+    let n = xy.len() as f64;
+    let (mx, my) = (xy.iter().map(|p| p.0).sum::<f64>() / n, xy.iter().map(|p| p.1).sum::<f64>() / n);
+    xy.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum::<f64>() / xy.iter().map(|p| (p.0 - mx).powi(2)).sum::<f64>()
 }

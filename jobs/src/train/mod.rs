@@ -7,6 +7,8 @@
 //! - [`metrics`]: the trainer's Prometheus metrics (rounds, failures, seconds per stage).
 //! - [`state`]: the feature SQL's per-event state rows, carried from round to round so a round
 //!   computes only its new events and the stored ones late events change.
+//! - [`upload`]: Parquet files streamed into the model store as they are encoded (state
+//!   segments, lookup tables), so that the trainer holds no table whole.
 //! - this module: a round from start to `LATEST`.
 //!
 //! A round: register the round's batch files as the pipeline's events table; split off the
@@ -23,12 +25,14 @@ pub mod metrics;
 pub mod segments;
 pub mod solve;
 pub mod state;
+pub mod upload;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use arrow_array::RecordBatch;
 use bytes::Bytes;
+use futures::StreamExt;
 use lensflow_core::model::{
     ARTIFACT_FORMAT_VERSION, LATEST, LatestPointer, Lineage, LinearModel, LookupTable, MODEL_FILE, ModelArtifact, RoundMetrics, Scaling, lookup_file,
     round_dir, sha256_hex,
@@ -39,10 +43,11 @@ use lensflow_core::pipeline::{KAFKA_OFFSET, KAFKA_PARTITION, substitute};
 use lensflow_core::{BatchManifest, Lake, OffsetRange, Pipeline, StorageOptions, StoreError};
 use object_store::ObjectStoreExt;
 use object_store::path::Path;
+use parquet::file::properties::WriterProperties;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use self::engine::{Engine, EngineChoice, number};
+use self::engine::{Engine, EngineChoice, engine_err, number};
 use crate::{JobError, Result};
 
 /// What to train, from where, to where.
@@ -462,12 +467,11 @@ impl Trainer<'_> {
         let mut checksums = BTreeMap::new();
         let mut lookups = Vec::new();
         for l in &p.definition.lookups {
-            let batches = engine.query(&format!("lookup {}", l.name), &substitute(p.sql_text(&l.sql), &prep.variables)).await?;
-            let (bytes, rows) = parquet_bytes(&batches)?;
             let file = lookup_file(&l.name);
-            checksums.insert(file.clone(), sha256_hex(&bytes));
-            store.put(&format!("{dir}/{file}"), bytes).await?;
-            lookups.push(LookupTable { name: l.name.clone(), file, rows });
+            let sql = substitute(p.sql_text(&l.sql), &prep.variables);
+            let written = self.write_lookup(&format!("lookup {}", l.name), &sql, &format!("{dir}/{file}")).await?;
+            checksums.insert(file.clone(), written.sha256);
+            lookups.push(LookupTable { name: l.name.clone(), file, rows: written.rows });
         }
         self.check_serving_matches(&prep).await?;
         watch.lap("lookup tables");
@@ -508,6 +512,34 @@ impl Trainer<'_> {
             state: prep.state.clone(),
             path: store.url_of(&dir),
         })
+    }
+
+    /// Runs a lookup table's SQL and streams its rows into the round's file `path`.
+    async fn write_lookup(&self, what: &str, sql: &str, path: &str) -> Result<upload::Uploaded> {
+        self.engine
+            .bounded(what, async {
+                let df = self.engine.context().sql(sql).await.map_err(engine_err(what))?;
+                let mut stream = df.execute_stream().await.map_err(engine_err(what))?;
+                let mut file: Option<upload::ParquetUpload> = None;
+                while let Some(batch) = stream.next().await.transpose().map_err(engine_err(what))? {
+                    let file = match file.as_mut() {
+                        Some(file) => file,
+                        // The first batch's schema, as the rows carry it (the planned one may
+                        // differ in nullability).
+                        None => {
+                            // Row groups of 8k rows bound what the writer buffers at any entity count.
+                            let props = WriterProperties::builder().set_max_row_group_row_count(Some(8192)).build();
+                            file.insert(upload::ParquetUpload::new(self.store, path, batch.schema(), props)?)
+                        }
+                    };
+                    file.write(self.store, &batch).await?;
+                }
+                match file {
+                    Some(file) => file.finish(self.store).await,
+                    None => Err(JobError::Internal(format!("{what}: the query returned no batches"))),
+                }
+            })
+            .await
     }
 
     /// Evaluates serving's compiled feature expressions on a sample of the SQL's own rows
@@ -617,22 +649,6 @@ fn sql_type(t: &arrow_schema::DataType) -> &'static str {
 }
 
 /// Query results as one Parquet file's bytes, and their row count.
-fn parquet_bytes(batches: &[RecordBatch]) -> Result<(Bytes, u64)> {
-    let internal = |e: parquet::errors::ParquetError| JobError::Internal(e.to_string());
-    let Some(schema) = batches.first().map(|b| b.schema()) else {
-        return Err(JobError::Internal("a lookup query returned no batches".into()));
-    };
-    let mut out = Vec::new();
-    let mut writer = parquet::arrow::ArrowWriter::try_new(&mut out, schema, None).map_err(internal)?;
-    let mut rows = 0;
-    for b in batches {
-        writer.write(b).map_err(internal)?;
-        rows += b.num_rows() as u64;
-    }
-    writer.close().map_err(internal)?;
-    Ok((Bytes::from(out), rows))
-}
-
 /// Reads a batch file's Parquet footer: it must exist, be Parquet, and hold the rows its
 /// manifest says. Costs one small read per file and names the file when something is off.
 async fn check_batch_file(lake: &Lake, round: u64, file: &lensflow_core::BatchFile) -> Result<()> {

@@ -26,14 +26,16 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use bytes::Bytes;
 use futures::StreamExt;
 use lensflow_core::BatchManifest;
-use lensflow_core::model::sha256_hex;
+use lensflow_core::model::{hex, sha256_hex};
 use lensflow_core::pipeline::incremental::{BatchPlan, Shape};
 use object_store::ObjectStoreExt;
 use object_store::path::Path;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use super::Trainer;
 use super::engine::engine_err;
+use super::upload::ParquetUpload;
 use crate::{JobError, Result};
 
 /// The state folder, in a pipeline's model-store folder.
@@ -44,7 +46,7 @@ const FORMAT: u32 = 1;
 /// The column of a state row that names its segment.
 const SEGMENT: &str = "__lensflow_segment";
 /// Rows per segment file.
-const FILE_ROWS: usize = 1_000_000;
+const FILE_ROWS: u64 = 1_000_000;
 /// The closure of changed rows settles in a few steps on real data; a chain longer than this
 /// means the late events reach nearly everything anyway.
 const MAX_CLOSURE_STEPS: usize = 50;
@@ -167,8 +169,16 @@ async fn load(t: &Trainer<'_>, fingerprint: &str, manifests: &[BatchManifest]) -
     // write or check itself, so a round's cost stays with its new rows.
     let verified = |f: &SegmentFile| t.verified.lock().is_ok_and(|v| v.contains(&f.sha256));
     for f in state.files.iter().filter(|f| !verified(f)) {
-        let bytes = store.get(&Path::from(f.path.as_str())).await.map_err(|e| format!("state segment {} is missing: {e}", f.path))?;
-        if bytes.len() as u64 != f.bytes || sha256_hex(&bytes) != f.sha256 {
+        // Hashed as it streams in: a file costs one chunk of memory, not its size.
+        let missing = |e: object_store::Error| format!("state segment {} is missing: {e}", f.path);
+        let mut chunks = store.store().get(&Path::from(f.path.as_str())).await.map_err(missing)?.into_stream();
+        let (mut sha, mut bytes) = (Sha256::new(), 0u64);
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(missing)?;
+            sha.update(&chunk);
+            bytes += chunk.len() as u64;
+        }
+        if bytes != f.bytes || hex(&sha.finalize()) != f.sha256 {
             return Err(format!("state segment {} is damaged: its bytes do not match the checksum in {STATE_FILE}", f.path));
         }
         remember(t, f);
@@ -363,23 +373,19 @@ async fn write_segment(t: &Trainer<'_>, what: &str, sql: &str, segment: u64, sch
 }
 
 async fn write_files(t: &Trainer<'_>, what: &str, sql: &str, segment: u64, schema: &SchemaRef) -> Result<Vec<SegmentFile>> {
-    let internal = |e: parquet::errors::ParquetError| JobError::Internal(format!("{what}: {e}"));
     let df = t.engine.context().sql(sql).await.map_err(engine_err(what))?;
     let mut stream = df.execute_stream().await.map_err(engine_err(what))?;
     let stamp = lensflow_core::now_ms();
     let mut files = Vec::new();
-    let mut pending: Option<(parquet::arrow::ArrowWriter<Vec<u8>>, usize)> = None;
+    let mut pending: Option<(ParquetUpload, String)> = None;
     loop {
         let next = stream.next().await.transpose().map_err(engine_err(what))?;
-        let full = pending.as_ref().is_some_and(|(_, rows)| *rows >= FILE_ROWS);
+        let full = pending.as_ref().is_some_and(|(upload, _)| upload.rows() >= FILE_ROWS);
         if (next.is_none() || full)
-            && let Some((writer, rows)) = pending.take()
+            && let Some((upload, path)) = pending.take()
         {
-            // `into_inner` writes the footer: the bytes are a whole file.
-            let bytes = writer.into_inner().map_err(internal)?;
-            let path = format!("{STATE_DIR}/s{segment:05}-{stamp}-{:03}.parquet", files.len());
-            let file = SegmentFile { segment, path: path.clone(), rows: rows as u64, bytes: bytes.len() as u64, sha256: sha256_hex(&bytes) };
-            t.store.put(&path, Bytes::from(bytes)).await?;
+            let done = upload.finish(t.store).await?;
+            let file = SegmentFile { segment, path, rows: done.rows, bytes: done.bytes, sha256: done.sha256 };
             remember(t, &file);
             files.push(file);
         }
@@ -397,11 +403,11 @@ async fn write_files(t: &Trainer<'_>, what: &str, sql: &str, segment: u64, schem
                 .set_compression(parquet::basic::Compression::ZSTD(parquet::basic::ZstdLevel::default()))
                 .set_max_row_group_row_count(Some(128 * 1024))
                 .build();
-            pending = Some((parquet::arrow::ArrowWriter::try_new(Vec::new(), schema.clone(), Some(props)).map_err(internal)?, 0));
+            let path = format!("{STATE_DIR}/s{segment:05}-{stamp}-{:03}.parquet", files.len());
+            pending = Some((ParquetUpload::new(t.store, &path, schema.clone(), props)?, path));
         }
-        if let Some((writer, rows)) = pending.as_mut() {
-            writer.write(&batch).map_err(internal)?;
-            *rows += batch.num_rows();
+        if let Some((upload, _)) = pending.as_mut() {
+            upload.write(t.store, &batch).await?;
         }
     }
     Ok(files)
