@@ -648,7 +648,6 @@ fn sql_type(t: &arrow_schema::DataType) -> &'static str {
     }
 }
 
-/// Query results as one Parquet file's bytes, and their row count.
 /// Reads a batch file's Parquet footer: it must exist, be Parquet, and hold the rows its
 /// manifest says. Costs one small read per file and names the file when something is off.
 async fn check_batch_file(lake: &Lake, round: u64, file: &lensflow_core::BatchFile) -> Result<()> {
