@@ -125,10 +125,6 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((rest.get(11)?.parse::<f64>().ok()? + rest.get(12)?.parse::<f64>().ok()?) / 100.0)
 }
 
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
-}
-
 /// Runs `cmd` (the process `process`) to completion while a progress line shows its elapsed
 /// time and `live` (given the output so far); samples the peak RSS of it and of the `others`.
 fn run_stage(prefix: &str, name: &str, process: &str, cmd: &mut Command, others: &[(String, u32)], live: &dyn Fn(&str) -> String) -> Measured {

@@ -16,10 +16,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
-}
-
 fn main() {
     let n: u64 = std::env::var("LENSFLOW_BENCH_RATINGS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
     let broker = Broker::start();

@@ -17,7 +17,7 @@ use std::process::Command;
 
 use common::*;
 
-fn mib(pid: u32, key: &str) -> f64 {
+fn proc_mib(pid: u32, key: &str) -> f64 {
     proc_memory(pid, key).unwrap_or(0) as f64 / (1024.0 * 1024.0)
 }
 
@@ -47,7 +47,7 @@ fn main() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let pid = server.child.id();
-    let loaded = mib(pid, "VmRSS");
+    let loaded = proc_mib(pid, "VmRSS");
     let (users, movies) = ((n / 150) as u32, ((n / 11).min(30_000)) as u32);
     let rating = format!("string.format('{{\"userId\":%d,\"movieId\":%d}}', math.random(1, {users}), math.random(1, {movies}))");
     let device = "string.format('{\"DeviceType\":\"%s\",\"UsageHoursPerDay\":%.2f,\"EnergyConsumption\":%.2f,\"UserPreferences\":%d,\"MalfunctionIncidents\":%d,\"DeviceAgeMonths\":%d}', types[math.random(1, 5)], math.random() * 24, math.random() * 10, math.random(0, 1), math.random(0, 4), math.random(1, 59))";
@@ -75,7 +75,7 @@ fn main() {
             println!("| {path} | {batch} | {connections} | {rps:.0} | {:.0} | {} | {} |", rps * batch as f64, wrk_field(&out, "50%"), wrk_field(&out, "99%"));
         }
     }
-    println!("\nServer peak RSS over the whole run: {:.0} MiB", mib(pid, "VmHWM"));
+    println!("\nServer peak RSS over the whole run: {:.0} MiB", proc_mib(pid, "VmHWM"));
     saturate(&server, &dir.path().join("bench-0.lua"));
 }
 
@@ -94,7 +94,7 @@ fn saturate(server: &Server, lua: &std::path::Path) {
     let mut samples = vec![];
     for _ in 0..seconds / 5 {
         std::thread::sleep(std::time::Duration::from_secs(5));
-        samples.push(mib(pid, "VmRSS"));
+        samples.push(proc_mib(pid, "VmRSS"));
     }
     let out = wrk.wait_with_output().unwrap();
     let out = String::from_utf8_lossy(&out.stdout);

@@ -15,10 +15,6 @@ use std::collections::BTreeMap;
 
 use common::*;
 
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
-}
-
 fn report(title: &str, out: &str, trainer: u64, executors: &[u64], wall: std::time::Duration) {
     println!(
         "\n### {title} (wall {:.1} s, trainer peak RSS {:.0} MiB{})\n",

@@ -709,6 +709,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", if a.json { serde_json::to_string(&s)? } else { report::compact(&s) });
         }
         Command::Train(a) => {
+            hand_back_large_buffers();
             let mut opts = TrainOptions::new(a.pipeline.load()?, a.lake, a.models);
             opts.storage = storage_from_env();
             opts.scheduler = a.scheduler;
@@ -774,6 +775,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Makes freed large buffers go back to the system at once.
+///
+/// The trainer streams tables through buffers of a few MiB (Parquet pages, Flight messages).
+/// glibc raises its mmap threshold each time such a buffer is freed, after which buffers of
+/// that size come from the heap, and freed ones stay resident: the trainer's peak then grew
+/// with the size of the round's streams, not with what it held. A fixed threshold keeps
+/// them mapped per use (measured in docs/scaling.md, *Measured growth*).
+fn hand_back_large_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter, which glibc applies under its own lock.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
 }
 
 #[tokio::main]

@@ -310,6 +310,11 @@ pub fn proc_memory(pid: u32, key: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
 }
 
+/// Bytes in MiB, for reports.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
 /// Runs a command while sampling its peak resident memory (VmHWM) from /proc; returns its
 /// stdout, wall time and peak bytes. Other processes' peaks can be sampled alongside.
 pub fn run_measured(cmd: &mut Command, also: &[u32]) -> (String, Duration, u64, Vec<u64>) {

@@ -17,7 +17,7 @@ use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
-use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::{SendableRecordBatchStream, SessionStateBuilder};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use lensflow_core::dialect::{decoding_state, restore_functions, spark_config, spark_state};
 
@@ -182,6 +182,14 @@ impl Engine {
             df.collect().await.map_err(engine_err(what))
         })
         .await
+    }
+
+    /// Starts one query and hands back its rows as they come, for results too big to collect.
+    /// Callers run it inside `Engine::bounded`.
+    pub async fn stream(&self, what: &str, sql: &str) -> Result<SendableRecordBatchStream> {
+        tracing::debug!(what, sql, "query");
+        let df = self.ctx.sql(sql).await.map_err(engine_err(what))?;
+        df.execute_stream().await.map_err(engine_err(what))
     }
 
     /// Runs one query whose answer is a single row of numbers, returned as `f64`s in column order.

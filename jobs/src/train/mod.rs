@@ -518,8 +518,7 @@ impl Trainer<'_> {
     async fn write_lookup(&self, what: &str, sql: &str, path: &str) -> Result<upload::Uploaded> {
         self.engine
             .bounded(what, async {
-                let df = self.engine.context().sql(sql).await.map_err(engine_err(what))?;
-                let mut stream = df.execute_stream().await.map_err(engine_err(what))?;
+                let mut stream = self.engine.stream(what, sql).await?;
                 let mut file: Option<upload::ParquetUpload> = None;
                 while let Some(batch) = stream.next().await.transpose().map_err(engine_err(what))? {
                     let file = match file.as_mut() {

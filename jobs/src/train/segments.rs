@@ -44,7 +44,7 @@ pub async fn fit(engine: &Engine, pipeline: &Pipeline, prep: &Prepared) -> Resul
                     // The lookup's SQL reads `features`; here a CTE of that name holds the training rows.
                     let sql = with_training_rows(&lensflow_core::pipeline::substitute(pipeline.sql_text(&lookup.sql), &prep.variables), &prep.train_filter);
                     let items = expr::final_select(pipeline.features_sql()).map_err(fail)?;
-                    let mut stream = engine.context().sql(&sql).await.map_err(engine_err(what))?.execute_stream().await.map_err(engine_err(what))?;
+                    let mut stream = engine.stream(what, &sql).await?;
                     let mut exprs = None;
                     while let Some(b) = stream.next().await.transpose().map_err(engine_err(what))? {
                         let exprs = match exprs.as_mut() {
@@ -66,7 +66,7 @@ pub async fn fit(engine: &Engine, pipeline: &Pipeline, prep: &Prepared) -> Resul
                 }
                 None => {
                     let sql = format!("SELECT {} FROM features WHERE {} ORDER BY {}", c.profile.join(", "), prep.train_filter, prep.order_by);
-                    let mut stream = engine.context().sql(&sql).await.map_err(engine_err(what))?.execute_stream().await.map_err(engine_err(what))?;
+                    let mut stream = engine.stream(what, &sql).await?;
                     while let Some(b) = stream.next().await.transpose().map_err(engine_err(what))? {
                         for r in 0..b.num_rows() {
                             // Rows come in the ORDER BY's order: the position identifies one.

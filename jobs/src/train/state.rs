@@ -373,8 +373,7 @@ async fn write_segment(t: &Trainer<'_>, what: &str, sql: &str, segment: u64, sch
 }
 
 async fn write_files(t: &Trainer<'_>, what: &str, sql: &str, segment: u64, schema: &SchemaRef) -> Result<Vec<SegmentFile>> {
-    let df = t.engine.context().sql(sql).await.map_err(engine_err(what))?;
-    let mut stream = df.execute_stream().await.map_err(engine_err(what))?;
+    let mut stream = t.engine.stream(what, sql).await?;
     let stamp = lensflow_core::now_ms();
     let mut files = Vec::new();
     let mut pending: Option<(ParquetUpload, String)> = None;
