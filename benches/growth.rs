@@ -461,9 +461,12 @@ fn report(args: &Args, runs: &[SizeRun], machine: &str) -> String {
         };
         let cluster = mib(cluster_peak(r));
         let ratio = |a: f64, b: f64| if a > 0.0 && b > 0.0 { format!("{:.1}×", a / b) } else { "-".into() };
+        // A run without Spark (`--no-spark`) shows dashes, not zeros.
+        let (spark_cell, spark_mem_cell) =
+            if r.spark.is_some() { (format!("{spark_s:.1}"), format!("{spark_mem:.0}")) } else { ("-".to_string(), "-".to_string()) };
         let _ = writeln!(
             md,
-            "| {} | {wall:.0} | {} | {} | {train:.0} | {last:.1} | {spark_s:.1} | {} | {:.0} | {cluster:.0} | {spark_mem:.0} | {} | {} |",
+            "| {} | {wall:.0} | {} | {} | {train:.0} | {last:.1} | {spark_cell} | {} | {:.0} | {cluster:.0} | {spark_mem_cell} | {} | {} |",
             human(r.ratings),
             tp("produce"),
             tp("consume"),
