@@ -4,7 +4,9 @@
 //!
 //! `cargo bench --bench train` (1M generated ratings in 3 batches; `LENSFLOW_BENCH_RATINGS=10000000`
 //! for more, `LENSFLOW_BENCH_BATCHES=30` for more rounds, `LENSFLOW_BENCH_ENGINES=local,standalone`
-//! for fewer engines (of local, full, standalone, cluster)). The lake is written straight through the
+//! for fewer engines (of local, full, window, standalone, cluster); `LENSFLOW_BENCH_WINDOW=5` is
+//! the `--window` of the `window` run; `LENSFLOW_BENCH_LOG=lensflow_jobs=debug` logs each
+//! query's seconds). The lake is written straight through the
 //! library (ingest has its own benchmark).
 //! Prints a report; nothing here is asserted on time.
 
@@ -15,7 +17,8 @@ use std::collections::BTreeMap;
 
 use common::*;
 
-fn report(title: &str, out: &str, trainer: u64, executors: &[u64], wall: std::time::Duration) {
+/// Prints a run's rounds; `steady_from` (a round number) adds the slope from that round on.
+fn report(title: &str, out: &str, trainer: u64, executors: &[u64], wall: std::time::Duration, lake_events: &[f64], steady_from: Option<usize>) {
     println!(
         "\n### {title} (wall {:.1} s, trainer peak RSS {:.0} MiB{})\n",
         wall.as_secs_f64(),
@@ -46,13 +49,16 @@ fn report(title: &str, out: &str, trainer: u64, executors: &[u64], wall: std::ti
             r["accuracy_baseline"].as_f64().unwrap()
         );
     }
-    // How round time grows with the data: least squares of seconds on rows.
+    // How round time grows with the data: least squares of seconds on the lake's events.
     if rounds.len() >= 3 {
-        let xy: Vec<(f64, f64)> =
-            rounds.iter().map(|r| ((r["train_rows"].as_u64().unwrap() + r["test_rows"].as_u64().unwrap()) as f64, round_seconds(r))).collect();
+        let xy: Vec<(f64, f64)> = rounds.iter().zip(lake_events).map(|(r, n)| (*n, round_seconds(r))).collect();
         let slope = slope(&xy);
         let all: f64 = xy.iter().map(|p| p.1).sum();
         println!("\nround time grows {:.2} s per 100k events of the lake; all {} rounds: {all:.1} s", slope * 1e5, rounds.len());
+        if let Some(from) = steady_from.filter(|f| rounds.len() >= f + 2) {
+            let steady = common::slope(&xy[from - 1..]);
+            println!("from round {from} on (a full window): {:.3} s per 100k events of the lake", steady * 1e5);
+        }
     }
 }
 
@@ -64,21 +70,32 @@ fn main() {
     let csv = generate(dir.path(), n, 42);
     let lake = format!("file://{}", dir.path().join("lake").display());
     build_lake(&csv, &lake, batches);
+    // build_lake cuts the events into equal batches, the last one shorter.
+    let per = n.div_ceil(batches as u64);
+    let lake_events: Vec<f64> = (1..=batches as u64).map(|b| (b * per).min(n) as f64).collect();
     std::fs::remove_file(&csv).unwrap();
     println!("\n## lensflow training benchmark: {n} generated ratings in {batches} batches ({batches} cumulative rounds)");
 
-    let runs: [(&str, &str, &[&str]); 3] = [
-        ("local", "DataFusion in-process (the default: state carried from round to round)", &[]),
-        ("full", "DataFusion in-process, --full (every round recomputes every event's state)", &["--full"]),
-        ("standalone", "Ballista standalone (in-process)", &["--scheduler", "standalone"]),
+    let window: u64 = std::env::var("LENSFLOW_BENCH_WINDOW").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let window_title = format!("DataFusion in-process, --window {window} (models fitted on the newest {window} batches)");
+    let runs: [(&str, &str, Vec<String>); 4] = [
+        ("local", "DataFusion in-process (the default: state carried from round to round)", vec![]),
+        ("full", "DataFusion in-process, --full (every round recomputes every event's state)", vec!["--full".into()]),
+        ("window", &window_title, vec!["--window".into(), window.to_string()]),
+        ("standalone", "Ballista standalone (in-process)", vec!["--scheduler".into(), "standalone".into()]),
     ];
     for (name, title, args) in runs {
         if !engines.split(',').any(|e| e == name) {
             continue;
         }
         let models = dir.path().join(format!("models-{name}"));
-        let (out, wall, peak, _) = run_measured(lensflow(["train", "--lake", &lake, "--json", "--models"]).arg(&models).args(args), &[]);
-        report(title, &out, peak, &[], wall);
+        let mut cmd = lensflow(["train", "--lake", &lake, "--json", "--models"]);
+        cmd.arg(&models).args(&args);
+        if let Ok(log) = std::env::var("LENSFLOW_BENCH_LOG") {
+            cmd.env("LENSFLOW_LOG", log);
+        }
+        let (out, wall, peak, _) = run_measured(&mut cmd, &[]);
+        report(title, &out, peak, &[], wall, &lake_events, (name == "window").then_some(window as usize + 1));
     }
 
     if !engines.split(',').any(|e| e == "cluster") {
@@ -89,5 +106,5 @@ fn main() {
     let models = dir.path().join("models-cluster");
     let (out, wall, peak, executors) =
         run_measured(lensflow(["train", "--lake", &lake, "--scheduler", &cluster.url(), "--json", "--models"]).arg(&models), &pids);
-    report("scheduler + 2 executors (separate processes)", &out, peak, &executors, wall);
+    report("scheduler + 2 executors (separate processes)", &out, peak, &executors, wall, &lake_events, None);
 }

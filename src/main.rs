@@ -196,6 +196,11 @@ struct TrainArgs {
     /// state rows (carrying state then costs as much).
     #[arg(long, env = "LENSFLOW_TRAIN_FULL_ABOVE", default_value_t = 0.5)]
     full_above: f64,
+    /// Fit and evaluate the models on the newest this many batches only: rounds then cost
+    /// about the same however large the lake grows. Features and lookup tables still read
+    /// every batch. [default: every batch, as a full refit and Spark do]
+    #[arg(long, env = "LENSFLOW_TRAIN_WINDOW", value_parser = clap::value_parser!(u64).range(1..))]
+    window: Option<u64>,
     /// Serve the trainer's Prometheus metrics at http://ADDR/metrics (empty: none). An address
     /// already taken (another trainer) is logged and training goes on.
     #[arg(long, env = "LENSFLOW_TRAIN_METRICS_BIND", default_value = "127.0.0.1:9465")]
@@ -719,6 +724,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             opts.query_timeout = a.query_timeout;
             opts.full = a.full;
             opts.full_above = a.full_above;
+            opts.window = a.window;
             let metrics = opts.metrics.clone();
             spawn_metrics(&a.metrics_bind, move || lensflow_api::metrics::encode(metrics.registry()), &shutdown, "training");
             let (json, watch) = (a.json, a.watch);

@@ -174,6 +174,77 @@ fn lookup_table(path: &Path) -> Vec<Vec<f64>> {
 }
 
 #[test]
+fn a_window_fits_on_the_newest_batches_while_features_and_lookups_keep_every_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = generate(dir.path(), 40_000, 11);
+    let lake = format!("file://{}", dir.path().join("lake").display());
+    build_lake(&csv, &lake, 4);
+    let (all_models, window_models) = (dir.path().join("all"), dir.path().join("window"));
+    let all = train_json(&lake, &all_models, &[]);
+    let window = train_json(&lake, &window_models, &["--window", "2"]);
+    assert_eq!((all.len(), window.len()), (4, 4));
+    // While the window holds every batch, the rounds are the same.
+    for (a, w) in all[..2].iter().zip(&window[..2]) {
+        assert!(w.get("window_from").is_none(), "{w}");
+        for key in ["train_rows", "test_rows", "rmse", "auc", "accuracy", "silhouette"] {
+            assert!(close(a[key].as_f64().unwrap(), w[key].as_f64().unwrap(), 1e-9), "{key}: {} vs {}", a[key], w[key]);
+        }
+    }
+    // Then the models see the events newer than every event of the batches before the window;
+    // the generator's events come in time order, so those are exactly the window's.
+    let p = pipeline("movielens");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let manifests = rt.block_on(pipeline_lake(&lake, "movielens", &[]).manifests()).unwrap();
+    // (offset, time) of every event; build_lake puts them all in partition 0.
+    let events: Vec<(i64, i64)> = lake_rows_of(&lake, "movielens", &[]).iter().map(|r| (r.offset, int(value(&p, &r.event, "ts")))).collect();
+    for (round, w) in [(3u64, &window[2]), (4, &window[3])] {
+        assert_eq!(w["window_from"], round - 1, "{w}");
+        let before = manifests[..round as usize - 2].iter().filter_map(|m| m.max_ts).max().unwrap();
+        let last = manifests[round as usize - 1].partitions[&0].last;
+        let in_window = events.iter().filter(|(offset, t)| *offset <= last && *t > before).count() as u64;
+        let window_rows: u64 = manifests[round as usize - 2..round as usize].iter().map(|m| m.rows).sum();
+        assert_eq!(in_window, window_rows, "round {round}: time-ordered events, so the window is its batches");
+        let (train, test) = (w["train_rows"].as_u64().unwrap(), w["test_rows"].as_u64().unwrap());
+        assert_eq!(train + test, in_window, "round {round}: {w}");
+        let share = test as f64 / in_window as f64;
+        assert!((0.19..0.22).contains(&share), "round {round}: the hold-out is the window's newest 20%, not {share}");
+        let whole = &all[round as usize - 1];
+        assert!(whole["train_rows"].as_u64().unwrap() > train, "the full refit fits on more: {whole} vs {w}");
+    }
+    let (_, fitted) = load_latest(&window_models.join("movielens"));
+    let (_, whole) = load_latest(&all_models.join("movielens"));
+    assert_eq!(fitted.lineage.window_from, Some(3));
+    assert_eq!(whole.lineage.window_from, None);
+    assert_eq!(fitted.lineage.batches, vec![1, 2, 3, 4], "every batch still made the round");
+    assert_ne!(fitted.variables["prior_mean"], whole.variables["prior_mean"], "the priors come from the window's training events");
+    assert_ne!(fitted.regression.coefficients, whole.regression.coefficients);
+    // Serving's state is every event's: the lookup tables equal the full refit's.
+    for table in ["lookup-user.parquet", "lookup-movie.parquet"] {
+        let (a, b) =
+            (lookup_table(&all_models.join("movielens/round-000004").join(table)), lookup_table(&window_models.join("movielens/round-000004").join(table)));
+        assert_eq!(a.len(), b.len(), "{table}");
+        for (x, y) in a.iter().zip(&b) {
+            assert!(x.iter().zip(y).all(|(u, v)| close(*u, *v, 1e-12)), "{table}: {x:?} vs {y:?}");
+        }
+    }
+
+    // Without an event time (smart-home), the window is exactly its batches' offsets.
+    let home_lake = format!("file://{}", dir.path().join("home-lake").display());
+    build_lake_of(&smart_home_csv(), &home_lake, "smart-home", 3);
+    let home = train_json(&home_lake, &dir.path().join("home-models"), &["--pipeline", "smart-home", "--window", "1"]);
+    let manifests = rt.block_on(pipeline_lake(&home_lake, "smart-home", &[]).manifests()).unwrap();
+    for (r, m) in home.iter().zip(&manifests).skip(1) {
+        assert_eq!(r["window_from"], m.batch, "{r}");
+        assert_eq!(r["train_rows"].as_u64().unwrap() + r["test_rows"].as_u64().unwrap(), m.rows, "{r}");
+    }
+
+    // A window of no batches is refused before anything runs.
+    let refused = lensflow(["train", "--lake", &lake, "--window", "0", "--models"]).arg(dir.path().join("none")).output().unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--window"), "{}", String::from_utf8_lossy(&refused.stderr));
+}
+
+#[test]
 fn a_missing_batch_file_is_named_and_latest_is_untouched() {
     let _heavy = heavy();
     let dir = tempfile::tempdir().unwrap();

@@ -162,6 +162,10 @@ pub struct Lineage {
     pub rows: u64,
     /// The lake's URL.
     pub lake: String,
+    /// The first batch the models were fitted on, when `train --window` left older batches
+    /// out of fitting (their events still shaped every feature and lookup).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_from: Option<u64>,
 }
 
 /// One lookup table of a round.

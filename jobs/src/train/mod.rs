@@ -11,8 +11,9 @@
 //!   segments, lookup tables), so that the trainer holds no table whole.
 //! - this module: a round from start to `LATEST`.
 //!
-//! A round: register the round's batch files as the pipeline's events table; split off the
-//! newest share as the hold-out (by event time, or by arrival within each Kafka partition);
+//! A round: register the round's batch files as the pipeline's events table; keep the fitting
+//! window (every batch, or with `window` the newest ones); split off the window's newest share
+//! as the hold-out (by event time, or by arrival within each Kafka partition);
 //! compute the `${…}` variables on the training events; bring the carried state rows up to
 //! date (or run the whole feature SQL when it cannot carry state) and materialise the features
 //! (in memory in-process, else as Parquet in the model store's work folder); standardise; fit regression (one
@@ -77,6 +78,9 @@ pub struct TrainOptions {
     /// Recompute every event's state rows when late events change more than this share of
     /// the stored ones (carrying then costs about as much).
     pub full_above: f64,
+    /// Fit and evaluate the models on the newest this many batches only (features still read
+    /// every batch): a round's fitting cost then stays bounded as the lake grows.
+    pub window: Option<u64>,
     /// Where rounds and failures are counted.
     pub metrics: std::sync::Arc<metrics::TrainerMetrics>,
 }
@@ -96,6 +100,7 @@ impl TrainOptions {
             query_timeout: Duration::from_secs(600),
             full: false,
             full_above: 0.5,
+            window: None,
             metrics: Default::default(),
         }
     }
@@ -110,6 +115,9 @@ pub struct RoundReport {
     pub round: u64,
     /// Batches used.
     pub batches: Vec<u64>,
+    /// The first batch the models were fitted on, when a `window` left older ones out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window_from: Option<u64>,
     /// Hold-out metrics, flattened into the report.
     #[serde(flatten)]
     pub metrics: RoundMetrics,
@@ -144,6 +152,7 @@ pub async fn train(opts: TrainOptions, shutdown: CancellationToken, mut on_round
         shape: shape.ok(),
         full: opts.full,
         full_above: opts.full_above,
+        window: opts.window,
         verified: Default::default(),
     };
     tracing::info!(pipeline = %name, engine = engine.mode, lake = lake.url(), models = store.url(), "trainer ready");
@@ -231,6 +240,19 @@ pub struct Prepared {
     pub work: String,
     /// How the state rows were found, when they are carried.
     pub state: Option<state::StateReport>,
+    /// The fitting window, when the round has more batches than it holds.
+    pub window: Option<Window>,
+    /// SQL giving every event's features, when `features` holds only the window's.
+    pub all_rows: Option<String>,
+}
+
+/// The newest batches of a round, the ones its models are fitted and evaluated on.
+#[derive(Debug, Clone)]
+pub struct Window {
+    /// The window's first batch.
+    pub first_batch: u64,
+    /// SQL condition keeping the window's events (and their feature rows).
+    pub filter: String,
 }
 
 /// One pipeline's trainer: what every round of it needs.
@@ -251,11 +273,39 @@ pub struct Trainer<'a> {
     pub full: bool,
     /// Recompute all state rows when late events change more than this share of them.
     pub full_above: f64,
+    /// Fit on the newest this many batches only ([`TrainOptions::window`]).
+    pub window: Option<u64>,
     /// State segment files whose checksum this trainer has written or checked already.
     pub verified: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Trainer<'_> {
+    /// The round's fitting window, when it has more batches than the window holds.
+    fn window_filter(&self, manifests: &[BatchManifest]) -> Option<Window> {
+        let before = manifests.len().checked_sub(self.window? as usize).filter(|n| *n > 0)?;
+        let earlier = &manifests[..before];
+        let filter = match &self.pipeline.definition.events.time {
+            // Events newer than all the earlier batches hold: the window's events, less those
+            // that arrived late (older than events that had landed before the window).
+            Some(time) => format!("{time} > {}", earlier.iter().filter_map(|m| m.max_ts).max()?),
+            // Exactly the window's events: in each partition, the offsets after the earlier
+            // batches' last.
+            None => {
+                let mut last: BTreeMap<i32, i64> = BTreeMap::new();
+                for (p, r) in earlier.iter().flat_map(|m| &m.partitions) {
+                    let l = last.entry(*p).or_insert(r.last);
+                    *l = (*l).max(r.last);
+                }
+                let old: Vec<String> = last.iter().map(|(p, l)| format!("({KAFKA_PARTITION} = {p} AND {KAFKA_OFFSET} <= {l})")).collect();
+                if old.is_empty() {
+                    return None;
+                }
+                format!("NOT ({})", old.join(" OR "))
+            }
+        };
+        Some(Window { first_batch: before as u64 + 1, filter })
+    }
+
     /// Registers the round's events, splits off the hold-out, computes the variables and
     /// materialises the features.
     pub async fn prepare(&self, manifests: &[BatchManifest]) -> Result<Prepared> {
@@ -275,22 +325,29 @@ impl Trainer<'_> {
         let table = &d.events.table;
         engine.register_events(table, self.lake, &files, p.lake_schema()).await?;
 
-        // The hold-out: the newest share, by event time or, without one, by arrival within
-        // each partition (offsets order a partition, not the topic).
+        // The fitting window: every event when the round has no more batches than the window,
+        // else those of its newest batches. The hold-out is the window's newest share, by event
+        // time or, without one, by arrival within each partition (offsets order a partition,
+        // not the topic).
+        let window = self.window_filter(manifests);
+        let (within, and_within) = match &window {
+            Some(w) => (format!(" WHERE {}", w.filter), format!("{} AND ", w.filter)),
+            None => (String::new(), String::new()),
+        };
         let share = d.holdout.newest;
         let (train_filter, test_filter, order_by) = match &d.events.time {
             Some(time) => {
-                let n = engine.query_row("count events", &format!("SELECT COUNT(*) FROM {table}")).await?[0] as u64;
+                let n = engine.query_row("count events", &format!("SELECT COUNT(*) FROM {table}{within}")).await?[0] as u64;
                 let offset = ((n as f64) * (1.0 - share)).floor() as u64;
-                let cutoff =
-                    engine.query_row("hold-out cutoff", &format!("SELECT {time} FROM {table} ORDER BY {time} LIMIT 1 OFFSET {offset}")).await?[0] as i64;
-                (format!("{time} < {cutoff}"), format!("{time} >= {cutoff}"), time.clone())
+                let cutoff = engine.query_row("hold-out cutoff", &format!("SELECT {time} FROM {table}{within} ORDER BY {time} LIMIT 1 OFFSET {offset}")).await?
+                    [0] as i64;
+                (format!("{and_within}{time} < {cutoff}"), format!("{time} >= {cutoff}"), time.clone())
             }
             None => {
                 let sql = format!(
                     "SELECT {KAFKA_PARTITION}, {KAFKA_OFFSET} FROM (SELECT {KAFKA_PARTITION}, {KAFKA_OFFSET}, \
                      ROW_NUMBER() OVER (PARTITION BY {KAFKA_PARTITION} ORDER BY {KAFKA_OFFSET}) AS rn, \
-                     COUNT(*) OVER (PARTITION BY {KAFKA_PARTITION}) AS n FROM {table}) t \
+                     COUNT(*) OVER (PARTITION BY {KAFKA_PARTITION}) AS n FROM {table}{within}) t \
                      WHERE rn = CAST(FLOOR(n * {:?}) AS BIGINT) + 1 ORDER BY {KAFKA_PARTITION}",
                     1.0 - share
                 );
@@ -302,7 +359,7 @@ impl Trainer<'_> {
                     }
                 }
                 let test = if cuts.is_empty() { "FALSE".to_string() } else { format!("({})", cuts.join(" OR ")) };
-                (format!("NOT {test}"), test, format!("{KAFKA_PARTITION}, {KAFKA_OFFSET}"))
+                (format!("{and_within}NOT {test}"), test, format!("{KAFKA_PARTITION}, {KAFKA_OFFSET}"))
             }
         };
 
@@ -336,11 +393,15 @@ impl Trainer<'_> {
         remove_prefix(self.store, &work).await?;
         let features_url = format!("{}/", self.store.url_of(&format!("{work}/features")));
         let sql = substitute(p.features_sql(), &variables);
-        let state = match &self.shape {
-            Some(shape) => Some(state::features(self, shape, manifests, &sql, &features_url).await?),
+        let (state, all_rows) = match &self.shape {
+            Some(shape) => {
+                let (report, all_rows) = state::features(self, shape, manifests, &sql, &features_url, window.as_ref().map(|w| w.filter.as_str())).await?;
+                (Some(report), all_rows)
+            }
+            // Without carried state every event's features are computed anyway: all stay.
             None => {
                 engine.materialise("feature SQL", &sql, &features_url, &["features", "features_round"]).await?;
-                None
+                (None, None)
             }
         };
 
@@ -370,6 +431,8 @@ impl Trainer<'_> {
             label_share: s[2],
             work,
             state,
+            window,
+            all_rows,
         })
     }
 
@@ -447,8 +510,9 @@ impl Trainer<'_> {
         let round = manifests.len() as u64;
         let mut watch = Stopwatch(BTreeMap::new(), Instant::now());
         let lineage = lineage(self.lake, manifests);
-        tracing::info!(pipeline = p.name(), round, rows = lineage.rows, "training round");
+        tracing::info!(pipeline = p.name(), round, rows = lineage.rows, window = ?self.window, "training round");
         let prep = self.prepare(manifests).await?;
+        let lineage = Lineage { window_from: prep.window.as_ref().map(|w| w.first_batch), ..lineage };
         watch.lap("features");
         let regression = self.fit_regression(&prep).await?;
         watch.lap("regression");
@@ -468,7 +532,11 @@ impl Trainer<'_> {
         let mut lookups = Vec::new();
         for l in &p.definition.lookups {
             let file = lookup_file(&l.name);
-            let sql = substitute(p.sql_text(&l.sql), &prep.variables);
+            let mut sql = substitute(p.sql_text(&l.sql), &prep.variables);
+            if let Some(all_rows) = &prep.all_rows {
+                // Serving's "now" is every event, not just the window's.
+                sql = segments::with_features(&sql, all_rows);
+            }
             let written = self.write_lookup(&format!("lookup {}", l.name), &sql, &format!("{dir}/{file}")).await?;
             checksums.insert(file.clone(), written.sha256);
             lookups.push(LookupTable { name: l.name.clone(), file, rows: written.rows });
@@ -507,6 +575,7 @@ impl Trainer<'_> {
             pipeline: p.name().to_string(),
             round,
             batches: manifests.iter().map(|m| m.batch).collect(),
+            window_from: prep.window.as_ref().map(|w| w.first_batch),
             metrics,
             seconds: watch.0,
             state: prep.state.clone(),
@@ -686,7 +755,13 @@ fn lineage(lake: &Lake, manifests: &[BatchManifest]) -> Lineage {
             e.last = e.last.max(r.last);
         }
     }
-    Lineage { batches: manifests.iter().map(|m| m.batch).collect(), partitions, rows: manifests.iter().map(|m| m.rows).sum(), lake: lake.url().to_string() }
+    Lineage {
+        batches: manifests.iter().map(|m| m.batch).collect(),
+        partitions,
+        rows: manifests.iter().map(|m| m.rows).sum(),
+        lake: lake.url().to_string(),
+        window_from: None,
+    }
 }
 
 async fn remove_prefix(store: &Lake, prefix: &str) -> Result<()> {
@@ -781,6 +856,7 @@ mod tests {
             shape: None,
             full: false,
             full_above: 0.5,
+            window: None,
             verified: Default::default(),
         };
         let prep = trainer.prepare(&manifests).await.unwrap();

@@ -42,7 +42,8 @@ pub async fn fit(engine: &Engine, pipeline: &Pipeline, prep: &Prepared) -> Resul
             match pipeline.definition.lookups.iter().find(|l| l.name == c.entity) {
                 Some(lookup) => {
                     // The lookup's SQL reads `features`; here a CTE of that name holds the training rows.
-                    let sql = with_training_rows(&lensflow_core::pipeline::substitute(pipeline.sql_text(&lookup.sql), &prep.variables), &prep.train_filter);
+                    let training_rows = format!("SELECT * FROM features_round WHERE {}", prep.train_filter);
+                    let sql = with_features(&lensflow_core::pipeline::substitute(pipeline.sql_text(&lookup.sql), &prep.variables), &training_rows);
                     let items = expr::final_select(pipeline.features_sql()).map_err(fail)?;
                     let mut stream = engine.stream(what, &sql).await?;
                     let mut exprs = None;
@@ -161,9 +162,10 @@ fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-/// Puts the training rows in a CTE named `features` in front of `sql` (which reads `features`).
-fn with_training_rows(sql: &str, train_filter: &str) -> String {
-    let cte = format!("features AS (SELECT * FROM features_round WHERE {train_filter})");
+/// Puts `rows` in a CTE named `features` in front of `sql` (which reads `features`); `rows`
+/// must not read `features` itself.
+pub fn with_features(sql: &str, rows: &str) -> String {
+    let cte = format!("features AS ({rows})");
     let trimmed = sql.trim_start();
     match trimmed.get(..5) {
         Some(w) if w.eq_ignore_ascii_case("with ") => format!("WITH {cte}, {}", &trimmed[5..]),
@@ -238,10 +240,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn training_rows_go_in_front_of_any_query() {
-        assert_eq!(with_training_rows("SELECT 1 FROM features", "x < 3"), "WITH features AS (SELECT * FROM features_round WHERE x < 3) SELECT 1 FROM features");
+    fn the_rows_go_in_front_of_any_query() {
         assert_eq!(
-            with_training_rows("  with a AS (SELECT 1) SELECT * FROM a", "x < 3"),
+            with_features("SELECT 1 FROM features", "SELECT * FROM features_round WHERE x < 3"),
+            "WITH features AS (SELECT * FROM features_round WHERE x < 3) SELECT 1 FROM features"
+        );
+        assert_eq!(
+            with_features("  with a AS (SELECT 1) SELECT * FROM a", "SELECT * FROM features_round WHERE x < 3"),
             "WITH features AS (SELECT * FROM features_round WHERE x < 3), a AS (SELECT 1) SELECT * FROM a"
         );
     }

@@ -101,8 +101,17 @@ pub struct StateReport {
 }
 
 /// Registers `features` (and `features_round`) for this round from carried state, carrying
-/// it forward; `sql` is the feature SQL with this round's values substituted.
-pub async fn features(t: &Trainer<'_>, shape: &Shape, manifests: &[BatchManifest], sql: &str, work_url: &str) -> Result<StateReport> {
+/// it forward; `sql` is the feature SQL with this round's values substituted. With a `window`
+/// condition, `features` holds only the rows it keeps, and the SQL giving every row's features
+/// is returned beside the report.
+pub async fn features(
+    t: &Trainer<'_>,
+    shape: &Shape,
+    manifests: &[BatchManifest],
+    sql: &str,
+    work_url: &str,
+    window: Option<&str>,
+) -> Result<(StateReport, Option<String>)> {
     let engine = t.engine;
     let round = manifests.len() as u64;
     let err = |e: String| JobError::Engine { what: "incremental feature SQL".into(), reason: e };
@@ -145,8 +154,15 @@ pub async fn features(t: &Trainer<'_>, shape: &Shape, manifests: &[BatchManifest
 
     register_state(t, &manifest.files, &schema).await?;
     let final_sql = shape.final_sql(sql, STATE, &columns).map_err(err)?;
-    engine.materialise("feature SQL", &final_sql, work_url, &["features", "features_round"]).await?;
-    Ok(report)
+    let Some(window) = window else {
+        engine.materialise("feature SQL", &final_sql, work_url, &["features", "features_round"]).await?;
+        return Ok((report, None));
+    };
+    // Only the window's rows are materialised: the rest are read again only by the lookups,
+    // which need few of their columns.
+    let windowed = format!("SELECT * FROM ({final_sql}) w WHERE {window}");
+    engine.materialise("feature SQL", &windowed, work_url, &["features", "features_round"]).await?;
+    Ok((report, Some(final_sql)))
 }
 
 /// The carried state, if it is there, whole, and made by this SQL from batches of this round.
@@ -497,6 +513,7 @@ mod tests {
             shape: Some(pipeline.incremental_shape().unwrap()),
             full,
             full_above: 1.0,
+            window: None,
             verified: Default::default(),
         };
         let prep = t.prepare(manifests).await.unwrap();
