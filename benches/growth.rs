@@ -57,6 +57,10 @@ struct Args {
     /// Seconds of wrk load on `/predict`.
     #[arg(long, default_value_t = 10)]
     serve_seconds: u64,
+    /// Train with `--window` (models fitted on the newest this many batches); needs
+    /// `--no-spark`, since Spark's round refits on every batch.
+    #[arg(long)]
+    window: Option<u64>,
     /// Where each size's data goes while it runs (a temporary folder by default).
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -281,7 +285,8 @@ fn run_size(args: &Args, root: &Path, n: u64) -> SizeRun {
         "train",
         "trainer",
         lensflow(["train", "--lake", &lake, "--scheduler", &cluster.url(), "--json", "--metrics-bind", &format!("127.0.0.1:{}", free_port()), "--models"])
-            .arg(&models),
+            .arg(&models)
+            .args(args.window.iter().flat_map(|w| ["--window".to_string(), w.to_string()])),
         &cluster_procs,
         &|out| format!("round {} of {batches} done", out.lines().filter(|l| l.starts_with('{')).count()),
     );
@@ -435,7 +440,7 @@ fn report(args: &Args, runs: &[SizeRun], machine: &str) -> String {
         sizes.join(","),
         args.batches,
         args.executors,
-        if args.no_spark { " --no-spark" } else { "" }
+        if args.no_spark { " --no-spark" } else { "" }.to_string() + &args.window.map(|w| format!(" --window {w}")).unwrap_or_default()
     );
     let _ = writeln!(md, "Machine: {machine}.\n");
     let _ = writeln!(
@@ -557,10 +562,10 @@ fn report(args: &Args, runs: &[SizeRun], machine: &str) -> String {
             }
             if r.rounds.len() >= 3 {
                 let by_round: Vec<(f64, f64)> = r.rounds.iter().enumerate().map(|(i, x)| (i as f64 + 1.0, round_seconds(x))).collect();
-                let by_rows: Vec<(f64, f64)> = r.rounds.iter().map(|x| (round_rows(x), round_seconds(x))).collect();
+                let by_rows: Vec<(f64, f64)> = r.rounds.iter().map(|x| (number(x, "events"), round_seconds(x))).collect();
                 let _ = writeln!(md, "\nRound time slope: {:.3} s per round, {:.3} s per 100k events in the lake.", slope(&by_round), slope(&by_rows) * 1e5);
                 for stage in &stages {
-                    let xy: Vec<(f64, f64)> = r.rounds.iter().map(|x| (round_rows(x), x["seconds"][stage].as_f64().unwrap_or(0.0))).collect();
+                    let xy: Vec<(f64, f64)> = r.rounds.iter().map(|x| (number(x, "events"), x["seconds"][stage].as_f64().unwrap_or(0.0))).collect();
                     let _ = write!(md, "{}{stage} {:.3}", if stage == &stages[0] { "Per stage, s per 100k events: " } else { ", " }, slope(&xy) * 1e5);
                 }
                 let _ = writeln!(md, ".");
@@ -585,6 +590,7 @@ fn report(args: &Args, runs: &[SizeRun], machine: &str) -> String {
 fn main() {
     let args = Args::parse();
     assert!(args.batches >= 1, "--batches must be at least 1");
+    assert!(args.window.is_none() || args.no_spark, "--window fits on the newest batches, Spark's round on every batch: add --no-spark");
     let temp = tempfile::tempdir().expect("temporary folder");
     let root = args.work_dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
     let machine = machine();

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use common::*;
 
 /// Prints a run's rounds; `steady_from` (a round number) adds the slope from that round on.
-fn report(title: &str, out: &str, trainer: u64, executors: &[u64], wall: std::time::Duration, lake_events: &[f64], steady_from: Option<usize>) {
+fn report(title: &str, out: &str, trainer: u64, executors: &[u64], wall: std::time::Duration, steady_from: Option<usize>) {
     println!(
         "\n### {title} (wall {:.1} s, trainer peak RSS {:.0} MiB{})\n",
         wall.as_secs_f64(),
@@ -51,7 +51,7 @@ fn report(title: &str, out: &str, trainer: u64, executors: &[u64], wall: std::ti
     }
     // How round time grows with the data: least squares of seconds on the lake's events.
     if rounds.len() >= 3 {
-        let xy: Vec<(f64, f64)> = rounds.iter().zip(lake_events).map(|(r, n)| (*n, round_seconds(r))).collect();
+        let xy: Vec<(f64, f64)> = rounds.iter().map(|r| (r["events"].as_f64().unwrap(), round_seconds(r))).collect();
         let slope = slope(&xy);
         let all: f64 = xy.iter().map(|p| p.1).sum();
         println!("\nround time grows {:.2} s per 100k events of the lake; all {} rounds: {all:.1} s", slope * 1e5, rounds.len());
@@ -70,9 +70,6 @@ fn main() {
     let csv = generate(dir.path(), n, 42);
     let lake = format!("file://{}", dir.path().join("lake").display());
     build_lake(&csv, &lake, batches);
-    // build_lake cuts the events into equal batches, the last one shorter.
-    let per = n.div_ceil(batches as u64);
-    let lake_events: Vec<f64> = (1..=batches as u64).map(|b| (b * per).min(n) as f64).collect();
     std::fs::remove_file(&csv).unwrap();
     println!("\n## lensflow training benchmark: {n} generated ratings in {batches} batches ({batches} cumulative rounds)");
 
@@ -95,7 +92,7 @@ fn main() {
             cmd.env("LENSFLOW_LOG", log);
         }
         let (out, wall, peak, _) = run_measured(&mut cmd, &[]);
-        report(title, &out, peak, &[], wall, &lake_events, (name == "window").then_some(window as usize + 1));
+        report(title, &out, peak, &[], wall, (name == "window").then_some(window as usize + 1));
     }
 
     if !engines.split(',').any(|e| e == "cluster") {
@@ -106,5 +103,5 @@ fn main() {
     let models = dir.path().join("models-cluster");
     let (out, wall, peak, executors) =
         run_measured(lensflow(["train", "--lake", &lake, "--scheduler", &cluster.url(), "--json", "--models"]).arg(&models), &pids);
-    report("scheduler + 2 executors (separate processes)", &out, peak, &executors, wall, &lake_events, None);
+    report("scheduler + 2 executors (separate processes)", &out, peak, &executors, wall, None);
 }

@@ -199,6 +199,7 @@ fn a_window_fits_on_the_newest_batches_while_features_and_lookups_keep_every_eve
     let events: Vec<(i64, i64)> = lake_rows_of(&lake, "movielens", &[]).iter().map(|r| (r.offset, int(value(&p, &r.event, "ts")))).collect();
     for (round, w) in [(3u64, &window[2]), (4, &window[3])] {
         assert_eq!(w["window_from"], round - 1, "{w}");
+        assert_eq!(w["events"], manifests[..round as usize].iter().map(|m| m.rows).sum::<u64>(), "every batch's events made the round");
         let before = manifests[..round as usize - 2].iter().filter_map(|m| m.max_ts).max().unwrap();
         let last = manifests[round as usize - 1].partitions[&0].last;
         let in_window = events.iter().filter(|(offset, t)| *offset <= last && *t > before).count() as u64;

@@ -210,6 +210,10 @@ pub struct BatchPlan {
     /// Per entity column, the aggregates (`SUM(arg) AS {CARRIED}i`, …) that carry its state:
     /// evaluated over an entity's stored state rows.
     pub carried: Vec<(String, Vec<String>)>,
+    /// Per entity column, in `carried`'s order, how its carried columns from several sets of
+    /// rows combine into those of their union (`SUM({CARRIED}i) AS {CARRIED}i` for a sum or a
+    /// count, `MIN`, `MAX`).
+    pub merged: Vec<Vec<String>>,
 }
 
 impl Shape {
@@ -263,12 +267,13 @@ impl Shape {
         }
         let from = if self.state == self.events { batch } else { &self.state };
         query.body = body_of(&format!("SELECT {} FROM {from}", quoted(columns)))?;
-        let mut carried = Vec::new();
+        let (mut carried, mut merged) = (Vec::new(), Vec::new());
         for key in &self.keys {
-            let aggs = combine.carried.iter().filter(|(k, _)| k == key).map(|(_, a)| a.clone()).collect();
-            carried.push((key.clone(), aggs));
+            let of_key = || combine.carried.iter().filter(|(k, _, _)| k == key);
+            carried.push((key.clone(), of_key().map(|(_, a, _)| a.clone()).collect()));
+            merged.push(of_key().map(|(_, _, m)| m.clone()).collect());
         }
-        Ok(BatchPlan { sql: query.to_string(), carried })
+        Ok(BatchPlan { sql: query.to_string(), carried, merged })
     }
 }
 
@@ -276,7 +281,8 @@ impl Shape {
 struct Combine<'a> {
     windows: &'a [WindowCall],
     next: usize,
-    carried: Vec<(String, String)>,
+    /// (entity column, carrying aggregate, merging aggregate) per window call.
+    carried: Vec<(String, String, String)>,
     error: Option<String>,
 }
 
@@ -303,7 +309,9 @@ impl VisitorMut for Combine<'_> {
             Accumulate::Min => ("MIN", format!("CASE WHEN {c} IS NULL OR ({w}) <= {c} THEN {w} ELSE {c} END")),
             Accumulate::Max => ("MAX", format!("CASE WHEN {c} IS NULL OR ({w}) >= {c} THEN {w} ELSE {c} END")),
         };
-        self.carried.push((call.key.clone(), format!("{name}({argument}) AS {c}")));
+        // Counts add up, so sets of rows merge theirs by SUM.
+        let merge = if call.function == Accumulate::Count { "SUM" } else { name };
+        self.carried.push((call.key.clone(), format!("{name}({argument}) AS {c}"), format!("{merge}({c}) AS {c}")));
         match Parser::new(&GenericDialect {}).try_with_sql(&text).and_then(|mut p| p.parse_expr()) {
             Ok(e) => *expr = e,
             Err(e) => {
@@ -477,6 +485,11 @@ mod tests {
         let keys: Vec<(&str, usize)> = plan.carried.iter().map(|(k, a)| (k.as_str(), a.len())).collect();
         assert_eq!(keys, [("user_id", 7), ("movie_id", 7)]);
         assert_eq!(plan.carried[0].1[0], format!("COUNT(rating) AS {CARRIED}0"));
+        // Counts of two sets of rows add up; MAX(ts) of the user's rows is a MAX again.
+        assert_eq!(plan.merged[0][0], format!("SUM({CARRIED}0) AS {CARRIED}0"));
+        let last = plan.carried[0].1.iter().position(|a| a.starts_with("MAX(ts)")).unwrap();
+        assert!(plan.merged[0][last].starts_with("MAX("), "{:?}", plan.merged[0]);
+        assert_eq!(plan.merged.iter().map(Vec::len).collect::<Vec<_>>(), [7, 7]);
         assert!(plan.sql.contains("FROM batch_rows") && !plan.sql.contains("FROM ratings"), "{}", plan.sql);
         assert!(plan.sql.contains(&format!("+ COALESCE({CARRIED}0, 0)")), "{}", plan.sql);
         assert!(plan.sql.ends_with("SELECT \"user_id\", \"u_n\" FROM stats"), "{}", plan.sql);

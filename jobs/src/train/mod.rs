@@ -115,6 +115,8 @@ pub struct RoundReport {
     pub round: u64,
     /// Batches used.
     pub batches: Vec<u64>,
+    /// Events in those batches.
+    pub events: u64,
     /// The first batch the models were fitted on, when a `window` left older ones out.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub window_from: Option<u64>,
@@ -575,6 +577,7 @@ impl Trainer<'_> {
             pipeline: p.name().to_string(),
             round,
             batches: manifests.iter().map(|m| m.batch).collect(),
+            events: artifact.lineage.rows,
             window_from: prep.window.as_ref().map(|w| w.first_batch),
             metrics,
             seconds: watch.0,

@@ -12,9 +12,12 @@
 //!    ratings, …). On time-ordered input that is no stored row at all;
 //! 3. carries each entity's window aggregates over its kept rows (`SUM`, `COUNT`, `MIN`, `MAX`
 //!    combine exactly) into the new and recomputed events, and runs the SQL's CTEs over those
-//!    alone ([`Shape::batch_plan`]);
-//! 4. writes the recomputed rows as a new segment, rewrites the segments they were taken from,
-//!    then the state manifest (the commit point), then removes files no manifest names;
+//!    alone ([`Shape::batch_plan`]). When no stored row changed, the kept rows are all of an
+//!    entity's rows, whose aggregates the state keeps as per-entity totals: the round then
+//!    reads those, not the stored rows;
+//! 4. writes the recomputed rows as a new segment, merges them into the totals, rewrites the
+//!    segments they were taken from, then the state manifest (the commit point), then removes
+//!    files no manifest names;
 //! 5. evaluates the final SELECT, with this round's variables, over every state row: row by
 //!    row, so the features equal a full recomputation's.
 
@@ -54,6 +57,10 @@ const STATE: &str = "__lensflow_state";
 const NEW: &str = "__lensflow_new";
 const BATCH: &str = "__lensflow_batch";
 const CHANGED: &str = "__lensflow_changed";
+/// The state rows a round wrote, as a table.
+const WRITTEN: &str = "__lensflow_written";
+/// The entity column of a cut, carried or totals table.
+const KEY: &str = "__lensflow_key";
 
 /// The carried state's manifest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,6 +74,11 @@ pub struct StateManifest {
     pub batches: Vec<u64>,
     /// The segment files.
     pub files: Vec<SegmentFile>,
+    /// Per entity column of the feature SQL's windows (in their first-use order), the files of
+    /// each entity's carried aggregates over all its rows: what a round whose events change no
+    /// stored row carries, instead of reading every stored row of its entities.
+    #[serde(default)]
+    pub totals: Vec<Vec<SegmentFile>>,
 }
 
 /// One Parquet file of state rows.
@@ -98,6 +110,9 @@ pub struct StateReport {
     pub recomputed: u64,
     /// State rows after the round.
     pub rows: u64,
+    /// Whether the carried aggregates came from the per-entity totals (no stored row changed)
+    /// rather than from reading the stored rows of the batch's entities.
+    pub from_totals: bool,
 }
 
 /// Registers `features` (and `features_round`) for this round from carried state, carrying
@@ -123,16 +138,17 @@ pub async fn features(
     let schema: SchemaRef = Arc::new(Schema::new(fields));
     let fingerprint = sha256_hex(format!("{FORMAT}\n{state_sql}\n{:?}", t.pipeline.lake_schema()).as_bytes());
 
+    let plan = shape.batch_plan(sql, BATCH, &columns).map_err(err)?;
     let carried = match t.full {
         true => Err("train --full".to_string()),
         false => load(t, &fingerprint, manifests).await,
     };
-    let (files, report) = match carried {
-        Ok(state) => match advance(t, shape, manifests, sql, &state, &columns, &schema).await? {
+    let (files, totals, report) = match carried {
+        Ok(state) => match advance(t, shape, &plan, manifests, &state, &schema).await? {
             Ok(advanced) => advanced,
-            Err(reason) => recompute(t, &state_sql, round, &schema, reason).await?,
+            Err(reason) => recompute(t, &plan, &state_sql, round, &schema, reason).await?,
         },
-        Err(reason) => recompute(t, &state_sql, round, &schema, reason).await?,
+        Err(reason) => recompute(t, &plan, &state_sql, round, &schema, reason).await?,
     };
     match &report.reason {
         // The first round, --full and widespread late events are normal; anything else is not.
@@ -142,17 +158,17 @@ pub async fn features(
         Some(reason) => tracing::warn!(round, reason = reason.as_str(), rows = report.rows, "state: full recomputation"),
         None => tracing::info!(round, new = report.new_events, recomputed = report.recomputed, rows = report.rows, "state: carried forward"),
     }
-    let manifest = StateManifest { format: FORMAT, fingerprint, batches: manifests.iter().map(|m| m.batch).collect(), files };
+    let manifest = StateManifest { format: FORMAT, fingerprint, batches: manifests.iter().map(|m| m.batch).collect(), files, totals };
     let json = serde_json::to_vec_pretty(&manifest).map_err(|e| JobError::Internal(e.to_string()))?;
     t.store.put(STATE_FILE, Bytes::from(json)).await?;
-    let named: BTreeSet<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
+    let named: BTreeSet<&str> = manifest.files.iter().chain(manifest.totals.iter().flatten()).map(|f| f.path.as_str()).collect();
     for path in t.store.list(STATE_DIR).await? {
         if path.as_ref() != STATE_FILE && !named.contains(path.as_ref()) {
             t.store.delete(path.as_ref()).await?;
         }
     }
 
-    register_state(t, &manifest.files, &schema).await?;
+    register_files(t, STATE, &manifest.files, &schema).await?;
     let final_sql = shape.final_sql(sql, STATE, &columns).map_err(err)?;
     let Some(window) = window else {
         engine.materialise("feature SQL", &final_sql, work_url, &["features", "features_round"]).await?;
@@ -184,7 +200,7 @@ async fn load(t: &Trainer<'_>, fingerprint: &str, manifests: &[BatchManifest]) -
     // Each file is read whole once per trainer: a watching trainer checks only what it did not
     // write or check itself, so a round's cost stays with its new rows.
     let verified = |f: &SegmentFile| t.verified.lock().is_ok_and(|v| v.contains(&f.sha256));
-    for f in state.files.iter().filter(|f| !verified(f)) {
+    for f in state.files.iter().chain(state.totals.iter().flatten()).filter(|f| !verified(f)) {
         // Hashed as it streams in: a file costs one chunk of memory, not its size.
         let missing = |e: object_store::Error| format!("state segment {} is missing: {e}", f.path);
         let mut chunks = store.store().get(&Path::from(f.path.as_str())).await.map_err(missing)?.into_stream();
@@ -200,7 +216,7 @@ async fn load(t: &Trainer<'_>, fingerprint: &str, manifests: &[BatchManifest]) -
         remember(t, f);
     }
     // A file checked earlier must still be there, with its size.
-    for f in state.files.iter() {
+    for f in state.files.iter().chain(state.totals.iter().flatten()) {
         match store.store().head(&Path::from(f.path.as_str())).await {
             Ok(meta) if meta.size == f.bytes => {}
             Ok(meta) => return Err(format!("state segment {} is damaged: {} bytes, not {}", f.path, meta.size, f.bytes)),
@@ -210,11 +226,42 @@ async fn load(t: &Trainer<'_>, fingerprint: &str, manifests: &[BatchManifest]) -
     Ok(state)
 }
 
-/// Every state row computed again from all of the round's events.
-async fn recompute(t: &Trainer<'_>, state_sql: &str, round: u64, schema: &SchemaRef, reason: String) -> Result<(Vec<SegmentFile>, StateReport)> {
+/// A round's segment files, per-entity totals and report.
+type Advanced = (Vec<SegmentFile>, Vec<Vec<SegmentFile>>, StateReport);
+
+/// Every state row computed again from all of the round's events, and the totals from them.
+async fn recompute(t: &Trainer<'_>, plan: &BatchPlan, state_sql: &str, round: u64, schema: &SchemaRef, reason: String) -> Result<Advanced> {
     let files = write_segment(t, "state rows", state_sql, round, schema).await?;
+    register_files(t, STATE, &files, schema).await?;
+    let mut totals = Vec::new();
+    for (j, (key, aggregates)) in plan.carried.iter().enumerate() {
+        let schema = totals_schema(t, key, aggregates).await?;
+        totals.push(write_totals(t, j, &totals_sql(key, aggregates), round, &schema).await?);
+    }
     let rows = files.iter().map(|f| f.rows).sum();
-    Ok((files, StateReport { mode: "full", reason: Some(reason), new_events: rows, recomputed: 0, rows }))
+    Ok((files, totals, StateReport { mode: "full", reason: Some(reason), new_events: rows, recomputed: 0, rows, from_totals: false }))
+}
+
+/// An entity column's totals over every registered state row.
+fn totals_sql(key: &str, aggregates: &[String]) -> String {
+    format!("SELECT {key} AS {KEY}, {} FROM {STATE} GROUP BY {key}", aggregates.join(", "))
+}
+
+/// The schema of an entity column's totals (planned over the registered state rows).
+async fn totals_schema(t: &Trainer<'_>, key: &str, aggregates: &[String]) -> Result<SchemaRef> {
+    let planned = t.engine.context().sql(&totals_sql(key, aggregates)).await.map_err(engine_err("entity totals"))?;
+    Ok(Arc::new(Schema::new(planned.schema().fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect::<Vec<Field>>())))
+}
+
+/// Writes entity column `j`'s totals, the rows of `sql`, as files of round `round`.
+async fn write_totals(t: &Trainer<'_>, j: usize, sql: &str, round: u64, schema: &SchemaRef) -> Result<Vec<SegmentFile>> {
+    let what = "entity totals";
+    t.engine.bounded(what, write_files(t, what, sql, &format!("t{j}-{round:05}"), round, schema)).await
+}
+
+/// The totals table of entity column `j`.
+fn totals_table(j: usize) -> String {
+    format!("__lensflow_totals{j}")
 }
 
 /// The state carried forward over the new batches; `Err` says why recomputing everything is
@@ -222,12 +269,11 @@ async fn recompute(t: &Trainer<'_>, state_sql: &str, round: u64, schema: &Schema
 async fn advance(
     t: &Trainer<'_>,
     shape: &Shape,
+    plan: &BatchPlan,
     manifests: &[BatchManifest],
-    sql: &str,
     state: &StateManifest,
-    columns: &[String],
     schema: &SchemaRef,
-) -> Result<std::result::Result<(Vec<SegmentFile>, StateReport), String>> {
+) -> Result<std::result::Result<Advanced, String>> {
     let (engine, round) = (t.engine, manifests.len() as u64);
     let stored_rows: u64 = state.files.iter().map(|f| f.rows).sum();
     let known: BTreeSet<u64> = state.batches.iter().copied().collect();
@@ -235,20 +281,28 @@ async fn advance(
     let new = t.lake.event_files(&new_batches).await?;
     if new.files.is_empty() {
         // A round tried again after its state was written: nothing to add.
-        let report = StateReport { mode: "incremental", reason: None, new_events: 0, recomputed: 0, rows: stored_rows };
-        return Ok(Ok((state.files.clone(), report)));
+        let report = StateReport { mode: "incremental", reason: None, new_events: 0, recomputed: 0, rows: stored_rows, from_totals: false };
+        return Ok(Ok((state.files.clone(), state.totals.clone(), report)));
     }
-    register_state(t, &state.files, schema).await?;
+    if state.totals.len() != plan.carried.len() {
+        return Ok(Err("the carried state has no per-entity totals (an earlier lensflow wrote it)".into()));
+    }
+    register_files(t, STATE, &state.files, schema).await?;
+    let mut totals_schemas = Vec::new();
+    for (j, (key, aggregates)) in plan.carried.iter().enumerate() {
+        let totals_schema = totals_schema(t, key, aggregates).await?;
+        register_files(t, &totals_table(j), &state.totals[j], &totals_schema).await?;
+        totals_schemas.push(totals_schema);
+    }
     engine.register_events(NEW, t.lake, &new, t.pipeline.lake_schema()).await?;
     // Work tables of an earlier round (or a crashed attempt) must not be read as this round's.
     super::remove_prefix(t.store, "_work/state").await?;
-    let plan = shape.batch_plan(sql, BATCH, columns).map_err(|reason| JobError::Engine { what: "incremental feature SQL".into(), reason })?;
     let time = t.pipeline.definition.events.time.as_deref().unwrap_or_default();
     let work = |name: &str| format!("{}/", t.store.url_of(&format!("_work/state/{name}")));
 
     // The stored rows the new events change: cut each entity at its earliest changed row,
     // until the cuts hold every changed row's entities.
-    let mut cuts = Cuts::new(&plan, time);
+    let mut cuts = Cuts::new(plan, time);
     let mut changed = 0u64;
     if !plan.carried.is_empty() {
         for (j, (key, _)) in plan.carried.iter().enumerate() {
@@ -292,12 +346,16 @@ async fn advance(
         let table = format!("__lensflow_carried{j}");
         let list = aggregates.join(", ");
         // An entity's rows before its cut are exactly its kept rows, and only entities with a
-        // cut have events in the batch.
+        // cut have events in the batch. When no stored row is at or after a cut, those are all
+        // of its rows: its totals.
         let cut = Cuts::table(j);
-        let sql = format!(
-            "SELECT s.{key} AS __lensflow_key, {list} FROM {STATE} s JOIN {cut} c ON s.{key} IS NOT DISTINCT FROM c.__lensflow_key \
-             WHERE s.{time} < c.__lensflow_cut GROUP BY s.{key}"
-        );
+        let sql = match changed {
+            0 => format!("SELECT t.* FROM {} t JOIN {cut} c ON t.{KEY} IS NOT DISTINCT FROM c.{KEY}", totals_table(j)),
+            _ => format!(
+                "SELECT s.{key} AS {KEY}, {list} FROM {STATE} s JOIN {cut} c ON s.{key} IS NOT DISTINCT FROM c.{KEY} \
+                 WHERE s.{time} < c.__lensflow_cut GROUP BY s.{key}"
+            ),
+        };
         engine.materialise("carried state", &sql, &work(&table), &[&table]).await?;
         for a in aggregates {
             let column = a.rsplit(" AS ").next().unwrap_or_default();
@@ -312,6 +370,22 @@ async fn advance(
 
     let mut files: Vec<SegmentFile> = write_segment(t, "new state rows", &plan.sql, round, schema).await?;
     let new_rows: u64 = files.iter().map(|f| f.rows).sum();
+    // Each entity's totals: unchanged without a cut; else its kept rows' (the carried table)
+    // with the rows just written.
+    register_files(t, WRITTEN, &files, schema).await?;
+    let mut totals = Vec::new();
+    for (j, (key, aggregates)) in plan.carried.iter().enumerate() {
+        let (cut, merged) = (Cuts::table(j), plan.merged[j].join(", "));
+        let sql = format!(
+            "SELECT {KEY}, {merged} FROM (\
+             SELECT t.* FROM {} t LEFT JOIN {cut} c ON t.{KEY} IS NOT DISTINCT FROM c.{KEY} WHERE c.__lensflow_cut IS NULL \
+             UNION ALL SELECT * FROM __lensflow_carried{j} \
+             UNION ALL SELECT {key} AS {KEY}, {} FROM {WRITTEN} GROUP BY {key}) u GROUP BY {KEY}",
+            totals_table(j),
+            aggregates.join(", ")
+        );
+        totals.push(write_totals(t, j, &sql, round, &totals_schemas[j]).await?);
+    }
     // Segments that lost rows to the recomputation are written again without them.
     let mut touched = BTreeSet::new();
     if changed > 0 {
@@ -328,7 +402,9 @@ async fn advance(
     files.sort_by(|a, b| (a.segment, &a.path).cmp(&(b.segment, &b.path)));
     super::remove_prefix(t.store, "_work/state").await?;
     let rows = files.iter().map(|f| f.rows).sum();
-    Ok(Ok((files, StateReport { mode: "incremental", reason: None, new_events: new_rows.saturating_sub(changed), recomputed: changed, rows })))
+    let report =
+        StateReport { mode: "incremental", reason: None, new_events: new_rows.saturating_sub(changed), recomputed: changed, rows, from_totals: changed == 0 };
+    Ok(Ok((files, totals, report)))
 }
 
 /// The joins and condition that pick the stored rows at or after their entities' cuts.
@@ -371,24 +447,26 @@ impl Cuts {
     }
 }
 
-async fn register_state(t: &Trainer<'_>, files: &[SegmentFile], schema: &SchemaRef) -> Result<()> {
+/// Registers `files` of the model store as table `name` (empty, in `schema`, without files).
+async fn register_files(t: &Trainer<'_>, name: &str, files: &[SegmentFile], schema: &SchemaRef) -> Result<()> {
     if files.is_empty() {
-        let empty = datafusion::datasource::MemTable::try_new(schema.clone(), vec![vec![]]).map_err(engine_err("state rows"))?;
+        let empty = datafusion::datasource::MemTable::try_new(schema.clone(), vec![vec![]]).map_err(engine_err(name))?;
         let ctx = t.engine.context();
-        ctx.deregister_table(STATE).map_err(engine_err("state rows"))?;
-        ctx.register_table(STATE, Arc::new(empty)).map_err(engine_err("state rows"))?;
+        ctx.deregister_table(name).map_err(engine_err(name))?;
+        ctx.register_table(name, Arc::new(empty)).map_err(engine_err(name))?;
         return Ok(());
     }
     let urls: Vec<String> = files.iter().map(|f| t.store.url_of(&f.path)).collect();
-    t.engine.register_parquet(STATE, &urls, Some(schema.clone())).await
+    t.engine.register_parquet(name, &urls, Some(schema.clone())).await
 }
 
 /// Runs `sql` and writes its rows as segment `segment`'s files, in the state schema.
 async fn write_segment(t: &Trainer<'_>, what: &str, sql: &str, segment: u64, schema: &SchemaRef) -> Result<Vec<SegmentFile>> {
-    t.engine.bounded(what, write_files(t, what, sql, segment, schema)).await
+    t.engine.bounded(what, write_files(t, what, sql, &format!("s{segment:05}"), segment, schema)).await
 }
 
-async fn write_files(t: &Trainer<'_>, what: &str, sql: &str, segment: u64, schema: &SchemaRef) -> Result<Vec<SegmentFile>> {
+/// Streams `sql`'s rows into files `_state/{name}-…` of segment `segment`, in `schema`.
+async fn write_files(t: &Trainer<'_>, what: &str, sql: &str, name: &str, segment: u64, schema: &SchemaRef) -> Result<Vec<SegmentFile>> {
     let mut stream = t.engine.stream(what, sql).await?;
     let stamp = lensflow_core::now_ms();
     let mut files = Vec::new();
@@ -418,7 +496,7 @@ async fn write_files(t: &Trainer<'_>, what: &str, sql: &str, segment: u64, schem
                 .set_compression(parquet::basic::Compression::ZSTD(parquet::basic::ZstdLevel::default()))
                 .set_max_row_group_row_count(Some(128 * 1024))
                 .build();
-            let path = format!("{STATE_DIR}/s{segment:05}-{stamp}-{:03}.parquet", files.len());
+            let path = format!("{STATE_DIR}/{name}-{stamp}-{:03}.parquet", files.len());
             pending = Some((ParquetUpload::new(t.store, &path, schema.clone(), props)?, path));
         }
         if let Some((upload, _)) = pending.as_mut() {
@@ -570,7 +648,27 @@ mod tests {
         let reports = carried_equals_full("movielens", &lines, 4).await;
         assert_eq!(reports[0].mode, "full");
         for r in &reports[1..] {
-            assert_eq!((r.mode, r.recomputed), ("incremental", 0), "{r:?}");
+            assert_eq!((r.mode, r.recomputed, r.from_totals), ("incremental", 0, true), "no stored row changes, so the totals carry: {r:?}");
+        }
+    }
+
+    /// Late events in one batch: that round reads the stored rows and brings the totals up to
+    /// date, and the next rounds carry from those totals, still equal to a full recomputation.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn totals_brought_through_a_round_of_late_events_carry_the_next_ones() {
+        let text = generated(6_000);
+        let lines: Vec<&str> = text.lines().collect();
+        let mut rows: Vec<&str> = lines[1..].to_vec();
+        // 50 events of batch 1 arrive in batch 2 instead (batches of 1,500 rows each).
+        let late: Vec<&str> = rows.drain(1000..1050).collect();
+        for (i, l) in late.into_iter().enumerate() {
+            rows.insert(2950 + i, l);
+        }
+        let input: Vec<&str> = std::iter::once(lines[0]).chain(rows).collect();
+        let reports = carried_equals_full("movielens", &input, 4).await;
+        assert!(reports[1].recomputed > 0 && !reports[1].from_totals, "{:?}", reports[1]);
+        for r in &reports[2..] {
+            assert_eq!((r.mode, r.recomputed, r.from_totals), ("incremental", 0, true), "{r:?}");
         }
     }
 
