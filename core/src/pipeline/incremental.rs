@@ -323,6 +323,97 @@ impl VisitorMut for Combine<'_> {
     }
 }
 
+/// A lookup table's SQL split so that it can be carried from round to round: each entity's
+/// partial aggregates, which merge batch by batch, and the lookup's own expressions over them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LookupPlan {
+    /// Each entity's partial aggregates (`{PART}i`) over the rows of the table it was built for.
+    pub partial: String,
+    /// How the partial rows of several sets of rows merge into those of their union.
+    pub merged: Vec<String>,
+    /// The lookup table, from the partial rows of the table it was built for.
+    pub finish: String,
+}
+
+/// The prefix of a carried lookup's partial aggregate columns.
+pub const PART: &str = "__lensflow_part_";
+
+/// `sql`, a lookup table's SQL (`SELECT key, … FROM features [WHERE …] GROUP BY key [ORDER BY
+/// …]`, whose values are expressions over `COUNT`, `SUM`, `MIN` and `MAX` of row expressions),
+/// as partial aggregates read from `rows` and its SELECT list read from `partials`; `Err` says
+/// why it cannot be carried.
+pub fn lookup_plan(sql: &str, key: &str, rows: &str, partials: &str) -> Result<LookupPlan, String> {
+    let (mut query, vars) = parse_query(sql)?;
+    if !vars.is_empty() {
+        return Err(format!("it reads the round's values ${{{}}}", vars.join("}, ${")));
+    }
+    if query.with.is_some() || query.limit_clause.is_some() {
+        return Err("it has a WITH or LIMIT clause".into());
+    }
+    let SetExpr::Select(select) = query.body.as_mut() else { return Err("it is not one SELECT".into()) };
+    if select.from.len() != 1 || !select.from[0].joins.is_empty() || select.distinct.is_some() || select.having.is_some() {
+        return Err("it must read one table, without joins, DISTINCT or HAVING".into());
+    }
+    let grouped = match &select.group_by {
+        GroupByExpr::Expressions(e, modifiers) => modifiers.is_empty() && e.len() == 1 && e[0].to_string().eq_ignore_ascii_case(key),
+        GroupByExpr::All(_) => false,
+    };
+    if !grouped {
+        return Err(format!("it must be grouped by its key `{key}` alone"));
+    }
+    let mut parts = Parts { calls: Vec::new(), error: None };
+    for item in &mut select.projection {
+        match item {
+            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => {
+                let _ = e.visit(&mut parts);
+            }
+            _ => return Err("its SELECT list has a wildcard".into()),
+        }
+    }
+    if let Some(e) = parts.error {
+        return Err(e);
+    }
+    let TableFactor::Table { name, .. } = &mut select.from[0].relation else { return Err("it must read a table".into()) };
+    *name = ObjectName::from(vec![Ident::new(rows)]);
+    let from_rows = select.from[0].to_string();
+    if let TableFactor::Table { name, .. } = &mut select.from[0].relation {
+        *name = ObjectName::from(vec![Ident::new(partials)]);
+    }
+    let filter = select.selection.take().map(|w| format!(" WHERE {w}")).unwrap_or_default();
+    let aggregates: Vec<String> = parts.calls.iter().enumerate().map(|(i, (f, a))| format!("{f}({a}) AS {PART}{i}")).collect();
+    let partial = format!("SELECT {key}, {} FROM {from_rows}{filter} GROUP BY {key}", aggregates.join(", "));
+    let merged = parts.calls.iter().enumerate().map(|(i, (f, _))| format!("{}({PART}{i}) AS {PART}{i}", if f == "COUNT" { "SUM" } else { f })).collect();
+    select.group_by = GroupByExpr::Expressions(vec![], vec![]);
+    Ok(LookupPlan { partial, merged, finish: query.to_string() })
+}
+
+/// Replaces each aggregate call of a lookup's SELECT list with its partial column.
+struct Parts {
+    /// (function, arguments) per partial column.
+    calls: Vec<(String, String)>,
+    error: Option<String>,
+}
+
+impl VisitorMut for Parts {
+    type Break = ();
+    fn post_visit_expr(&mut self, expr: &mut Expr) -> ControlFlow<()> {
+        let Expr::Function(f) = expr else { return ControlFlow::Continue(()) };
+        let name = f.name.to_string().to_uppercase();
+        if !["COUNT", "SUM", "MIN", "MAX"].contains(&name.as_str()) {
+            return ControlFlow::Continue(());
+        }
+        let FunctionArguments::List(list) = &f.args else { return ControlFlow::Continue(()) };
+        if f.over.is_some() || f.filter.is_some() || list.duplicate_treatment.is_some() || !list.clauses.is_empty() {
+            self.error = Some(format!("`{f}` cannot be merged batch by batch"));
+            return ControlFlow::Break(());
+        }
+        let arguments = list.args.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ");
+        *expr = Expr::Identifier(Ident::new(format!("{PART}{}", self.calls.len())));
+        self.calls.push((name, arguments));
+        ControlFlow::Continue(())
+    }
+}
+
 /// The body of the one query `text`.
 fn body_of(text: &str) -> Result<Box<SetExpr>, String> {
     Ok(parse_query(text)?.0.body)
@@ -472,6 +563,33 @@ mod tests {
             assert!(base.contains(from), "{from}");
             let err = movielens_with(&base.replacen(from, to, 1)).unwrap_err();
             assert!(err.contains(why), "{to}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_lookup_splits_into_partial_aggregates_and_its_own_expressions() {
+        let p = Pipeline::builtin("movielens").unwrap().unwrap();
+        let sql = p.sql_text(&p.definition.lookups[0].sql);
+        let plan = lookup_plan(sql, "user_id", "rows", "parts").unwrap();
+        assert!(plan.partial.starts_with(&format!("SELECT user_id, COUNT(rating) AS {PART}0, SUM(rating) AS {PART}1")), "{}", plan.partial);
+        assert!(plan.partial.ends_with("FROM rows GROUP BY user_id"), "{}", plan.partial);
+        assert_eq!(plan.merged[0], format!("SUM({PART}0) AS {PART}0"), "counts add up");
+        assert!(plan.merged.last().unwrap().starts_with("MAX("), "{:?}", plan.merged);
+        assert!(plan.finish.contains(&format!("CAST({PART}0 AS DOUBLE) AS u_n")) && plan.finish.contains("FROM parts ORDER BY user_id"), "{}", plan.finish);
+        assert!(!plan.finish.contains("GROUP BY"), "{}", plan.finish);
+        for (sql, why) in [
+            ("SELECT user_id, AVG(rating) AS m FROM features GROUP BY user_id", "ok"),
+            ("SELECT user_id, COUNT(DISTINCT movie_id) AS n FROM features GROUP BY user_id", "cannot be merged"),
+            ("SELECT user_id, SUM(rating) * ${shrink} AS s FROM features GROUP BY user_id", "round's values"),
+            ("SELECT movie_id, SUM(rating) AS s FROM features GROUP BY movie_id", "grouped by its key"),
+            ("SELECT user_id, SUM(rating) AS s FROM features f JOIN x ON f.a = x.a GROUP BY user_id", "one table"),
+        ] {
+            match lookup_plan(sql, "user_id", "rows", "parts") {
+                // AVG is not merged: it stays in the final SELECT, where planning it over the
+                // partial rows fails (the trainer then computes the lookup from every row).
+                Ok(plan) => assert_eq!(why, "ok", "{sql}: {plan:?}"),
+                Err(e) => assert!(e.contains(why), "{sql}: {e}"),
+            }
         }
     }
 

@@ -246,6 +246,8 @@ pub struct Prepared {
     pub window: Option<Window>,
     /// SQL giving every event's features, when `features` holds only the window's.
     pub all_rows: Option<String>,
+    /// The SQL of each lookup table carried in the state (from its partial aggregates).
+    pub lookups: BTreeMap<String, String>,
 }
 
 /// The newest batches of a round, the ones its models are fitted and evaluated on.
@@ -395,15 +397,15 @@ impl Trainer<'_> {
         remove_prefix(self.store, &work).await?;
         let features_url = format!("{}/", self.store.url_of(&format!("{work}/features")));
         let sql = substitute(p.features_sql(), &variables);
-        let (state, all_rows) = match &self.shape {
+        let (state, all_rows, lookups) = match &self.shape {
             Some(shape) => {
-                let (report, all_rows) = state::features(self, shape, manifests, &sql, &features_url, window.as_ref().map(|w| w.filter.as_str())).await?;
-                (Some(report), all_rows)
+                let r = state::features(self, shape, manifests, &sql, &features_url, window.as_ref().map(|w| w.filter.as_str())).await?;
+                (Some(r.report), r.all_rows, r.lookups)
             }
             // Without carried state every event's features are computed anyway: all stay.
             None => {
                 engine.materialise("feature SQL", &sql, &features_url, &["features", "features_round"]).await?;
-                (None, None)
+                (None, None, BTreeMap::new())
             }
         };
 
@@ -435,6 +437,7 @@ impl Trainer<'_> {
             state,
             window,
             all_rows,
+            lookups,
         })
     }
 
@@ -535,7 +538,9 @@ impl Trainer<'_> {
         for l in &p.definition.lookups {
             let file = lookup_file(&l.name);
             let mut sql = substitute(p.sql_text(&l.sql), &prep.variables);
-            if let Some(all_rows) = &prep.all_rows {
+            if let Some(carried) = prep.lookups.get(&l.name) {
+                sql = carried.clone();
+            } else if let Some(all_rows) = &prep.all_rows {
                 // Serving's "now" is every event, not just the window's.
                 sql = segments::with_features(&sql, all_rows);
             }

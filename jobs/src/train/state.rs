@@ -21,16 +21,18 @@
 //! 5. evaluates the final SELECT, with this round's variables, over every state row: row by
 //!    row, so the features equal a full recomputation's.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use arrow_array::{Int64Array, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use bytes::Bytes;
+use datafusion::common::tree_node::TreeNode;
+use datafusion::logical_expr::LogicalPlan;
 use futures::StreamExt;
 use lensflow_core::BatchManifest;
 use lensflow_core::model::{hex, sha256_hex};
-use lensflow_core::pipeline::incremental::{BatchPlan, Shape};
+use lensflow_core::pipeline::incremental::{BatchPlan, Shape, lookup_plan};
 use object_store::ObjectStoreExt;
 use object_store::path::Path;
 use serde::{Deserialize, Serialize};
@@ -79,6 +81,32 @@ pub struct StateManifest {
     /// stored row carries, instead of reading every stored row of its entities.
     #[serde(default)]
     pub totals: Vec<Vec<SegmentFile>>,
+    /// The lookup tables carried as per-entity partial aggregates (those whose SQL allows it).
+    #[serde(default)]
+    pub lookups: Vec<CarriedLookup>,
+}
+
+/// A lookup table's per-entity partial aggregates over every state row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CarriedLookup {
+    /// The lookup's name.
+    pub name: String,
+    /// The SQL that computes the partial aggregates from state rows: a changed lookup SQL
+    /// starts them again from every row.
+    pub sql: String,
+    /// Their files.
+    pub files: Vec<SegmentFile>,
+}
+
+/// What [`features`] registered for the round.
+pub struct Registered {
+    /// How the round came by its state rows.
+    pub report: StateReport,
+    /// SQL giving every event's features, when `features` holds only the window's rows.
+    pub all_rows: Option<String>,
+    /// Per lookup carried in the state, the SQL of its table (from its registered partial
+    /// aggregates).
+    pub lookups: BTreeMap<String, String>,
 }
 
 /// One Parquet file of state rows.
@@ -116,17 +144,9 @@ pub struct StateReport {
 }
 
 /// Registers `features` (and `features_round`) for this round from carried state, carrying
-/// it forward; `sql` is the feature SQL with this round's values substituted. With a `window`
-/// condition, `features` holds only the rows it keeps, and the SQL giving every row's features
-/// is returned beside the report.
-pub async fn features(
-    t: &Trainer<'_>,
-    shape: &Shape,
-    manifests: &[BatchManifest],
-    sql: &str,
-    work_url: &str,
-    window: Option<&str>,
-) -> Result<(StateReport, Option<String>)> {
+/// it forward with the lookups' partial aggregates; `sql` is the feature SQL with this round's
+/// values substituted. With a `window` condition, `features` holds only the rows it keeps.
+pub async fn features(t: &Trainer<'_>, shape: &Shape, manifests: &[BatchManifest], sql: &str, work_url: &str, window: Option<&str>) -> Result<Registered> {
     let engine = t.engine;
     let round = manifests.len() as u64;
     let err = |e: String| JobError::Engine { what: "incremental feature SQL".into(), reason: e };
@@ -143,6 +163,7 @@ pub async fn features(
         true => Err("train --full".to_string()),
         false => load(t, &fingerprint, manifests).await,
     };
+    let old_lookups = carried.as_ref().map(|s| s.lookups.clone()).unwrap_or_default();
     let (files, totals, report) = match carried {
         Ok(state) => match advance(t, shape, &plan, manifests, &state, &schema).await? {
             Ok(advanced) => advanced,
@@ -158,27 +179,68 @@ pub async fn features(
         Some(reason) => tracing::warn!(round, reason = reason.as_str(), rows = report.rows, "state: full recomputation"),
         None => tracing::info!(round, new = report.new_events, recomputed = report.recomputed, rows = report.rows, "state: carried forward"),
     }
-    let manifest = StateManifest { format: FORMAT, fingerprint, batches: manifests.iter().map(|m| m.batch).collect(), files, totals };
+    register_files(t, STATE, &files, &schema).await?;
+    let (lookups, lookup_sql) = carry_lookups(t, &old_lookups, report.from_totals, round).await?;
+    let manifest = StateManifest { format: FORMAT, fingerprint, batches: manifests.iter().map(|m| m.batch).collect(), files, totals, lookups };
     let json = serde_json::to_vec_pretty(&manifest).map_err(|e| JobError::Internal(e.to_string()))?;
     t.store.put(STATE_FILE, Bytes::from(json)).await?;
-    let named: BTreeSet<&str> = manifest.files.iter().chain(manifest.totals.iter().flatten()).map(|f| f.path.as_str()).collect();
+    let named: BTreeSet<&str> =
+        manifest.files.iter().chain(manifest.totals.iter().flatten()).chain(manifest.lookups.iter().flat_map(|l| &l.files)).map(|f| f.path.as_str()).collect();
     for path in t.store.list(STATE_DIR).await? {
         if path.as_ref() != STATE_FILE && !named.contains(path.as_ref()) {
             t.store.delete(path.as_ref()).await?;
         }
     }
 
-    register_files(t, STATE, &manifest.files, &schema).await?;
     let final_sql = shape.final_sql(sql, STATE, &columns).map_err(err)?;
     let Some(window) = window else {
         engine.materialise("feature SQL", &final_sql, work_url, &["features", "features_round"]).await?;
-        return Ok((report, None));
+        return Ok(Registered { report, all_rows: None, lookups: lookup_sql });
     };
-    // Only the window's rows are materialised: the rest are read again only by the lookups,
-    // which need few of their columns.
+    // Only the window's rows are materialised: the rest are read again only by the lookups
+    // not carried in the state, which need few of their columns.
     let windowed = format!("SELECT * FROM ({final_sql}) w WHERE {window}");
     engine.materialise("feature SQL", &windowed, work_url, &["features", "features_round"]).await?;
-    Ok((report, Some(final_sql)))
+    Ok(Registered { report, all_rows: Some(final_sql), lookups: lookup_sql })
+}
+
+/// Brings each lookup's partial aggregates up to date (merging the last round's with the rows
+/// just written when no stored row changed, else from every state row) and registers them;
+/// returns them and the SQL of each lookup table over them. A lookup whose SQL cannot be
+/// carried (see [`lookup_plan`]) is left out, and is computed from `features` as before.
+async fn carry_lookups(t: &Trainer<'_>, old: &[CarriedLookup], from_totals: bool, round: u64) -> Result<(Vec<CarriedLookup>, BTreeMap<String, String>)> {
+    let (mut carried, mut finishes) = (Vec::new(), BTreeMap::new());
+    for (i, l) in t.pipeline.definition.lookups.iter().enumerate() {
+        let table = format!("__lensflow_lookup{i}");
+        let plan = |rows: &str| lookup_plan(t.pipeline.sql_text(&l.sql), &l.key, rows, &table);
+        let Ok(from_state) = plan(STATE) else { continue };
+        // Only a lookup over state columns can be carried: those stay the same in every round.
+        let Ok(planned) = t.engine.context().sql(&from_state.partial).await else { continue };
+        let fields: Vec<Field> = planned.schema().fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect();
+        let schema: SchemaRef = Arc::new(Schema::new(fields));
+        // A SELECT list with another aggregate (AVG, …) would still aggregate the partial rows.
+        register_files(t, &table, &[], &schema).await?;
+        let Ok(finish) = t.engine.context().sql(&from_state.finish).await else { continue };
+        if finish.logical_plan().exists(|p| Ok(matches!(p, LogicalPlan::Aggregate(_)))).unwrap_or(true) {
+            continue;
+        }
+        let previous = old.iter().find(|o| o.name == l.name && o.sql == from_state.partial).filter(|_| from_totals);
+        let sql = match previous {
+            Some(previous) => {
+                let last = format!("__lensflow_lookup_last{i}");
+                register_files(t, &last, &previous.files, &schema).await?;
+                let written = plan(WRITTEN).map_err(|reason| JobError::Engine { what: format!("lookup {}", l.name), reason })?;
+                format!("SELECT {0}, {1} FROM (SELECT * FROM {last} UNION ALL {2}) u GROUP BY {0}", l.key, written.merged.join(", "), written.partial)
+            }
+            None => from_state.partial.clone(),
+        };
+        let what = format!("lookup {} partials", l.name);
+        let files = t.engine.bounded(&what, write_files(t, &what, &sql, &format!("l{i}-{round:05}"), round, &schema)).await?;
+        register_files(t, &table, &files, &schema).await?;
+        finishes.insert(l.name.clone(), from_state.finish.clone());
+        carried.push(CarriedLookup { name: l.name.clone(), sql: from_state.partial, files });
+    }
+    Ok((carried, finishes))
 }
 
 /// The carried state, if it is there, whole, and made by this SQL from batches of this round.
@@ -200,7 +262,8 @@ async fn load(t: &Trainer<'_>, fingerprint: &str, manifests: &[BatchManifest]) -
     // Each file is read whole once per trainer: a watching trainer checks only what it did not
     // write or check itself, so a round's cost stays with its new rows.
     let verified = |f: &SegmentFile| t.verified.lock().is_ok_and(|v| v.contains(&f.sha256));
-    for f in state.files.iter().chain(state.totals.iter().flatten()).filter(|f| !verified(f)) {
+    let lookup_files = state.lookups.iter().flat_map(|l| &l.files);
+    for f in state.files.iter().chain(state.totals.iter().flatten()).chain(lookup_files.clone()).filter(|f| !verified(f)) {
         // Hashed as it streams in: a file costs one chunk of memory, not its size.
         let missing = |e: object_store::Error| format!("state segment {} is missing: {e}", f.path);
         let mut chunks = store.store().get(&Path::from(f.path.as_str())).await.map_err(missing)?.into_stream();
@@ -216,7 +279,7 @@ async fn load(t: &Trainer<'_>, fingerprint: &str, manifests: &[BatchManifest]) -
         remember(t, f);
     }
     // A file checked earlier must still be there, with its size.
-    for f in state.files.iter().chain(state.totals.iter().flatten()) {
+    for f in state.files.iter().chain(state.totals.iter().flatten()).chain(lookup_files) {
         match store.store().head(&Path::from(f.path.as_str())).await {
             Ok(meta) if meta.size == f.bytes => {}
             Ok(meta) => return Err(format!("state segment {} is damaged: {} bytes, not {}", f.path, meta.size, f.bytes)),
@@ -601,6 +664,16 @@ mod tests {
         let mut fitted = vec![regression.intercept, classification.intercept, m.rmse, m.mae, m.auc, m.accuracy, m.r2];
         fitted.extend(regression.coefficients.iter().chain(&classification.coefficients));
         fitted.extend(prep.scaling.mean.iter().chain(&prep.scaling.scale));
+        // Every lookup is carried as partial sums, and gives what its SQL gives over `features`.
+        assert_eq!(prep.lookups.len(), pipeline.definition.lookups.len());
+        for l in &pipeline.definition.lookups {
+            let carried = table(engine, &format!("({})", prep.lookups[&l.name])).await;
+            let own = table(engine, &format!("({})", substitute(pipeline.sql_text(&l.sql), &prep.variables))).await;
+            assert_eq!(carried.len(), own.len(), "lookup {}", l.name);
+            for (i, (x, y)) in carried.iter().zip(&own).enumerate() {
+                assert_close(&format!("lookup {} row {i}", l.name), x, y);
+            }
+        }
         let direct = format!("({})", substitute(pipeline.features_sql(), &prep.variables));
         Outcome { features: table(engine, "features").await, direct: table(engine, &direct).await, fitted, report: prep.state }
     }
