@@ -460,15 +460,16 @@ fn report(args: &Args, runs: &[SizeRun], machine: &str) -> String {
         let tp = |name: &str| r.stages.iter().find(|s| s.name.starts_with(name)).and_then(|s| s.throughput).map(|t| format!("{:.0}", t.0)).unwrap_or_default();
         let train = r.stages.iter().find(|s| s.name.starts_with("train")).map(|s| s.wall).unwrap_or(0.0);
         let last = r.rounds.last().map(round_seconds).unwrap_or(0.0);
-        let (spark_s, spark_mem) = match &r.spark {
-            Some(s) => (s["total_seconds"].as_f64().unwrap_or(0.0), s["memory"]["jvm_peak_rss_mib"].as_f64().unwrap_or(0.0)),
-            None => (0.0, 0.0),
+        let (spark_s, spark_mem, spark_cell, spark_mem_cell) = match &r.spark {
+            Some(s) => {
+                let (t, m) = (s["total_seconds"].as_f64().unwrap_or(0.0), s["memory"]["jvm_peak_rss_mib"].as_f64().unwrap_or(0.0));
+                (t, m, format!("{t:.1}"), format!("{m:.0}"))
+            }
+            // A run without Spark (`--no-spark`) shows dashes, not zeros.
+            None => (0.0, 0.0, "-".to_string(), "-".to_string()),
         };
         let cluster = mib(cluster_peak(r));
         let ratio = |a: f64, b: f64| if a > 0.0 && b > 0.0 { format!("{:.1}×", a / b) } else { "-".into() };
-        // A run without Spark (`--no-spark`) shows dashes, not zeros.
-        let (spark_cell, spark_mem_cell) =
-            if r.spark.is_some() { (format!("{spark_s:.1}"), format!("{spark_mem:.0}")) } else { ("-".to_string(), "-".to_string()) };
         let _ = writeln!(
             md,
             "| {} | {wall:.0} | {} | {} | {train:.0} | {last:.1} | {spark_cell} | {} | {:.0} | {cluster:.0} | {spark_mem_cell} | {} | {} |",

@@ -143,12 +143,16 @@ fn three_cumulative_rounds_on_ratings_small_beat_the_bar_and_match_on_a_cluster(
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(!job_status().iter().any(|s| s == "Completed"), "cancelled, not run to the end: {:?}", job_status());
+    assert_same_lookups(&cluster_models.join("movielens/round-000003"), &models.join("movielens/round-000003"));
+}
+
+/// Requires the MovieLens lookup tables of two round folders to hold the same rows (1e-9).
+fn assert_same_lookups(a: &Path, b: &Path) {
     for table in ["lookup-user.parquet", "lookup-movie.parquet"] {
-        let (a, b) =
-            (lookup_table(&cluster_models.join("movielens/round-000003").join(table)), lookup_table(&models.join("movielens/round-000003").join(table)));
-        assert_eq!(a.len(), b.len(), "{table} rows");
-        for (x, y) in a.iter().zip(&b) {
-            assert!(x.iter().zip(y).all(|(p, q)| close(*p, *q, 1e-9)), "{table}: {x:?} vs {y:?}");
+        let (x, y) = (lookup_table(&a.join(table)), lookup_table(&b.join(table)));
+        assert_eq!(x.len(), y.len(), "{table} rows");
+        for (p, q) in x.iter().zip(&y) {
+            assert!(p.iter().zip(q).all(|(u, v)| close(*u, *v, 1e-9)), "{table}: {p:?} vs {q:?}");
         }
     }
 }
@@ -226,14 +230,7 @@ fn a_window_fits_on_the_newest_batches_while_features_and_lookups_keep_every_eve
     let carried: Vec<&str> = state["lookups"].as_array().unwrap().iter().map(|l| l["name"].as_str().unwrap()).collect();
     assert_eq!(carried, ["user", "movie"]);
     assert!(window[1..].iter().all(|w| w["state"]["from_totals"] == true), "time-ordered batches change no stored row");
-    for table in ["lookup-user.parquet", "lookup-movie.parquet"] {
-        let (a, b) =
-            (lookup_table(&all_models.join("movielens/round-000004").join(table)), lookup_table(&window_models.join("movielens/round-000004").join(table)));
-        assert_eq!(a.len(), b.len(), "{table}");
-        for (x, y) in a.iter().zip(&b) {
-            assert!(x.iter().zip(y).all(|(u, v)| close(*u, *v, 1e-9)), "{table}: {x:?} vs {y:?}");
-        }
-    }
+    assert_same_lookups(&all_models.join("movielens/round-000004"), &window_models.join("movielens/round-000004"));
 
     // Without an event time (smart-home), the window is exactly its batches' offsets.
     let home_lake = format!("file://{}", dir.path().join("home-lake").display());
