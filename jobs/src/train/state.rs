@@ -15,9 +15,10 @@
 //!    alone ([`Shape::batch_plan`]). When no stored row changed, the kept rows are all of an
 //!    entity's rows, whose aggregates the state keeps as per-entity totals: the round then
 //!    reads those, not the stored rows;
-//! 4. writes the recomputed rows as a new segment, merges them into the totals, rewrites the
-//!    segments they were taken from, then the state manifest (the commit point), then removes
-//!    files no manifest names;
+//! 4. writes the recomputed rows as a new segment, merges them into the totals and into the
+//!    lookup tables' per-entity partial sums ([`lookup_plan`]; from every row after late
+//!    events), rewrites the segments they were taken from, then the state manifest (the commit
+//!    point), then removes files no manifest names;
 //! 5. evaluates the final SELECT, with this round's variables, over every state row: row by
 //!    row, so the features equal a full recomputation's.
 
