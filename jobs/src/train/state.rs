@@ -154,7 +154,7 @@ pub async fn features(t: &Trainer<'_>, shape: &Shape, manifests: &[BatchManifest
     let state_sql = shape.state_sql(sql).map_err(err)?;
     let planned = engine.context().sql(&state_sql).await.map_err(engine_err("state rows"))?;
     let columns: Vec<String> = planned.schema().fields().iter().map(|f| f.name().clone()).collect();
-    let mut fields: Vec<Field> = planned.schema().fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect();
+    let mut fields = nullable_fields(&planned);
     fields.push(Field::new(SEGMENT, DataType::Int64, false));
     let schema: SchemaRef = Arc::new(Schema::new(fields));
     let fingerprint = sha256_hex(format!("{FORMAT}\n{state_sql}\n{:?}", t.pipeline.lake_schema()).as_bytes());
@@ -217,8 +217,7 @@ async fn carry_lookups(t: &Trainer<'_>, old: &[CarriedLookup], from_totals: bool
         let Ok(from_state) = plan(STATE) else { continue };
         // Only a lookup over state columns can be carried: those stay the same in every round.
         let Ok(planned) = t.engine.context().sql(&from_state.partial).await else { continue };
-        let fields: Vec<Field> = planned.schema().fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect();
-        let schema: SchemaRef = Arc::new(Schema::new(fields));
+        let schema: SchemaRef = Arc::new(Schema::new(nullable_fields(&planned)));
         // A SELECT list with another aggregate (AVG, …) would still aggregate the partial rows.
         register_files(t, &table, &[], &schema).await?;
         let Ok(finish) = t.engine.context().sql(&from_state.finish).await else { continue };
@@ -314,7 +313,13 @@ fn totals_sql(key: &str, aggregates: &[String]) -> String {
 /// The schema of an entity column's totals (planned over the registered state rows).
 async fn totals_schema(t: &Trainer<'_>, key: &str, aggregates: &[String]) -> Result<SchemaRef> {
     let planned = t.engine.context().sql(&totals_sql(key, aggregates)).await.map_err(engine_err("entity totals"))?;
-    Ok(Arc::new(Schema::new(planned.schema().fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect::<Vec<Field>>())))
+    Ok(Arc::new(Schema::new(nullable_fields(&planned))))
+}
+
+/// A planned query's columns, each nullable: the files written from it may hold NULLs where
+/// the plan says none (an outer join, an empty group), and are read back in this schema.
+fn nullable_fields(planned: &datafusion::dataframe::DataFrame) -> Vec<Field> {
+    planned.schema().fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect()
 }
 
 /// Writes entity column `j`'s totals, the rows of `sql`, as files of round `round`.
