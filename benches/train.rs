@@ -4,9 +4,10 @@
 //!
 //! `cargo bench --bench train` (1M generated ratings in 3 batches; `LENSFLOW_BENCH_RATINGS=10000000`
 //! for more, `LENSFLOW_BENCH_BATCHES=30` for more rounds, `LENSFLOW_BENCH_ENGINES=local,standalone`
-//! for fewer engines (of local, full, window, standalone, cluster); `LENSFLOW_BENCH_WINDOW=5` is
+//! for fewer engines (of local, full, window, standalone, cluster, cluster-window); `LENSFLOW_BENCH_WINDOW=5` is
 //! the `--window` of the `window` run; `LENSFLOW_BENCH_LOG=lensflow_jobs=debug` logs each
-//! query's seconds). The lake is written straight through the
+//! query's seconds; `LENSFLOW_BENCH_PARTITIONS=4` spreads the events over 4 partitions, read
+//! unevenly into batches as from a backlog, so that batches bring late events). The lake is written straight through the
 //! library (ingest has its own benchmark).
 //! Prints a report; nothing here is asserted on time.
 
@@ -69,16 +70,19 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let csv = generate(dir.path(), n, 42);
     let lake = format!("file://{}", dir.path().join("lake").display());
-    build_lake(&csv, &lake, batches);
+    let partitions: usize = std::env::var("LENSFLOW_BENCH_PARTITIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    build_lake_in_partitions(&csv, &lake, "movielens", batches, partitions);
     std::fs::remove_file(&csv).unwrap();
-    println!("\n## lensflow training benchmark: {n} generated ratings in {batches} batches ({batches} cumulative rounds)");
+    println!("\n## lensflow training benchmark: {n} generated ratings in {batches} batches ({batches} cumulative rounds) from {partitions} partition(s)");
 
     let window: u64 = std::env::var("LENSFLOW_BENCH_WINDOW").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     let window_title = format!("DataFusion in-process, --window {window} (models fitted on the newest {window} batches)");
+    let window_args = vec!["--window".to_string(), window.to_string()];
+    let cluster_window = format!("scheduler + 2 executors, --window {window}");
     let runs: [(&str, &str, Vec<String>); 4] = [
         ("local", "DataFusion in-process (the default: state carried from round to round)", vec![]),
         ("full", "DataFusion in-process, --full (every round recomputes every event's state)", vec!["--full".into()]),
-        ("window", &window_title, vec!["--window".into(), window.to_string()]),
+        ("window", &window_title, window_args.clone()),
         ("standalone", "Ballista standalone (in-process)", vec!["--scheduler".into(), "standalone".into()]),
     ];
     for (name, title, args) in runs {
@@ -95,13 +99,20 @@ fn main() {
         report(title, &out, peak, &[], wall, (name == "window").then_some(window as usize + 1));
     }
 
-    if !engines.split(',').any(|e| e == "cluster") {
-        return;
+    let cluster_runs = [("cluster", "scheduler + 2 executors (separate processes)", vec![]), ("cluster-window", &*cluster_window, window_args)];
+    for (name, title, args) in cluster_runs {
+        if !engines.split(',').any(|e| e == name) {
+            continue;
+        }
+        let cluster = Cluster::start(dir.path(), 2);
+        let pids: Vec<u32> = cluster.executors.iter().map(|e| e.id()).collect();
+        let models = dir.path().join(format!("models-{name}"));
+        let mut cmd = lensflow(["train", "--lake", &lake, "--scheduler", &cluster.url(), "--json", "--models"]);
+        cmd.arg(&models).args(&args);
+        if let Ok(log) = std::env::var("LENSFLOW_BENCH_LOG") {
+            cmd.env("LENSFLOW_LOG", log);
+        }
+        let (out, wall, peak, executors) = run_measured(&mut cmd, &pids);
+        report(title, &out, peak, &executors, wall, (name == "cluster-window").then_some(window as usize + 1));
     }
-    let cluster = Cluster::start(dir.path(), 2);
-    let pids: Vec<u32> = cluster.executors.iter().map(|e| e.id()).collect();
-    let models = dir.path().join("models-cluster");
-    let (out, wall, peak, executors) =
-        run_measured(lensflow(["train", "--lake", &lake, "--scheduler", &cluster.url(), "--json", "--models"]).arg(&models), &pids);
-    report("scheduler + 2 executors (separate processes)", &out, peak, &executors, wall, None);
 }

@@ -734,16 +734,39 @@ pub fn build_lake(csv: &std::path::Path, url: &str, batches: usize) {
 
 /// [`build_lake`] for any built-in pipeline.
 pub fn build_lake_of(csv: &std::path::Path, url: &str, pipeline_name: &str, batches: usize) {
+    build_lake_in_partitions(csv, url, pipeline_name, batches, 1)
+}
+
+/// [`build_lake_of`] with the events keyed into `partitions` partitions (by the pipeline's key,
+/// as `produce` does), each batch taking an uneven share of each partition's next events, as a
+/// consumer of a backlog does: with more than one partition, batches hold events older than
+/// those of earlier batches (late events).
+pub fn build_lake_in_partitions(csv: &std::path::Path, url: &str, pipeline_name: &str, batches: usize, partitions: usize) {
     let p = pipeline(pipeline_name);
     let events = csv_events(csv, pipeline_name);
     let lake = pipeline_lake(url, pipeline_name, &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut offsets = lensflow_jobs::consume::offsets::LakeOffsets::new(p.topic());
+    let mut queues: Vec<Vec<&Event>> = vec![Vec::new(); partitions];
+    for e in &events {
+        let key = p.event_key(e);
+        let hash = key.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
+        queues[if partitions == 1 { 0 } else { hash % partitions }].push(e);
+    }
     let per = events.len().div_ceil(batches);
-    for (b, chunk) in events.chunks(per).enumerate() {
+    let mut next = vec![0usize; partitions];
+    for b in 0..batches {
+        // Each partition's share of the batch swings between 0.4 and 1.6 of an even one, out
+        // of step with the others.
+        let weights: Vec<f64> = (0..partitions).map(|q| if partitions == 1 { 1.0 } else { 1.0 + 0.6 * ((b as f64 / 3.0) + q as f64 * 1.7).sin() }).collect();
+        let total: f64 = weights.iter().sum();
         let mut batch = lensflow_jobs::consume::writer::Batch::new(&p);
-        for (i, e) in chunk.iter().enumerate() {
-            batch.partition(0).push_event((b * per + i) as i64, e);
+        for (q, queue) in queues.iter().enumerate() {
+            let take = if b + 1 == batches { queue.len() - next[q] } else { ((per as f64 * weights[q] / total).round() as usize).min(queue.len() - next[q]) };
+            for e in &queue[next[q]..next[q] + take] {
+                batch.partition(q as i32).push_event(next[q] as i64, e);
+                next[q] += 1;
+            }
         }
         rt.block_on(lensflow_jobs::consume::commit::commit_batch(&lake, &mut offsets, &batch, p.topic(), "bench")).unwrap();
     }

@@ -200,6 +200,12 @@ pub fn shape(sql: &str, events: &str, columns: &[String], time: Option<&str>, ro
 /// aggregate over an entity's stored rows is column `{CARRIED}{i}`.
 pub const CARRIED: &str = "__lensflow_carried_";
 
+/// The prefix of the hidden state columns that keep each window call's value on its row:
+/// window call `i`'s aggregate over the entity's strictly earlier events is `{RAW}{i}`. After
+/// late events, an entity's aggregates over its rows before its cut are these values on its
+/// first changed row, so a round reads its changed rows and not all of the entity's.
+pub const RAW: &str = "__lensflow_raw_";
+
 /// A round's batch, computed against carried state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchPlan {
@@ -214,13 +220,17 @@ pub struct BatchPlan {
     /// rows combine into those of their union (`SUM({CARRIED}i) AS {CARRIED}i` for a sum or a
     /// count, `MIN`, `MAX`).
     pub merged: Vec<Vec<String>>,
+    /// Per entity column, in `carried`'s order, the numbers `i` of its window calls.
+    pub calls: Vec<Vec<usize>>,
 }
 
 impl Shape {
-    /// The SQL of every state row: `sql`'s CTEs, then all of the state relation's columns.
-    /// `sql` is the feature SQL with its `${…}` values substituted.
+    /// The SQL of every state row: `sql`'s CTEs, then all of the state relation's columns,
+    /// with each window call's value kept as `{RAW}i`. `sql` is the feature SQL with its `${…}`
+    /// values substituted.
     pub fn state_sql(&self, sql: &str) -> Result<String, String> {
         let (mut query, _) = parse_query(sql)?;
+        self.rewrite_ctes(&mut query, None)?;
         query.body = body_of(&format!("SELECT * FROM {}", self.state))?;
         Ok(query.to_string())
     }
@@ -238,49 +248,73 @@ impl Shape {
     /// [`BatchPlan`]. `columns` are the state relation's.
     pub fn batch_plan(&self, sql: &str, batch: &str, columns: &[String]) -> Result<BatchPlan, String> {
         let (mut query, _) = parse_query(sql)?;
-        let mut combine = Combine { windows: &self.windows, next: 0, carried: Vec::new(), error: None };
+        let combine = self.rewrite_ctes(&mut query, Some(batch))?;
+        let from = if self.state == self.events { batch } else { &self.state };
+        query.body = body_of(&format!("SELECT {} FROM {from}", quoted(columns)))?;
+        let (mut carried, mut merged, mut calls) = (Vec::new(), Vec::new(), Vec::new());
+        for key in &self.keys {
+            let of_key = || combine.carried.iter().enumerate().filter(|(_, (k, _, _))| k == key);
+            carried.push((key.clone(), of_key().map(|(_, (_, a, _))| a.clone()).collect()));
+            merged.push(of_key().map(|(_, (_, _, m))| m.clone()).collect());
+            calls.push(of_key().map(|(i, _)| i).collect());
+        }
+        Ok(BatchPlan { sql: query.to_string(), carried, merged, calls })
+    }
+
+    /// Adds each window call's value to its CTE as `{RAW}i`, carried through every later CTE.
+    /// With a `batch` table, the CTEs read it instead of the events table and each window call
+    /// is combined with its carried value, whose columns also ride along.
+    fn rewrite_ctes(&self, query: &mut Query, batch: Option<&str>) -> Result<Combine<'_>, String> {
+        let mut combine = Combine { windows: &self.windows, next: 0, combine: batch.is_some(), raw: Vec::new(), carried: Vec::new(), error: None };
+        let named = |prefix: &'static str, range: std::ops::Range<usize>| {
+            range.map(move |i| SelectItem::UnnamedExpr(Expr::Identifier(Ident::new(format!("{prefix}{i}")))))
+        };
         if let Some(with) = query.with.as_mut() {
             for cte in &mut with.cte_tables {
                 let SetExpr::Select(select) = cte.query.body.as_mut() else { continue };
-                if let TableFactor::Table { name, .. } = &mut select.from[0].relation
+                if let Some(batch) = batch
+                    && let TableFactor::Table { name, .. } = &mut select.from[0].relation
                     && name.to_string().eq_ignore_ascii_case(&self.events)
                 {
                     *name = ObjectName::from(vec![Ident::new(batch)]);
                 }
+                let before = combine.next;
                 for item in &mut select.projection {
                     if let SelectItem::ExprWithAlias { expr, .. } | SelectItem::UnnamedExpr(expr) = item {
                         let _ = expr.visit(&mut combine);
                     }
                 }
-                // The carried columns ride along to every later CTE.
+                // Earlier CTEs' hidden columns ride along to every later one.
                 if !select.projection.iter().any(|i| matches!(i, SelectItem::Wildcard(_))) {
-                    let names = (0..self.windows.len()).map(|i| SelectItem::UnnamedExpr(Expr::Identifier(Ident::new(format!("{CARRIED}{i}")))));
-                    select.projection.extend(names);
+                    select.projection.extend(named(RAW, 0..before));
+                    if batch.is_some() {
+                        select.projection.extend(named(CARRIED, 0..self.windows.len()));
+                    }
+                }
+                for i in before..combine.next {
+                    select.projection.push(SelectItem::ExprWithAlias { expr: combine.raw[i].clone(), alias: Ident::new(format!("{RAW}{i}")) });
                 }
             }
         }
-        if let Some(e) = combine.error {
+        if let Some(e) = combine.error.take() {
             return Err(e);
         }
         if combine.next != self.windows.len() {
             return Err(format!("found {} of the {} window calls", combine.next, self.windows.len()));
         }
-        let from = if self.state == self.events { batch } else { &self.state };
-        query.body = body_of(&format!("SELECT {} FROM {from}", quoted(columns)))?;
-        let (mut carried, mut merged) = (Vec::new(), Vec::new());
-        for key in &self.keys {
-            let of_key = || combine.carried.iter().filter(|(k, _, _)| k == key);
-            carried.push((key.clone(), of_key().map(|(_, a, _)| a.clone()).collect()));
-            merged.push(of_key().map(|(_, _, m)| m.clone()).collect());
-        }
-        Ok(BatchPlan { sql: query.to_string(), carried, merged })
+        Ok(combine)
     }
 }
 
-/// Rewrites each window call `W` (in order) into `W` combined with its carried value.
+/// Notes each window call `W` (in order) and, for a batch, rewrites it into `W` combined with
+/// its carried value.
 struct Combine<'a> {
     windows: &'a [WindowCall],
     next: usize,
+    /// Whether window calls are combined with their carried values.
+    combine: bool,
+    /// Per window call, its value on the row (combined, for a batch).
+    raw: Vec<Expr>,
     /// (entity column, carrying aggregate, merging aggregate) per window call.
     carried: Vec<(String, String, String)>,
     error: Option<String>,
@@ -312,13 +346,16 @@ impl VisitorMut for Combine<'_> {
         // Counts add up, so sets of rows merge theirs by SUM.
         let merge = if call.function == Accumulate::Count { "SUM" } else { name };
         self.carried.push((call.key.clone(), format!("{name}({argument}) AS {c}"), format!("{merge}({c}) AS {c}")));
-        match Parser::new(&GenericDialect {}).try_with_sql(&text).and_then(|mut p| p.parse_expr()) {
-            Ok(e) => *expr = e,
-            Err(e) => {
-                self.error = Some(format!("combining `{w}`: {e}"));
-                return ControlFlow::Break(());
+        if self.combine {
+            match Parser::new(&GenericDialect {}).try_with_sql(&text).and_then(|mut p| p.parse_expr()) {
+                Ok(e) => *expr = e,
+                Err(e) => {
+                    self.error = Some(format!("combining `{w}`: {e}"));
+                    return ControlFlow::Break(());
+                }
             }
         }
+        self.raw.push(expr.clone());
         ControlFlow::Continue(())
     }
 }
@@ -327,12 +364,37 @@ impl VisitorMut for Combine<'_> {
 /// partial aggregates, which merge batch by batch, and the lookup's own expressions over them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LookupPlan {
-    /// Each entity's partial aggregates (`{PART}i`) over the rows of the table it was built for.
+    /// The lookup's key.
+    pub key: String,
+    /// Each entity's partial aggregates (`{PART}i`) over the rows of the table it was built
+    /// for, with the hidden counts that merging needs: rows (`{PART}rows`) and, per `SUM`,
+    /// non-NULL arguments (`{PART}i_n`).
     pub partial: String,
     /// How the partial rows of several sets of rows merge into those of their union.
     pub merged: Vec<String>,
+    /// The partial columns negated, so that merging them in takes rows out again: `None` when a
+    /// `MIN` or `MAX` reads a column that late events change (a minimum cannot be taken back).
+    pub retract: Option<Vec<String>>,
     /// The lookup table, from the partial rows of the table it was built for.
     pub finish: String,
+}
+
+impl LookupPlan {
+    /// The partial rows of the union of `parts` (each a query of partial rows).
+    pub fn merge_sql(&self, parts: &[String]) -> String {
+        format!(
+            "SELECT {0}, {1} FROM ({2}) u GROUP BY {0} HAVING SUM({PART}rows) > 0",
+            self.key,
+            self.merged.join(", "),
+            parts.iter().map(|p| format!("SELECT * FROM ({p}) p")).collect::<Vec<_>>().join(" UNION ALL ")
+        )
+    }
+
+    /// Partial rows that, merged in, take this plan's rows out, if it can be done.
+    pub fn retracting(&self) -> Option<String> {
+        let list = self.retract.as_ref()?;
+        Some(format!("SELECT {}, {} FROM ({}) r", self.key, list.join(", "), self.partial))
+    }
 }
 
 /// The prefix of a carried lookup's partial aggregate columns.
@@ -340,9 +402,10 @@ pub const PART: &str = "__lensflow_part_";
 
 /// `sql`, a lookup table's SQL (`SELECT key, … FROM features [WHERE …] GROUP BY key [ORDER BY
 /// …]`, whose values are expressions over `COUNT`, `SUM`, `MIN` and `MAX` of row expressions),
-/// as partial aggregates read from `rows` and its SELECT list read from `partials`; `Err` says
-/// why it cannot be carried.
-pub fn lookup_plan(sql: &str, key: &str, rows: &str, partials: &str) -> Result<LookupPlan, String> {
+/// as partial aggregates read from `rows` and its SELECT list read from `partials`;
+/// `unchanging` names the columns whose values late events never change (the events' own).
+/// `Err` says why it cannot be carried.
+pub fn lookup_plan(sql: &str, key: &str, rows: &str, partials: &str, unchanging: &[String]) -> Result<LookupPlan, String> {
     let (mut query, vars) = parse_query(sql)?;
     if !vars.is_empty() {
         return Err(format!("it reads the round's values ${{{}}}", vars.join("}, ${")));
@@ -380,11 +443,47 @@ pub fn lookup_plan(sql: &str, key: &str, rows: &str, partials: &str) -> Result<L
         *name = ObjectName::from(vec![Ident::new(partials)]);
     }
     let filter = select.selection.take().map(|w| format!(" WHERE {w}")).unwrap_or_default();
-    let aggregates: Vec<String> = parts.calls.iter().enumerate().map(|(i, (f, a))| format!("{f}({a}) AS {PART}{i}")).collect();
+    // Which rows a group holds, and a MIN or MAX over them, stay put only if late events
+    // change none of the columns they read.
+    let fixed = |text: &str| identifiers(text).iter().all(|c| unchanging.iter().any(|u| u.eq_ignore_ascii_case(c)));
+    let settled = fixed(&filter) && fixed(key);
+    let (mut aggregates, mut merged, mut retract) = (Vec::new(), Vec::new(), Some(Vec::new()));
+    for (i, (f, a)) in parts.calls.iter().enumerate() {
+        let p = format!("{PART}{i}");
+        aggregates.push(format!("{f}({a}) AS {p}"));
+        let negated = match f.as_str() {
+            "COUNT" => {
+                merged.push(format!("SUM({p}) AS {p}"));
+                vec![format!("-{p} AS {p}")]
+            }
+            // The count of non-NULL arguments tells a sum of none (NULL) from a sum of 0.
+            "SUM" => {
+                aggregates.push(format!("COUNT({a}) AS {p}_n"));
+                merged.push(format!("CASE WHEN SUM({p}_n) > 0 THEN SUM({p}) END AS {p}"));
+                merged.push(format!("SUM({p}_n) AS {p}_n"));
+                vec![format!("-{p} AS {p}"), format!("-{p}_n AS {p}_n")]
+            }
+            // Rows taken out come back with the same values: merging them again changes nothing.
+            _ => {
+                merged.push(format!("{f}({p}) AS {p}"));
+                if !(settled && fixed(a)) {
+                    retract = None;
+                }
+                vec![p.clone()]
+            }
+        };
+        if let Some(r) = retract.as_mut() {
+            r.extend(negated);
+        }
+    }
+    aggregates.push(format!("COUNT(*) AS {PART}rows"));
+    merged.push(format!("SUM({PART}rows) AS {PART}rows"));
+    if let Some(r) = retract.as_mut() {
+        r.push(format!("-{PART}rows AS {PART}rows"));
+    }
     let partial = format!("SELECT {key}, {} FROM {from_rows}{filter} GROUP BY {key}", aggregates.join(", "));
-    let merged = parts.calls.iter().enumerate().map(|(i, (f, _))| format!("{}({PART}{i}) AS {PART}{i}", if f == "COUNT" { "SUM" } else { f })).collect();
     select.group_by = GroupByExpr::Expressions(vec![], vec![]);
-    Ok(LookupPlan { partial, merged, finish: query.to_string() })
+    Ok(LookupPlan { key: key.to_string(), partial, merged, retract, finish: query.to_string() })
 }
 
 /// Replaces each aggregate call of a lookup's SELECT list with its partial column.
@@ -570,11 +669,34 @@ mod tests {
     fn a_lookup_splits_into_partial_aggregates_and_its_own_expressions() {
         let p = Pipeline::builtin("movielens").unwrap().unwrap();
         let sql = p.sql_text(&p.definition.lookups[0].sql);
-        let plan = lookup_plan(sql, "user_id", "rows", "parts").unwrap();
-        assert!(plan.partial.starts_with(&format!("SELECT user_id, COUNT(rating) AS {PART}0, SUM(rating) AS {PART}1")), "{}", plan.partial);
-        assert!(plan.partial.ends_with("FROM rows GROUP BY user_id"), "{}", plan.partial);
+        let events: Vec<String> = p.lake_schema().fields().iter().map(|f| f.name().clone()).collect();
+        let plan = lookup_plan(sql, "user_id", "rows", "parts", &events).unwrap();
+        assert!(
+            plan.partial.starts_with(&format!("SELECT user_id, COUNT(rating) AS {PART}0, SUM(rating) AS {PART}1, COUNT(rating) AS {PART}1_n")),
+            "{}",
+            plan.partial
+        );
+        assert!(plan.partial.ends_with(&format!("COUNT(*) AS {PART}rows FROM rows GROUP BY user_id")), "{}", plan.partial);
         assert_eq!(plan.merged[0], format!("SUM({PART}0) AS {PART}0"), "counts add up");
-        assert!(plan.merged.last().unwrap().starts_with("MAX("), "{:?}", plan.merged);
+        assert_eq!(plan.merged[1], format!("CASE WHEN SUM({PART}1_n) > 0 THEN SUM({PART}1) END AS {PART}1"), "a sum of no value stays NULL");
+        assert!(plan.merged.iter().any(|m| m.starts_with("MAX(")), "{:?}", plan.merged);
+        assert!(plan.merge_sql(&["a".into(), "b".into()]).ends_with(&format!("GROUP BY user_id HAVING SUM({PART}rows) > 0")));
+        // Sums and counts are taken back by negation; MAX(ts) needs nothing taken back, since
+        // a recomputed row has its event's ts again.
+        let retract = plan.retract.clone().unwrap();
+        assert_eq!(retract.len(), plan.merged.len());
+        assert_eq!((retract[0].as_str(), retract.last().unwrap().as_str()), (&*format!("-{PART}0 AS {PART}0"), &*format!("-{PART}rows AS {PART}rows")));
+        assert!(plan.retracting().unwrap().ends_with("FROM rows GROUP BY user_id) r"));
+        // A minimum of a column late events change cannot be taken back; nor one whose rows a
+        // changing filter picks.
+        for sql in [
+            "SELECT user_id, MIN(u_resid_one_a) AS m FROM features GROUP BY user_id",
+            "SELECT user_id, MIN(ts) AS m FROM features WHERE u_n > 3 GROUP BY user_id",
+        ] {
+            assert_eq!(lookup_plan(sql, "user_id", "rows", "parts", &events).unwrap().retract, None, "{sql}");
+        }
+        let sum = lookup_plan("SELECT user_id, SUM(u_resid_one_a) AS s FROM features WHERE u_n > 3 GROUP BY user_id", "user_id", "rows", "parts", &events);
+        assert!(sum.unwrap().retract.is_some(), "sums of changing columns, even over changing rows, are taken back");
         assert!(plan.finish.contains(&format!("CAST({PART}0 AS DOUBLE) AS u_n")) && plan.finish.contains("FROM parts ORDER BY user_id"), "{}", plan.finish);
         assert!(!plan.finish.contains("GROUP BY"), "{}", plan.finish);
         for (sql, why) in [
@@ -584,7 +706,7 @@ mod tests {
             ("SELECT movie_id, SUM(rating) AS s FROM features GROUP BY movie_id", "grouped by its key"),
             ("SELECT user_id, SUM(rating) AS s FROM features f JOIN x ON f.a = x.a GROUP BY user_id", "one table"),
         ] {
-            match lookup_plan(sql, "user_id", "rows", "parts") {
+            match lookup_plan(sql, "user_id", "rows", "parts", &events) {
                 // AVG is not merged: it stays in the final SELECT, where planning it over the
                 // partial rows fails (the trainer then computes the lookup from every row).
                 Ok(plan) => assert_eq!(why, "ok", "{sql}: {plan:?}"),
@@ -611,6 +733,12 @@ mod tests {
         assert!(plan.sql.contains("FROM batch_rows") && !plan.sql.contains("FROM ratings"), "{}", plan.sql);
         assert!(plan.sql.contains(&format!("+ COALESCE({CARRIED}0, 0)")), "{}", plan.sql);
         assert!(plan.sql.ends_with("SELECT \"user_id\", \"u_n\" FROM stats"), "{}", plan.sql);
+        // Each window's value rides along as a hidden column: combined in a batch, as it is in
+        // the state rows.
+        assert_eq!(plan.calls, [vec![0, 1, 2, 3, 4, 10, 11], vec![5, 6, 7, 8, 9, 12, 13]]);
+        assert!(plan.sql.contains(&format!("AS {RAW}0")) && plan.sql.contains(&format!("{RAW}13, {CARRIED}0")), "{}", plan.sql);
+        let state = shape.state_sql(&sql).unwrap();
+        assert!(state.contains(&format!("PRECEDING AND 1 PRECEDING) AS {RAW}13")) && !state.contains(CARRIED), "{state}");
         assert!(shape.final_sql(&sql, "stored", &columns).unwrap().starts_with("WITH stats AS (SELECT \"user_id\", \"u_n\" FROM stored) SELECT"));
     }
 }

@@ -9,16 +9,19 @@
 //! 2. finds the stored rows the new events change: an entity's rows at or after its earliest
 //!    new event, closed until every recomputed row's entities are cut at or before it (a late
 //!    rating changes its movie's later ratings, whose residuals change their users' later
-//!    ratings, …). On time-ordered input that is no stored row at all;
+//!    ratings, …). On time-ordered input that is no stored row at all. When a few steps leave
+//!    the closure holding most stored rows after the earliest cut, every entity is cut there;
 //! 3. carries each entity's window aggregates over its kept rows (`SUM`, `COUNT`, `MIN`, `MAX`
 //!    combine exactly) into the new and recomputed events, and runs the SQL's CTEs over those
-//!    alone ([`Shape::batch_plan`]). When no stored row changed, the kept rows are all of an
-//!    entity's rows, whose aggregates the state keeps as per-entity totals: the round then
-//!    reads those, not the stored rows;
+//!    alone ([`Shape::batch_plan`]). An entity with no changed row keeps all its rows, whose
+//!    aggregates the state keeps as per-entity totals; an entity with changed rows keeps those
+//!    before its first changed row, whose aggregates that row holds (each window call's value
+//!    is a hidden state column, `RAW`). So a round reads its changed rows and the totals, not
+//!    the stored rows of its entities;
 //! 4. writes the recomputed rows as a new segment, merges them into the totals and into the
-//!    lookup tables' per-entity partial sums ([`lookup_plan`]; from every row after late
-//!    events), rewrites the segments they were taken from, then the state manifest (the commit
-//!    point), then removes files no manifest names;
+//!    lookup tables' per-entity partial sums ([`lookup_plan`]; after late events, less the rows
+//!    they replace), rewrites the segments they were taken from, then the state manifest (the
+//!    commit point), then removes files no manifest names;
 //! 5. evaluates the final SELECT, with this round's variables, over every state row: row by
 //!    row, so the features equal a full recomputation's.
 
@@ -33,7 +36,7 @@ use datafusion::logical_expr::LogicalPlan;
 use futures::StreamExt;
 use lensflow_core::BatchManifest;
 use lensflow_core::model::{hex, sha256_hex};
-use lensflow_core::pipeline::incremental::{BatchPlan, Shape, lookup_plan};
+use lensflow_core::pipeline::incremental::{BatchPlan, CARRIED, RAW, Shape, lookup_plan};
 use object_store::ObjectStoreExt;
 use object_store::path::Path;
 use serde::{Deserialize, Serialize};
@@ -48,7 +51,8 @@ use crate::{JobError, Result};
 pub const STATE_DIR: &str = "_state";
 /// The state manifest: written last, so it names only complete segment files.
 pub const STATE_FILE: &str = "_state/STATE.json";
-const FORMAT: u32 = 1;
+/// 2: state rows keep each window call's value (`RAW` columns).
+const FORMAT: u32 = 2;
 /// The column of a state row that names its segment.
 const SEGMENT: &str = "__lensflow_segment";
 /// Rows per segment file.
@@ -56,10 +60,14 @@ const FILE_ROWS: u64 = 1_000_000;
 /// The closure of changed rows settles in a few steps on real data; a chain longer than this
 /// means the late events reach nearly everything anyway.
 const MAX_CLOSURE_STEPS: usize = 50;
+/// Steps of the closure after which it may cut every entity at the earliest cut instead.
+const WIDEN_AFTER: usize = 2;
 const STATE: &str = "__lensflow_state";
 const NEW: &str = "__lensflow_new";
 const BATCH: &str = "__lensflow_batch";
 const CHANGED: &str = "__lensflow_changed";
+/// The stored rows a round recomputes, as they were before it.
+const REPLACED: &str = "__lensflow_replaced";
 /// The state rows a round wrote, as a table.
 const WRITTEN: &str = "__lensflow_written";
 /// The entity column of a cut, carried or totals table.
@@ -139,8 +147,8 @@ pub struct StateReport {
     pub recomputed: u64,
     /// State rows after the round.
     pub rows: u64,
-    /// Whether the carried aggregates came from the per-entity totals (no stored row changed)
-    /// rather than from reading the stored rows of the batch's entities.
+    /// Whether no stored row changed, so that every carried aggregate came from the
+    /// per-entity totals.
     pub from_totals: bool,
 }
 
@@ -181,7 +189,9 @@ pub async fn features(t: &Trainer<'_>, shape: &Shape, manifests: &[BatchManifest
         None => tracing::info!(round, new = report.new_events, recomputed = report.recomputed, rows = report.rows, "state: carried forward"),
     }
     register_files(t, STATE, &files, &schema).await?;
-    let (lookups, lookup_sql) = carry_lookups(t, &old_lookups, report.from_totals, round).await?;
+    let (lookups, lookup_sql) = carry_lookups(t, shape, &old_lookups, &report, round).await?;
+    // The work tables (cuts, replaced rows) were read for the last time.
+    super::remove_prefix(t.store, "_work/state").await?;
     let manifest = StateManifest { format: FORMAT, fingerprint, batches: manifests.iter().map(|m| m.batch).collect(), files, totals, lookups };
     let json = serde_json::to_vec_pretty(&manifest).map_err(|e| JobError::Internal(e.to_string()))?;
     t.store.put(STATE_FILE, Bytes::from(json)).await?;
@@ -205,15 +215,23 @@ pub async fn features(t: &Trainer<'_>, shape: &Shape, manifests: &[BatchManifest
     Ok(Registered { report, all_rows: Some(final_sql), lookups: lookup_sql })
 }
 
-/// Brings each lookup's partial aggregates up to date (merging the last round's with the rows
-/// just written when no stored row changed, else from every state row) and registers them;
-/// returns them and the SQL of each lookup table over them. A lookup whose SQL cannot be
-/// carried (see [`lookup_plan`]) is left out, and is computed from `features` as before.
-async fn carry_lookups(t: &Trainer<'_>, old: &[CarriedLookup], from_totals: bool, round: u64) -> Result<(Vec<CarriedLookup>, BTreeMap<String, String>)> {
+/// Brings each lookup's partial aggregates up to date and registers them; returns them and the
+/// SQL of each lookup table over them. The last round's are merged with the rows just written,
+/// less (after late events) the stored rows they replace, when that can be done exactly; else
+/// they are computed from every state row. A lookup whose SQL cannot be carried (see
+/// [`lookup_plan`]) is left out, and is computed from `features` as before.
+async fn carry_lookups(
+    t: &Trainer<'_>,
+    shape: &Shape,
+    old: &[CarriedLookup],
+    report: &StateReport,
+    round: u64,
+) -> Result<(Vec<CarriedLookup>, BTreeMap<String, String>)> {
     let (mut carried, mut finishes) = (Vec::new(), BTreeMap::new());
+    let carried_forward = report.mode == "incremental";
     for (i, l) in t.pipeline.definition.lookups.iter().enumerate() {
         let table = format!("__lensflow_lookup{i}");
-        let plan = |rows: &str| lookup_plan(t.pipeline.sql_text(&l.sql), &l.key, rows, &table);
+        let plan = |rows: &str| lookup_plan(t.pipeline.sql_text(&l.sql), &l.key, rows, &table, &shape.reads);
         let Ok(from_state) = plan(STATE) else { continue };
         // Only a lookup over state columns can be carried: those stay the same in every round.
         let Ok(planned) = t.engine.context().sql(&from_state.partial).await else { continue };
@@ -224,17 +242,27 @@ async fn carry_lookups(t: &Trainer<'_>, old: &[CarriedLookup], from_totals: bool
         if finish.logical_plan().exists(|p| Ok(matches!(p, LogicalPlan::Aggregate(_)))).unwrap_or(true) {
             continue;
         }
-        let previous = old.iter().find(|o| o.name == l.name && o.sql == from_state.partial).filter(|_| from_totals);
-        let sql = match previous {
-            Some(previous) => {
-                let last = format!("__lensflow_lookup_last{i}");
-                register_files(t, &last, &previous.files, &schema).await?;
-                let written = plan(WRITTEN).map_err(|reason| JobError::Engine { what: format!("lookup {}", l.name), reason })?;
-                format!("SELECT {0}, {1} FROM (SELECT * FROM {last} UNION ALL {2}) u GROUP BY {0}", l.key, written.merged.join(", "), written.partial)
+        let what = format!("lookup {}", l.name);
+        let previous = old.iter().find(|o| o.name == l.name && o.sql == from_state.partial).filter(|_| carried_forward);
+        let mut parts = Vec::new();
+        if let Some(previous) = previous {
+            let last = format!("__lensflow_lookup_last{i}");
+            register_files(t, &last, &previous.files, &schema).await?;
+            let engine_err = |reason| JobError::Engine { what: what.clone(), reason };
+            parts.push(format!("SELECT * FROM {last}"));
+            // A round tried again after its state was written wrote no rows.
+            if report.from_totals || report.recomputed > 0 {
+                parts.push(plan(WRITTEN).map_err(engine_err)?.partial);
             }
-            None => from_state.partial.clone(),
-        };
-        let what = format!("lookup {} partials", l.name);
+            if report.recomputed > 0 {
+                match plan(REPLACED).map_err(engine_err)?.retracting() {
+                    Some(retracting) => parts.push(retracting),
+                    None => parts.clear(),
+                }
+            }
+        }
+        let sql = if parts.is_empty() { from_state.partial.clone() } else { from_state.merge_sql(&parts) };
+        let what = format!("{what} partials");
         let files = t.engine.bounded(&what, write_files(t, &what, &sql, &format!("l{i}-{round:05}"), round, &schema)).await?;
         register_files(t, &table, &files, &schema).await?;
         finishes.insert(l.name.clone(), from_state.finish.clone());
@@ -382,48 +410,84 @@ async fn advance(
         // Each step reads the stored rows once: the changed rows' keys and times, from which
         // every key's cuts are widened.
         let keys: Vec<String> = plan.carried.iter().map(|(key, _)| format!("s.{key}")).collect();
-        let mut steps = 0;
+        let (mut steps, mut widened) = (0, false);
         loop {
             let sql = format!("SELECT {}, s.{time} FROM {STATE} s {} WHERE {}", keys.join(", "), cuts.joins, cuts.changed);
             engine.materialise("changed state rows", &sql, &work(&format!("changed-{steps}")), &[CHANGED]).await?;
             let count = engine.query_row("changed state rows", &format!("SELECT COUNT(*) FROM {CHANGED}")).await?[0] as u64;
-            if count == changed {
-                break;
-            }
+            let settled = count == changed || widened;
             changed = count;
-            steps += 1;
-            if changed as f64 > t.full_above * stored_rows as f64 || steps > MAX_CLOSURE_STEPS {
+            if changed as f64 > t.full_above * stored_rows as f64 {
                 return Ok(Err(format!("late events change {changed} of the {stored_rows} stored state rows")));
             }
+            if settled {
+                break;
+            }
+            steps += 1;
+            if steps > MAX_CLOSURE_STEPS {
+                return Ok(Err(format!("the rows that late events change still grow after {MAX_CLOSURE_STEPS} steps")));
+            }
+            // Each step costs a read of the stored rows after the earliest cut. Once the
+            // closure holds most of them, cutting every entity there costs less than the steps
+            // left (on well-connected entities, a movie's raters, it reaches nearly all of them).
+            if steps > WIDEN_AFTER {
+                let sql = format!("SELECT COUNT(*) FROM {STATE} WHERE {time} >= {}", cuts.floor);
+                let after = engine.query_row("stored rows after the earliest cut", &sql).await?[0] as u64;
+                widened = 2 * changed >= after;
+            }
             for (j, (key, _)) in plan.carried.iter().enumerate() {
-                let sql = format!(
-                    "SELECT k AS __lensflow_key, MIN(t) AS __lensflow_cut FROM \
-                     (SELECT {key} AS k, {time} AS t FROM {NEW} UNION ALL SELECT {key} AS k, {time} AS t FROM {CHANGED}) u GROUP BY k"
-                );
+                let sql = if widened {
+                    // Every entity with a row at or after the earliest cut is cut there: closed
+                    // at once, since every stored row from then on is recomputed.
+                    format!(
+                        "SELECT k AS __lensflow_key, MIN(t) AS __lensflow_cut FROM (SELECT {key} AS k, {floor} AS t FROM {NEW} \
+                         UNION ALL SELECT {key} AS k, {floor} AS t FROM {STATE} WHERE {time} >= {floor}) u GROUP BY k",
+                        floor = cuts.floor
+                    )
+                } else {
+                    format!(
+                        "SELECT k AS __lensflow_key, MIN(t) AS __lensflow_cut FROM \
+                         (SELECT {key} AS k, {time} AS t FROM {NEW} UNION ALL SELECT {key} AS k, {time} AS t FROM {CHANGED}) u GROUP BY k"
+                    )
+                };
                 engine.materialise("state cuts", &sql, &work(&format!("cut{j}-{steps}")), &[&Cuts::table(j)]).await?;
             }
             cuts.settle(engine).await?;
         }
     }
+    if changed > 0 {
+        // The changed rows, read once more whole: what the batch recomputes, where each
+        // entity's carried aggregates are, and (in the lookups) what leaves the partial sums.
+        let sql = format!("SELECT s.* FROM {STATE} s {} WHERE {}", cuts.joins, cuts.changed);
+        engine.materialise("replaced state rows", &sql, &work("replaced"), &[REPLACED]).await?;
+    }
 
     // Carried aggregates over each entity's kept rows, joined onto the batch's events.
     let reads = shape.reads.join(", ");
-    let stored_reads = shape.reads.iter().map(|c| format!("s.{c}")).collect::<Vec<_>>().join(", ");
     let mut batch = "SELECT e.*".to_string();
     let mut joins = String::new();
     for (j, (key, aggregates)) in plan.carried.iter().enumerate() {
         let table = format!("__lensflow_carried{j}");
-        let list = aggregates.join(", ");
         // An entity's rows before its cut are exactly its kept rows, and only entities with a
-        // cut have events in the batch. When no stored row is at or after a cut, those are all
-        // of its rows: its totals.
-        let cut = Cuts::table(j);
+        // cut have events in the batch. When no stored row is at or after its cut, those are
+        // all of its rows: its totals. Else they are the rows before its first changed row,
+        // whose window values (the `RAW` columns; equal on rows of the same time) are their
+        // aggregates.
+        let (cut, totals) = (Cuts::table(j), totals_table(j));
+        let from_totals = format!("SELECT t.* FROM {totals} t JOIN {cut} c ON t.{KEY} IS NOT DISTINCT FROM c.{KEY}");
         let sql = match changed {
-            0 => format!("SELECT t.* FROM {} t JOIN {cut} c ON t.{KEY} IS NOT DISTINCT FROM c.{KEY}", totals_table(j)),
-            _ => format!(
-                "SELECT s.{key} AS {KEY}, {list} FROM {STATE} s JOIN {cut} c ON s.{key} IS NOT DISTINCT FROM c.{KEY} \
-                 WHERE s.{time} < c.__lensflow_cut GROUP BY s.{key}"
-            ),
+            0 => from_totals,
+            _ => {
+                let raw = plan.calls[j].iter().map(|i| format!("MAX(r.{RAW}{i}) AS {CARRIED}{i}")).collect::<Vec<_>>().join(", ");
+                let columns = plan.calls[j].iter().map(|i| format!("{CARRIED}{i}")).collect::<Vec<_>>().join(", ");
+                format!(
+                    "WITH f AS (SELECT r.{key} AS {KEY}, {raw}, 1 AS __lensflow_first FROM {REPLACED} r \
+                     JOIN (SELECT {key} AS k, MIN({time}) AS t0 FROM {REPLACED} GROUP BY {key}) m \
+                     ON (r.{key} IS NOT DISTINCT FROM m.k) AND r.{time} = m.t0 GROUP BY r.{key}) \
+                     SELECT {KEY}, {columns} FROM f UNION ALL {from_totals} \
+                     LEFT JOIN f ON t.{KEY} IS NOT DISTINCT FROM f.{KEY} WHERE f.__lensflow_first IS NULL"
+                )
+            }
         };
         engine.materialise("carried state", &sql, &work(&table), &[&table]).await?;
         for a in aggregates {
@@ -432,8 +496,7 @@ async fn advance(
         }
         joins += &format!(" LEFT JOIN {table} a{j} ON e.{key} IS NOT DISTINCT FROM a{j}.__lensflow_key");
     }
-    let stored_part =
-        if changed == 0 { String::new() } else { format!(" UNION ALL SELECT {stored_reads} FROM {STATE} s {} WHERE {}", cuts.joins, cuts.changed) };
+    let stored_part = if changed == 0 { String::new() } else { format!(" UNION ALL SELECT {reads} FROM {REPLACED}") };
     batch += &format!(" FROM (SELECT {reads} FROM {NEW}{stored_part}) e{joins}");
     engine.materialise("batch events", &batch, &work(BATCH), &[BATCH]).await?;
 
@@ -458,7 +521,7 @@ async fn advance(
     // Segments that lost rows to the recomputation are written again without them.
     let mut touched = BTreeSet::new();
     if changed > 0 {
-        let counts = engine.query("touched segments", &format!("SELECT DISTINCT s.{SEGMENT} FROM {STATE} s {} WHERE {}", cuts.joins, cuts.changed)).await?;
+        let counts = engine.query("touched segments", &format!("SELECT DISTINCT {SEGMENT} FROM {REPLACED}")).await?;
         for b in &counts {
             touched.extend((0..b.num_rows()).map(|r| super::engine::number(b, 0, r).unwrap_or(0.0) as u64));
         }
@@ -469,7 +532,6 @@ async fn advance(
     }
     files.extend(state.files.iter().filter(|f| !touched.contains(&f.segment)).cloned());
     files.sort_by(|a, b| (a.segment, &a.path).cmp(&(b.segment, &b.path)));
-    super::remove_prefix(t.store, "_work/state").await?;
     let rows = files.iter().map(|f| f.rows).sum();
     let report =
         StateReport { mode: "incremental", reason: None, new_events: new_rows.saturating_sub(changed), recomputed: changed, rows, from_totals: changed == 0 };
@@ -486,6 +548,8 @@ struct Cuts {
     /// `any`, behind the earliest cut as a constant, which skips the Parquet row groups of
     /// segments older than every cut.
     changed: String,
+    /// The earliest cut.
+    floor: i64,
 }
 
 impl Cuts {
@@ -497,7 +561,7 @@ impl Cuts {
             any.push(format!("COALESCE(s.{time} >= c{j}.__lensflow_cut, FALSE)"));
         }
         let any = if any.is_empty() { "FALSE".to_string() } else { format!("({})", any.join(" OR ")) };
-        Cuts { joins, changed: any.clone(), any, time: time.to_string(), keys: plan.carried.len() }
+        Cuts { joins, changed: any.clone(), any, time: time.to_string(), keys: plan.carried.len(), floor: i64::MIN }
     }
 
     /// Reads the earliest cut once the cut tables are (re)made.
@@ -506,8 +570,8 @@ impl Cuts {
             return Ok(());
         }
         let all = (0..self.keys).map(|j| format!("SELECT MIN(__lensflow_cut) AS c FROM {}", Cuts::table(j))).collect::<Vec<_>>().join(" UNION ALL ");
-        let floor = engine.query_row("earliest cut", &format!("SELECT MIN(c) FROM ({all}) u")).await?[0] as i64;
-        self.changed = format!("(s.{} >= {floor} AND {})", self.time, self.any);
+        self.floor = engine.query_row("earliest cut", &format!("SELECT MIN(c) FROM ({all}) u")).await?[0] as i64;
+        self.changed = format!("(s.{} >= {} AND {})", self.time, self.floor, self.any);
         Ok(())
     }
 
@@ -779,7 +843,9 @@ mod tests {
     }
 
     /// `ratings_small` arrives sorted by user, so every batch brings ratings older than what
-    /// their movies have seen: the late-event path, exactly.
+    /// their movies have seen: the late-event path, exactly. Their users rated movies across
+    /// the years, so the closure reaches nearly every stored row, and the round cuts every
+    /// entity at the earliest cut.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn carried_rounds_equal_full_ones_on_ratings_small_in_file_order() {
         let text = test_file("ratings_small.csv");
@@ -788,7 +854,7 @@ mod tests {
         eprintln!("{reports:#?}");
         for r in &reports[1..] {
             assert_eq!(r.mode, "incremental", "{r:?}");
-            assert!(r.recomputed > 0 && r.recomputed < r.rows - r.new_events, "late events recompute some stored rows, not all: {r:?}");
+            assert!(r.recomputed > 0, "late events recompute stored rows: {r:?}");
         }
     }
 
