@@ -751,14 +751,14 @@ pub fn build_lake_in_partitions(csv: &std::path::Path, url: &str, pipeline_name:
     for e in &events {
         let key = p.event_key(e);
         let hash = key.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
-        queues[if partitions == 1 { 0 } else { hash % partitions }].push(e);
+        queues[hash % partitions].push(e);
     }
     let per = events.len().div_ceil(batches);
     let mut next = vec![0usize; partitions];
     for b in 0..batches {
         // Each partition's share of the batch swings between 0.4 and 1.6 of an even one, out
         // of step with the others.
-        let weights: Vec<f64> = (0..partitions).map(|q| if partitions == 1 { 1.0 } else { 1.0 + 0.6 * ((b as f64 / 3.0) + q as f64 * 1.7).sin() }).collect();
+        let weights: Vec<f64> = (0..partitions).map(|q| 1.0 + 0.6 * ((b as f64 / 3.0) + q as f64 * 1.7).sin()).collect();
         let total: f64 = weights.iter().sum();
         let mut batch = lensflow_jobs::consume::writer::Batch::new(&p);
         for (q, queue) in queues.iter().enumerate() {

@@ -436,20 +436,17 @@ async fn advance(
                 widened = 2 * changed >= after;
             }
             for (j, (key, _)) in plan.carried.iter().enumerate() {
-                let sql = if widened {
-                    // Every entity with a row at or after the earliest cut is cut there: closed
-                    // at once, since every stored row from then on is recomputed.
-                    format!(
-                        "SELECT k AS __lensflow_key, MIN(t) AS __lensflow_cut FROM (SELECT {key} AS k, {floor} AS t FROM {NEW} \
-                         UNION ALL SELECT {key} AS k, {floor} AS t FROM {STATE} WHERE {time} >= {floor}) u GROUP BY k",
-                        floor = cuts.floor
-                    )
-                } else {
-                    format!(
-                        "SELECT k AS __lensflow_key, MIN(t) AS __lensflow_cut FROM \
-                         (SELECT {key} AS k, {time} AS t FROM {NEW} UNION ALL SELECT {key} AS k, {time} AS t FROM {CHANGED}) u GROUP BY k"
-                    )
+                // Every entity with a row at or after the earliest cut is cut there once the
+                // closure widens: closed at once, since every stored row from then on is
+                // recomputed.
+                let floor = cuts.floor;
+                let rows = match widened {
+                    true => {
+                        format!("SELECT {key} AS k, {floor} AS t FROM {NEW} UNION ALL SELECT {key} AS k, {floor} AS t FROM {STATE} WHERE {time} >= {floor}")
+                    }
+                    false => format!("SELECT {key} AS k, {time} AS t FROM {NEW} UNION ALL SELECT {key} AS k, {time} AS t FROM {CHANGED}"),
                 };
+                let sql = format!("SELECT k AS __lensflow_key, MIN(t) AS __lensflow_cut FROM ({rows}) u GROUP BY k");
                 engine.materialise("state cuts", &sql, &work(&format!("cut{j}-{steps}")), &[&Cuts::table(j)]).await?;
             }
             cuts.settle(engine).await?;
