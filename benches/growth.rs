@@ -62,6 +62,10 @@ struct Args {
     /// `--no-spark`, since Spark's round refits on every batch.
     #[arg(long)]
     window: Option<u64>,
+    /// The consumer's `--max-skew`: `0` lands each batch in event-time order across
+    /// partitions, `off` in the order messages arrive.
+    #[arg(long, default_value = "0")]
+    max_skew: String,
     /// Where each size's data goes while it runs (a temporary folder by default).
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -255,6 +259,8 @@ fn run_size(args: &Args, root: &Path, n: u64) -> SizeRun {
             &batch_rows,
             "--batch-interval",
             "1h",
+            "--max-skew",
+            &args.max_skew,
             "--metrics-bind",
             &format!("127.0.0.1:{metrics}"),
         ]),
@@ -442,12 +448,14 @@ fn report(args: &Args, runs: &[SizeRun], machine: &str) -> String {
         sizes.join(","),
         args.batches,
         args.executors,
-        if args.no_spark { " --no-spark" } else { "" }.to_string() + &args.window.map(|w| format!(" --window {w}")).unwrap_or_default()
+        if args.no_spark { " --no-spark" } else { "" }.to_string()
+            + &args.window.map(|w| format!(" --window {w}")).unwrap_or_default()
+            + &if args.max_skew == "0" { String::new() } else { format!(" --max-skew {}", args.max_skew) }
     );
     let _ = writeln!(md, "Machine: {machine}.\n");
     let _ = writeln!(
         md,
-        "Each size: generated MovieLens-like ratings (users = N/150, movies = N/11 up to 30,000) → `lensflow produce` into tansu (sqlite storage, {} partitions) → `lensflow consume` into a file lake in {} batches → `lensflow train` of all {} rounds on a scheduler and {} executors (separate processes) → the last round's data on pyspark `local[2]` (driver heap {}) → `lensflow serve` under wrk. Every stage is its own process; peak RSS is VmHWM from /proc.\n",
+        "Each size: generated MovieLens-like ratings (users = N/150, movies = N/11 up to 30,000) → `lensflow produce` into tansu (sqlite storage, {} partitions) → `lensflow consume` into a file lake in {} batches (partitions aligned in event time unless `--max-skew off`) → `lensflow train` of all {} rounds on a scheduler and {} executors (separate processes) → the last round's data on pyspark `local[2]` (driver heap {}) → `lensflow serve` under wrk. Every stage is its own process; peak RSS is VmHWM from /proc.\n",
         args.partitions, args.batches, args.batches, args.executors, args.spark_driver_memory
     );
 

@@ -407,6 +407,16 @@ struct ConsumeArgs {
     /// error (nothing of that batch is recorded; a restart resumes from the lake).
     #[arg(long, env = "LENSFLOW_STORE_RETRY_FOR", value_parser = humantime::parse_duration, default_value = "2m")]
     store_retry_for: Duration,
+    /// Hold back a partition's messages while their event time runs more than this ahead of
+    /// the slowest partition's, in the units of the pipeline's time column (MovieLens: seconds),
+    /// so each batch spans one stretch of time and the trainer sees few late events; `off`
+    /// lands messages in arrival order. Pipelines without a time column are never aligned.
+    #[arg(long, env = "LENSFLOW_MAX_SKEW", value_parser = parse_max_skew, default_value = "0")]
+    max_skew: MaxSkew,
+    /// Messages held back over all partitions before the partitions running ahead are paused
+    /// at the broker (and fetched again once their held messages drain).
+    #[arg(long, env = "LENSFLOW_MAX_HELD", default_value_t = 200_000)]
+    max_held: usize,
     /// Serve the consumer's Prometheus metrics at http://ADDR/metrics (empty: none). An address
     /// other than loopback exposes them to the network: a deliberate choice.
     #[arg(long, env = "LENSFLOW_CONSUMER_METRICS_BIND", default_value = "127.0.0.1:9466")]
@@ -414,6 +424,20 @@ struct ConsumeArgs {
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
+}
+
+/// `--max-skew`: a non-negative number, or `off`.
+#[derive(Debug, Clone, Copy)]
+struct MaxSkew(Option<i64>);
+
+fn parse_max_skew(text: &str) -> Result<MaxSkew, String> {
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(MaxSkew(None));
+    }
+    match text.parse::<i64>() {
+        Ok(n) if n >= 0 => Ok(MaxSkew(Some(n))),
+        _ => Err(format!("{text:?} is neither a non-negative whole number (in the time column's units) nor `off`")),
+    }
 }
 
 #[derive(Args)]
@@ -698,6 +722,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             opts.until_end = a.until_end;
             opts.all_partitions = a.all_partitions;
             opts.store_retry_for = a.store_retry_for;
+            opts.max_skew = a.max_skew.0;
+            opts.max_held = a.max_held;
             opts.progress = is_terminal();
             let metrics = opts.metrics.clone();
             spawn_metrics(&a.metrics_bind, move || lensflow_api::metrics::encode(metrics.registry()), &shutdown, "consuming");

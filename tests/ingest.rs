@@ -348,6 +348,81 @@ fn smart_home_devices_land_exactly_once_with_typed_columns() {
     }
 }
 
+/// The largest time a batch reaches back to, in manifest order: how far its earliest event lies
+/// before the newest event of the batches committed before it (0: batches never overlap).
+fn reach_back(manifests: &[lensflow_core::BatchManifest]) -> i64 {
+    let mut newest = i64::MIN;
+    let mut reach = 0;
+    for m in manifests {
+        let (Some(min), Some(max)) = (m.min_ts, m.max_ts) else { continue };
+        if newest > min {
+            reach = reach.max(newest - min);
+        }
+        newest = newest.max(max);
+    }
+    reach
+}
+
+#[test]
+fn partitions_drifting_apart_in_time_land_in_time_order_and_exactly_once() {
+    let _heavy = heavy();
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    // A backlog on two partitions whose events are ten times sparser in time on partition 1:
+    // read in fetch order, partition 1 runs ahead of partition 0 by hours.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", broker.addr()).create().unwrap();
+    let topic = rdkafka::admin::NewTopic::new("drift", 2, rdkafka::admin::TopicReplication::Fixed(1));
+    let created = rt.block_on(admin.create_topics([&topic], &rdkafka::admin::AdminOptions::new())).unwrap();
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+    let producer: BaseProducer = ClientConfig::new().set("bootstrap.servers", broker.addr()).create().unwrap();
+    let n = 6_000i64;
+    let mut expected = vec![];
+    for (partition, step, first_user) in [(0, 1, 1), (1, 10, 100)] {
+        for i in 0..n {
+            let line = format!("{},{},4.0,{}", first_user + i % 50, i + 1, 1_000 + step * i);
+            let payload = format!(r#"{{"userId":{},"movieId":{},"rating":4.0,"timestamp":{}}}"#, first_user + i % 50, i + 1, 1_000 + step * i);
+            expected.push(line);
+            loop {
+                match producer.send(BaseRecord::<str, str>::to("drift").partition(partition).payload(&payload)) {
+                    Ok(()) => break,
+                    Err((e, _)) if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) => {
+                        producer.poll(Duration::from_millis(50));
+                    }
+                    Err((e, _)) => panic!("send: {e}"),
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
+    drop(producer);
+    let csv = dir.path().join("drift.csv");
+    std::fs::write(&csv, format!("userId,movieId,rating,timestamp\n{}\n", expected.join("\n"))).unwrap();
+
+    let land = |name: &str, skew: &str| {
+        let lake = format!("file://{}", dir.path().join(name).display());
+        // A small hold, so the partition running ahead is paused at the broker and fetched again.
+        let args = ["--batch-rows", "1000", "--all-partitions", "--until-end", "--max-skew", skew, "--max-held", "2000"];
+        let out = consumer(&broker, "drift", name, &lake, &args).env("LENSFLOW_LOG", "warn,lensflow_jobs::consume=debug").output().unwrap();
+        assert!(out.status.success(), "consume failed: {}", String::from_utf8_lossy(&out.stderr));
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(summary["rows"], 2 * n, "{summary}");
+        assert_exactly_once(&lake_rows(&lake, &[]), &csv_ratings(&csv));
+        let paused = String::from_utf8_lossy(&out.stderr).matches("pause=true").count();
+        (reach_back(&lake_manifests(&lake, &[])), paused)
+    };
+    let (aligned, paused) = land("aligned", "0");
+    let (within, _) = land("within", "600");
+    let (arrival_order, never_paused) = land("arrival", "off");
+    eprintln!("batches reach back: aligned {aligned} s ({paused} pauses), within 600 s: {within} s, in arrival order {arrival_order} s");
+    assert!(paused > 0, "the partition running ahead filled its hold and was paused, then fetched again");
+    assert_eq!(never_paused, 0);
+    assert_eq!(aligned, 0, "with --max-skew 0 no batch holds an event older than an earlier batch's newest");
+    assert!(within <= 600, "--max-skew 600 bounds how far a batch reaches back: {within}");
+    assert!(arrival_order > 600, "in arrival order partition 1 runs ahead and later batches reach far back: {arrival_order}");
+}
+
 #[test]
 fn pipelines_are_listed_and_checked_and_a_wrong_file_is_refused_before_connecting() {
     let listed = run_ok(&mut lensflow(["pipelines"]));

@@ -1,5 +1,6 @@
 //! The consumer's Prometheus metrics: messages in, events landed, dead letters, batches
-//! committed, lag per partition, store retries and when the last batch was committed.
+//! committed, lag per partition, store retries, when the last batch was committed, and the
+//! messages held back for event-time alignment.
 //! `lensflow consume --metrics-bind` serves them at `GET /metrics`.
 
 use std::sync::atomic::AtomicU64;
@@ -27,6 +28,8 @@ pub struct ConsumerMetrics {
     retries: Counter,
     last_commit: Gauge<f64, AtomicU64>,
     lag: Family<PartitionLabels, Gauge>,
+    held: Gauge,
+    paused: Gauge,
 }
 
 impl Default for ConsumerMetrics {
@@ -46,7 +49,11 @@ impl Default for ConsumerMetrics {
         registry.register("last_commit_seconds", "When the last batch was committed, in unix seconds", last_commit.clone());
         let lag = Family::<PartitionLabels, Gauge>::default();
         registry.register("lag", "Messages in the partition not yet committed to the lake, by topic and partition", lag.clone());
-        ConsumerMetrics { registry, messages, landed, dead_letters, batches, retries, last_commit, lag }
+        let held = Gauge::default();
+        registry.register("held_messages", "Messages held back because their event time runs ahead of the slowest partition's", held.clone());
+        let paused = Gauge::default();
+        registry.register("paused_partitions", "Partitions paused at the broker because they hold their share of held messages", paused.clone());
+        ConsumerMetrics { registry, messages, landed, dead_letters, batches, retries, last_commit, lag, held, paused }
     }
 }
 
@@ -72,6 +79,12 @@ impl ConsumerMetrics {
     /// Sets a partition's lag: its end offset minus the next offset the lake lacks.
     pub fn set_lag(&self, topic: &str, partition: i32, lag: i64) {
         self.lag.get_or_create(&PartitionLabels { topic: topic.to_string(), partition }).set(lag.max(0));
+    }
+
+    /// Sets how many messages are held back and how many partitions are paused.
+    pub fn set_held(&self, held: usize, paused: usize) {
+        self.held.set(held as i64);
+        self.paused.set(paused as i64);
     }
 
     /// Forgets a partition this consumer no longer owns.

@@ -1,6 +1,8 @@
 //! Kafka → lake, exactly once.
 //!
 //! - [`offsets`]: where each partition resumes, read from the lake's manifests.
+//! - [`align`]: each owned partition's lane, holding back messages whose event time runs ahead
+//!   of the slowest partition's, so a batch spans one stretch of time across partitions.
 //! - [`writer`]: the open batch, buffered per partition, and its Parquet encoding.
 //! - [`commit`]: writing a batch's files and creating its manifest, safe against other writers.
 //! - [`metrics`]: what the loop counts, for `--metrics-bind`.
@@ -10,12 +12,14 @@
 //! rebalance callback from inside `poll`, and the callback must read the lake (to tell Kafka
 //! where a newly assigned partition resumes) before the first message of that partition is
 //! fetched. Per message: parse it against the pipeline's columns (a bad one becomes a dead
-//! letter naming the field at fault), skip it if the lake already holds its offset, buffer it.
+//! letter naming the field at fault), skip it if the lake already holds its offset, hold it in
+//! its partition's lane, and move what the lanes release into the open batch.
 //! The lake is the pipeline's folder inside the `--lake` root. A batch closes on `batch_rows`, on `batch_interval`, and on
 //! shutdown; closing commits it ([`commit::commit_batch`]) and then, for Kafka tools' sake only,
 //! commits the group offsets. On revocation a partition's buffered messages are dropped unwritten:
 //! its new owner resumes from the lake.
 
+pub mod align;
 pub mod commit;
 pub mod metrics;
 pub mod offsets;
@@ -37,6 +41,7 @@ use serde::Serialize;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
+use self::align::Lanes;
 use self::metrics::ConsumerMetrics;
 use self::offsets::LakeOffsets;
 use self::writer::Batch;
@@ -74,6 +79,12 @@ pub struct ConsumeOptions {
     pub all_partitions: bool,
     /// How long a batch commit keeps retrying a failing object store before the run fails.
     pub store_retry_for: Duration,
+    /// How far (in the units of the pipeline's time column) one partition's events may run
+    /// ahead of the slowest partition's before they are held back; `None`: land messages in
+    /// the order they arrive. A pipeline without a time column is never aligned.
+    pub max_skew: Option<i64>,
+    /// Messages held back over all partitions before the partitions running ahead are paused.
+    pub max_held: usize,
     /// Where the loop counts what it does.
     pub metrics: Arc<ConsumerMetrics>,
     /// Show a progress line.
@@ -97,6 +108,8 @@ impl ConsumeOptions {
             until_end: false,
             all_partitions: false,
             store_retry_for: Duration::from_secs(120),
+            max_skew: Some(0),
+            max_held: 200_000,
             metrics: Arc::default(),
             progress: false,
         }
@@ -115,6 +128,12 @@ impl ConsumeOptions {
         }
         if self.group.is_empty() {
             return bad("group", "is empty");
+        }
+        if self.max_skew.is_some_and(|s| s < 0) {
+            return bad("max-skew", "must not be negative");
+        }
+        if self.max_held == 0 {
+            return bad("max-held", "must be at least 1");
         }
         Ok(())
     }
@@ -304,8 +323,8 @@ struct Ingest {
     shared: Arc<Mutex<Shared>>,
     writer: String,
     batch: Batch,
-    /// Partitions we own, with the next offset we expect (`None`: whatever comes first).
-    expected: BTreeMap<i32, Option<i64>>,
+    /// Partitions we own: the next offset each expects, and what each holds back.
+    lanes: Lanes<Incoming>,
     summary: ConsumeSummary,
     bar: indicatif::ProgressBar,
 }
@@ -314,7 +333,10 @@ impl Ingest {
     fn start(opts: ConsumeOptions, lake: Lake, offsets: LakeOffsets, handle: Handle) -> Result<Ingest> {
         let shared = Arc::new(Mutex::new(Shared { offsets, events: Vec::new(), fatal: None, high: BTreeMap::new() }));
         let context = IngestContext { topic: opts.topic.clone(), lake: lake.clone(), handle: handle.clone(), shared: shared.clone() };
-        let eof = if opts.until_end { "true" } else { "false" };
+        // A pipeline without a time column has no event time to align partitions by.
+        let max_skew = opts.max_skew.filter(|_| opts.pipeline.definition.events.time.is_some());
+        // Alignment and `until_end` both need to know when a partition is read to its end.
+        let eof = if opts.until_end || max_skew.is_some() { "true" } else { "false" };
         let consumer: BaseConsumer<IngestContext> = opts
             .kafka
             .client_config(&[
@@ -327,7 +349,7 @@ impl Ingest {
                 // A consumer killed without leaving is noticed in seconds, not the default 45.
                 ("session.timeout.ms", "6000"),
                 ("heartbeat.interval.ms", "1500"),
-                // With `until_end`, librdkafka says when a partition is read to its end.
+                // librdkafka says when a partition is read to its end.
                 ("enable.partition.eof", eof),
                 // End offsets for the lag gauges, once a second.
                 ("statistics.interval.ms", "1000"),
@@ -363,7 +385,8 @@ impl Ingest {
         tracing::info!(writer, topic = opts.topic, group = opts.group, pipeline = opts.pipeline.name(), "consumer started");
         let summary = ConsumeSummary { writer: writer.clone(), ..Default::default() };
         let batch = Batch::new(&opts.pipeline);
-        Ok(Ingest { opts, lake, handle, consumer, shared, writer, batch, expected: BTreeMap::new(), summary, bar })
+        let lanes = Lanes::new(max_skew, opts.max_held);
+        Ok(Ingest { opts, lake, handle, consumer, shared, writer, batch, lanes, summary, bar })
     }
 
     fn run(mut self, shutdown: &CancellationToken) -> Result<ConsumeSummary> {
@@ -372,15 +395,13 @@ impl Ingest {
         // Joining the group can take seconds (a broker's initial rebalance delay): that is not
         // idleness, so until the first assignment the idle limit is at least JOIN_GRACE.
         let mut joined = false;
-        // Partitions read to their end since their last message (with `until_end`).
-        let mut at_end = std::collections::BTreeSet::new();
         let mut last_lag = Instant::now();
         while !shutdown.is_cancelled() {
             let incoming = match self.consumer.poll(Duration::from_millis(100)) {
                 None => None,
                 Some(Ok(m)) => Some(Incoming::judge(&m, &self.opts.pipeline)),
                 Some(Err(KafkaError::PartitionEOF(p))) => {
-                    at_end.insert(p);
+                    self.lanes.end(p);
                     None
                 }
                 Some(Err(e)) => {
@@ -395,14 +416,21 @@ impl Ingest {
             if let Some(incoming) = incoming {
                 self.opts.metrics.message();
                 last_activity = Instant::now();
-                at_end.remove(&incoming.partition);
-                self.accept(incoming);
+                self.arrive(incoming);
             }
-            let full = self.batch.messages() >= self.opts.batch_rows;
-            let old = self.batch.opened_at().is_some_and(|t| t.elapsed() >= self.opts.batch_interval);
-            if full || old {
-                self.flush()?;
+            loop {
+                let room = self.opts.batch_rows.saturating_sub(self.batch.messages());
+                let released = self.release(room);
+                let full = self.batch.messages() >= self.opts.batch_rows;
+                let old = self.batch.opened_at().is_some_and(|t| t.elapsed() >= self.opts.batch_interval);
+                if full || old {
+                    self.flush()?;
+                }
+                if released < room {
+                    break;
+                }
             }
+            self.flow();
             if last_lag.elapsed() >= LAG_EVERY {
                 self.update_lag();
                 last_lag = Instant::now();
@@ -412,7 +440,7 @@ impl Ingest {
                 tracing::info!("idle; stopping");
                 break;
             }
-            if self.opts.until_end && joined && !self.expected.is_empty() && self.expected.keys().all(|p| at_end.contains(p)) {
+            if self.opts.until_end && joined && !self.lanes.is_empty() && self.lanes.all_at_end() {
                 tracing::info!("every partition is read to its end; stopping");
                 break;
             }
@@ -430,7 +458,7 @@ impl Ingest {
     /// Sets each owned partition's lag: its end offset less the next offset the lake lacks.
     fn update_lag(&self) {
         let shared = lock(&self.shared);
-        for &p in self.expected.keys() {
+        for p in self.lanes.partitions() {
             if let Some(high) = shared.high.get(&p) {
                 let landed = shared.offsets.next_offset(p).unwrap_or(0);
                 self.opts.metrics.set_lag(&self.opts.topic, p, high - landed);
@@ -461,9 +489,9 @@ impl Ingest {
             match event {
                 Reassigned::Revoked(partitions) => {
                     for p in partitions {
-                        self.expected.remove(&p);
+                        let held = self.lanes.revoke(p).map(|lane| self.dropped_lane(p, lane)).unwrap_or(0);
                         self.opts.metrics.forget(&self.opts.topic, p);
-                        let dropped = self.batch.drop_partition(p);
+                        let dropped = self.batch.drop_partition(p) + held;
                         if dropped > 0 {
                             tracing::info!(partition = p, dropped, "revoked: dropping what was buffered, unwritten");
                         }
@@ -473,8 +501,8 @@ impl Ingest {
                 Reassigned::Assigned(partitions) => {
                     for (p, next) in partitions {
                         // Anything still buffered for it predates the lake's newest offsets.
-                        self.summary.dropped_on_rebalance += self.batch.drop_partition(p) as u64;
-                        self.expected.insert(p, next);
+                        let held = self.lanes.assign(p, next).map(|lane| self.dropped_lane(p, lane)).unwrap_or(0);
+                        self.summary.dropped_on_rebalance += (self.batch.drop_partition(p) + held) as u64;
                     }
                 }
             }
@@ -482,11 +510,47 @@ impl Ingest {
         Ok(changed)
     }
 
-    fn accept(&mut self, m: Incoming) {
-        let Some(expected) = self.expected.get_mut(&m.partition) else {
+    /// A lane dropped on a rebalance: resumes its partition if it was paused (the pause would
+    /// outlive the assignment), and returns how many messages it held.
+    fn dropped_lane(&self, partition: i32, lane: align::Lane<Incoming>) -> usize {
+        if lane.is_paused() {
+            self.set_paused(&[partition], false);
+        }
+        lane.held()
+    }
+
+    /// Pauses or resumes fetching `partitions`.
+    fn set_paused(&self, partitions: &[i32], pause: bool) {
+        let mut tpl = TopicPartitionList::new();
+        for &p in partitions {
+            tpl.add_partition(&self.opts.topic, p);
+        }
+        let result = if pause { self.consumer.pause(&tpl) } else { self.consumer.resume(&tpl) };
+        match result {
+            Ok(()) => tracing::debug!(?partitions, pause, "partitions paused or resumed: their messages run ahead in event time"),
+            Err(e) => tracing::warn!(?partitions, pause, error = %e, "pause or resume failed"),
+        }
+    }
+
+    /// Pauses the partitions whose lanes hold their share of messages, and resumes the drained.
+    fn flow(&mut self) {
+        let flow = self.lanes.flow();
+        if !flow.pause.is_empty() {
+            self.set_paused(&flow.pause, true);
+        }
+        if !flow.resume.is_empty() {
+            self.set_paused(&flow.resume, false);
+        }
+        self.opts.metrics.set_held(self.lanes.held(), self.lanes.paused());
+    }
+
+    /// Checks a message's offset against its lane and holds it there.
+    fn arrive(&mut self, m: Incoming) {
+        let Some(lane) = self.lanes.get_mut(m.partition) else {
             tracing::debug!(partition = m.partition, offset = m.offset, "message of a partition we do not own");
             return;
         };
+        let expected = &mut lane.next;
         if expected.is_some_and(|next| m.offset < next) {
             // Already in the lake (a fetch from before the seek took effect).
             return;
@@ -498,7 +562,18 @@ impl Ingest {
             tracing::warn!(partition = m.partition, missing_from = first, missing_to = m.offset - 1, "offsets missing at the broker (retention?)");
         }
         *expected = Some(m.offset + 1);
-        let buf = self.batch.partition(m.partition);
+        let time = m.parsed.as_ref().ok().and_then(|event| self.opts.pipeline.event_time(event));
+        self.lanes.hold(m.partition, time, m);
+    }
+
+    /// Moves up to `room` messages the lanes release into the open batch; returns how many.
+    fn release(&mut self, room: usize) -> usize {
+        let batch = &mut self.batch;
+        self.lanes.release(room, |partition, m| Self::accept(batch, partition, m))
+    }
+
+    fn accept(batch: &mut Batch, partition: i32, m: Incoming) {
+        let buf = batch.partition(partition);
         match m.parsed {
             Ok(event) => buf.push_event(m.offset, &event),
             Err(dead) => {
@@ -511,7 +586,7 @@ impl Ingest {
     /// Commits the open batch, retrying storage failures with backoff for up to
     /// `store_retry_for`; the batch stays in memory until it is committed, so a store outage
     /// delays ingest but loses nothing. Polling pauses meanwhile, which is the backpressure:
-    /// librdkafka's prefetch queue is bounded, and nothing else is buffered.
+    /// librdkafka's prefetch queue and the lanes' held messages are bounded.
     fn flush(&mut self) -> Result<()> {
         if self.batch.is_empty() {
             return Ok(());
@@ -548,9 +623,9 @@ impl Ingest {
         for p in &outcome.dropped {
             self.summary.dropped_on_rebalance += batch.partitions.get(p).map(|b| b.rows() + b.dead.len()).unwrap_or(0) as u64;
             // Still ours (a zombie moment)? Resume where the lake now says.
-            if self.expected.contains_key(p) {
+            if self.lanes.get_mut(*p).is_some() {
                 let next = lock(&self.shared).offsets.next_offset(*p);
-                self.expected.insert(*p, next);
+                self.summary.dropped_on_rebalance += self.lanes.restart(*p, next) as u64;
                 if let Some(next) = next
                     && let Err(e) = self.consumer.seek(&self.opts.topic, *p, Offset::Offset(next), Duration::from_secs(10))
                 {
@@ -569,7 +644,7 @@ impl Ingest {
         // Only so that Kafka tools show the lag: the lake is what a restart resumes from.
         let mut tpl = TopicPartitionList::new();
         for (p, range) in &manifest.partitions {
-            if self.expected.contains_key(p) {
+            if self.lanes.get_mut(*p).is_some() {
                 let _ = tpl.add_partition_offset(&self.opts.topic, *p, Offset::Offset(range.next()));
             }
         }
