@@ -35,8 +35,8 @@ samples the JVM's VmRSS every 0.2 s (per stage and overall), and the kernel's ow
 (VmHWM) is read at the end, which also catches a peak between samples. The Python process's peak
 is reported too; it holds little beyond the small results it collects.
 
-Needs only the standard library and pyspark (pyspark==4.3.0, a Java 17 runtime); pyspark.ml
-brings numpy, which the silhouette uses.
+Needs the standard library, pyspark (pyspark==4.3.0, a Java 17 runtime) and numpy, which
+pyspark.ml and the silhouette use; `pip install pyspark==4.3.0` alone does not bring it.
 """
 
 import argparse
