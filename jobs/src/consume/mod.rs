@@ -455,8 +455,10 @@ impl Ingest {
         Ok(self.summary)
     }
 
-    /// Sets each owned partition's lag: its end offset less the next offset the lake lacks.
+    /// Sets each owned partition's lag (its end offset less the next offset the lake lacks) and
+    /// the held-message gauges; once a second, not per message.
     fn update_lag(&self) {
+        self.opts.metrics.set_held(self.lanes.held(), self.lanes.paused());
         let shared = lock(&self.shared);
         for p in self.lanes.partitions() {
             if let Some(high) = shared.high.get(&p) {
@@ -541,7 +543,6 @@ impl Ingest {
         if !flow.resume.is_empty() {
             self.set_paused(&flow.resume, false);
         }
-        self.opts.metrics.set_held(self.lanes.held(), self.lanes.paused());
     }
 
     /// Checks a message's offset against its lane and holds it there.
