@@ -444,7 +444,7 @@ fn report(args: &Args, runs: &[SizeRun], machine: &str) -> String {
     let _ = writeln!(md, "# lensflow at {}: the whole pipeline, beside Spark\n", sizes.join(", "));
     let _ = writeln!(
         md,
-        "Measured by `cargo bench --bench growth -- --ratings {} --batches {} --executors {}`{}.\n",
+        "Measured by `cargo bench --bench growth -- --ratings {} --batches {} --executors {}{}`.\n",
         sizes.join(","),
         args.batches,
         args.executors,

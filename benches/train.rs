@@ -7,8 +7,11 @@
 //! for fewer engines (of local, full, window, standalone, cluster, cluster-window); `LENSFLOW_BENCH_WINDOW=5` is
 //! the `--window` of the `window` run; `LENSFLOW_BENCH_LOG=lensflow_jobs=debug` logs each
 //! query's seconds; `LENSFLOW_BENCH_PARTITIONS=4` spreads the events over 4 partitions, read
-//! unevenly into batches as from a backlog, so that batches bring late events). The lake is written straight through the
-//! library (ingest has its own benchmark).
+//! unevenly into batches as from a backlog, so that batches bring late events;
+//! `LENSFLOW_BENCH_POPULATION=steady` makes every batch the generated file's last batch again,
+//! shifted later in time, so that each batch holds the same users and movies while the lake and
+//! every entity's history grow). The lake is written straight through the library (ingest has
+//! its own benchmark).
 //! Prints a report; nothing here is asserted on time.
 
 #[path = "../tests/common/mod.rs"]
@@ -63,17 +66,45 @@ fn report(title: &str, out: &str, trainer: u64, executors: &[u64], wall: std::ti
     }
 }
 
+/// Rewrites the generated ratings as `batches` copies of their last batch, each copy's
+/// timestamps after the previous copy's: the batches' entities stay the same as the lake grows,
+/// which tells growth with the lake apart from growth with the batch's distinct entities.
+fn repeat_last_batch(csv: &std::path::Path, batches: usize) {
+    let text = std::fs::read_to_string(csv).unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    let rows: Vec<(&str, i64)> = lines.map(|l| l.rsplit_once(',').map(|(rest, ts)| (rest, ts.parse().unwrap())).unwrap()).collect();
+    let last = &rows[rows.len() - rows.len() / batches..];
+    let (first_ts, last_ts) = (last[0].1, last[last.len() - 1].1);
+    let mut out = String::with_capacity(text.len());
+    out.push_str(header);
+    out.push('\n');
+    for copy in 0..batches as i64 {
+        for (rest, ts) in last {
+            out.push_str(&format!("{rest},{}\n", ts + copy * (last_ts - first_ts + 1)));
+        }
+    }
+    std::fs::write(csv, out).unwrap();
+}
+
 fn main() {
     let n: u64 = std::env::var("LENSFLOW_BENCH_RATINGS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
     let batches: usize = std::env::var("LENSFLOW_BENCH_BATCHES").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     let engines = std::env::var("LENSFLOW_BENCH_ENGINES").unwrap_or_else(|_| "local,standalone,cluster".into());
     let dir = tempfile::tempdir().unwrap();
     let csv = generate(dir.path(), n, 42);
+    let steady = std::env::var("LENSFLOW_BENCH_POPULATION").is_ok_and(|v| v == "steady");
+    if steady {
+        repeat_last_batch(&csv, batches);
+    }
     let lake = format!("file://{}", dir.path().join("lake").display());
     let partitions: usize = std::env::var("LENSFLOW_BENCH_PARTITIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     build_lake_in_partitions(&csv, &lake, "movielens", batches, partitions);
     std::fs::remove_file(&csv).unwrap();
-    println!("\n## lensflow training benchmark: {n} generated ratings in {batches} batches ({batches} cumulative rounds) from {partitions} partition(s)");
+    let population = if steady { ", each batch the same users and movies (the generated last batch, repeated later in time)" } else { "" };
+    println!(
+        "\n## lensflow training benchmark: {n} generated ratings in {batches} batches ({batches} cumulative rounds) from {partitions} partition(s){population}"
+    );
 
     let window: u64 = std::env::var("LENSFLOW_BENCH_WINDOW").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     let window_title = format!("DataFusion in-process, --window {window} (models fitted on the newest {window} batches)");

@@ -399,7 +399,7 @@ impl Trainer<'_> {
         let sql = substitute(p.features_sql(), &variables);
         let (state, all_rows, lookups) = match &self.shape {
             Some(shape) => {
-                let r = state::features(self, shape, manifests, &sql, &features_url, window.as_ref().map(|w| w.filter.as_str())).await?;
+                let r = state::features(self, shape, manifests, &sql, &features_url, window.as_ref()).await?;
                 (Some(r.report), r.all_rows, r.lookups)
             }
             // Without carried state every event's features are computed anyway: all stay.

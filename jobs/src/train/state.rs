@@ -63,6 +63,8 @@ const MAX_CLOSURE_STEPS: usize = 50;
 /// Steps of the closure after which it may cut every entity at the earliest cut instead.
 const WIDEN_AFTER: usize = 2;
 const STATE: &str = "__lensflow_state";
+/// The state files a fitting window can hold rows of.
+const STATE_WINDOW: &str = "__lensflow_state_window";
 const NEW: &str = "__lensflow_new";
 const BATCH: &str = "__lensflow_batch";
 const CHANGED: &str = "__lensflow_changed";
@@ -131,6 +133,10 @@ pub struct SegmentFile {
     pub bytes: u64,
     /// SHA-256 of the bytes.
     pub sha256: String,
+    /// The newest batch of the round that wrote the file: its rows are events of that batch or
+    /// older ones, so a fitting window that starts after it needs none of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub newest_batch: Option<u64>,
 }
 
 /// How a round came by its state rows, as its report shows it.
@@ -154,8 +160,15 @@ pub struct StateReport {
 
 /// Registers `features` (and `features_round`) for this round from carried state, carrying
 /// it forward with the lookups' partial aggregates; `sql` is the feature SQL with this round's
-/// values substituted. With a `window` condition, `features` holds only the rows it keeps.
-pub async fn features(t: &Trainer<'_>, shape: &Shape, manifests: &[BatchManifest], sql: &str, work_url: &str, window: Option<&str>) -> Result<Registered> {
+/// values substituted. With a `window`, `features` holds only the rows it keeps.
+pub async fn features(
+    t: &Trainer<'_>,
+    shape: &Shape,
+    manifests: &[BatchManifest],
+    sql: &str,
+    work_url: &str,
+    window: Option<&super::Window>,
+) -> Result<Registered> {
     let engine = t.engine;
     let round = manifests.len() as u64;
     let err = |e: String| JobError::Engine { what: "incremental feature SQL".into(), reason: e };
@@ -173,7 +186,7 @@ pub async fn features(t: &Trainer<'_>, shape: &Shape, manifests: &[BatchManifest
         false => load(t, &fingerprint, manifests).await,
     };
     let old_lookups = carried.as_ref().map(|s| s.lookups.clone()).unwrap_or_default();
-    let (files, totals, report) = match carried {
+    let (mut files, totals, report) = match carried {
         Ok(state) => match advance(t, shape, &plan, manifests, &state, &schema).await? {
             Ok(advanced) => advanced,
             Err(reason) => recompute(t, &plan, &state_sql, round, &schema, reason).await?,
@@ -187,6 +200,12 @@ pub async fn features(t: &Trainer<'_>, shape: &Shape, manifests: &[BatchManifest
         }
         Some(reason) => tracing::warn!(round, reason = reason.as_str(), rows = report.rows, "state: full recomputation"),
         None => tracing::info!(round, new = report.new_events, recomputed = report.recomputed, rows = report.rows, "state: carried forward"),
+    }
+    // Every file's rows are events of this round's batches; a file written before this field
+    // existed gets the newest batch as its bound, which is true of it and prunes nothing.
+    let newest = manifests.last().map(|m| m.batch);
+    for f in &mut files {
+        f.newest_batch = f.newest_batch.or(newest);
     }
     register_files(t, STATE, &files, &schema).await?;
     let (lookups, lookup_sql) = carry_lookups(t, shape, &old_lookups, &report, round).await?;
@@ -209,8 +228,16 @@ pub async fn features(t: &Trainer<'_>, shape: &Shape, manifests: &[BatchManifest
         return Ok(Registered { report, all_rows: None, lookups: lookup_sql });
     };
     // Only the window's rows are materialised: the rest are read again only by the lookups
-    // not carried in the state, which need few of their columns.
-    let windowed = format!("SELECT * FROM ({final_sql}) w WHERE {window}");
+    // not carried in the state, which need few of their columns. Files written before the
+    // window's first batch hold none of its events and are left out of the scan: as segments
+    // pile up, the scan then opens the window's files only, not one more file every round.
+    // The final SELECT is row by row (`Shape` refuses a window function there), so reading
+    // fewer rows changes no row it keeps.
+    let first = manifests.get(window.first_batch.saturating_sub(1) as usize).map_or(0, |m| m.batch);
+    let in_window: Vec<SegmentFile> = files_in_window(&manifest.files, first);
+    register_files(t, STATE_WINDOW, &in_window, &schema).await?;
+    let windowed_sql = shape.final_sql(sql, STATE_WINDOW, &columns).map_err(err)?;
+    let windowed = format!("SELECT * FROM ({windowed_sql}) w WHERE {}", window.filter);
     engine.materialise("feature SQL", &windowed, work_url, &["features", "features_round"]).await?;
     Ok(Registered { report, all_rows: Some(final_sql), lookups: lookup_sql })
 }
@@ -608,7 +635,7 @@ async fn write_files(t: &Trainer<'_>, what: &str, sql: &str, name: &str, segment
             && let Some((upload, path)) = pending.take()
         {
             let done = upload.finish(t.store).await?;
-            let file = SegmentFile { segment, path, rows: done.rows, bytes: done.bytes, sha256: done.sha256 };
+            let file = SegmentFile { segment, path, rows: done.rows, bytes: done.bytes, sha256: done.sha256, newest_batch: None };
             remember(t, &file);
             files.push(file);
         }
@@ -634,6 +661,12 @@ async fn write_files(t: &Trainer<'_>, what: &str, sql: &str, name: &str, segment
         }
     }
     Ok(files)
+}
+
+/// The files that may hold events of batch `first` or newer: those written by a round whose
+/// newest batch was `first` or later, and those of unknown age.
+fn files_in_window(files: &[SegmentFile], first: u64) -> Vec<SegmentFile> {
+    files.iter().filter(|f| f.newest_batch.is_none_or(|b| b >= first)).cloned().collect()
 }
 
 fn remember(t: &Trainer<'_>, file: &SegmentFile) {
@@ -908,5 +941,21 @@ mod tests {
         let reason = o.report.as_ref().and_then(|s| s.reason.clone()).unwrap_or_default();
         assert!(reason.contains("changed since the state was computed"), "{reason}");
         check(&o, 5);
+    }
+
+    #[test]
+    fn a_window_reads_only_files_written_from_its_first_batch_on() {
+        let file = |segment: u64, newest_batch: Option<u64>| SegmentFile {
+            segment,
+            path: format!("s{segment}"),
+            rows: 1,
+            bytes: 1,
+            sha256: String::new(),
+            newest_batch,
+        };
+        let files = [file(1, Some(1)), file(2, Some(2)), file(3, Some(3)), file(2, None), file(9, Some(9))];
+        let kept: Vec<(u64, Option<u64>)> = files_in_window(&files, 3).iter().map(|f| (f.segment, f.newest_batch)).collect();
+        assert_eq!(kept, [(3, Some(3)), (2, None), (9, Some(9))]);
+        assert_eq!(files_in_window(&files, 0).len(), files.len());
     }
 }
