@@ -57,6 +57,10 @@ const FORMAT: u32 = 2;
 const SEGMENT: &str = "__lensflow_segment";
 /// Rows per segment file.
 const FILE_ROWS: u64 = 1_000_000;
+/// Rows per row group of a segment file. The writer holds a row group's encoded pages, and a
+/// zstd context per column sized to them, until the group is full: 128k rows put the trainer's
+/// peak 27 MiB higher than 16k does (1M ratings on a cluster), for files 0.4% smaller.
+const ROW_GROUP_ROWS: usize = 16 * 1024;
 /// The closure of changed rows settles in a few steps on real data; a chain longer than this
 /// means the late events reach nearly everything anyway.
 const MAX_CLOSURE_STEPS: usize = 50;
@@ -646,12 +650,12 @@ async fn write_files(t: &Trainer<'_>, what: &str, sql: &str, name: &str, segment
         let batch = conform(&batch, schema, segment).map_err(|reason| JobError::Engine { what: what.into(), reason })?;
         if pending.is_none() {
             // State columns are mostly distinct doubles: dictionary pages would be tried and
-            // thrown away for each. Row groups of 128k rows keep the writer's buffer small and
-            // give the pruning by time that late events rely on finer steps.
+            // thrown away for each. Small row groups also give the pruning by time that late
+            // events rely on finer steps.
             let props = parquet::file::properties::WriterProperties::builder()
                 .set_dictionary_enabled(false)
                 .set_compression(parquet::basic::Compression::ZSTD(parquet::basic::ZstdLevel::default()))
-                .set_max_row_group_row_count(Some(128 * 1024))
+                .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
                 .build();
             let path = format!("{STATE_DIR}/{name}-{stamp}-{:03}.parquet", files.len());
             pending = Some((ParquetUpload::new(t.store, &path, schema.clone(), props)?, path));
