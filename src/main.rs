@@ -815,12 +815,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// glibc raises its mmap threshold each time such a buffer is freed, after which buffers of
 /// that size come from the heap, and freed ones stay resident: the trainer's peak then grew
 /// with the size of the round's streams, not with what it held. A fixed threshold keeps
-/// them mapped per use (measured in docs/scaling.md, *Measured growth*).
+/// them mapped per use. It is 32 KiB, below a batch's column buffer (8k rows of 8 bytes):
+/// with 128 KiB the heap stayed as large as the round's biggest stream had made it, mostly
+/// freed but resident (measured in docs/scaling.md, *Measured growth*).
 fn hand_back_large_buffers() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets an allocator parameter, which glibc applies under its own lock.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 * 1024);
     }
 }
 
