@@ -13,11 +13,13 @@ use arrow_array::{Array, Float64Array, Int64Array, RecordBatch};
 use arrow_schema::SchemaRef;
 use ballista::prelude::{SessionConfigExt, SessionContextExt};
 use ballista_core::object_store::{runtime_env_with_s3_support, session_config_with_s3_support};
-use datafusion::dataframe::DataFrameWriteOptions;
+use datafusion::config::TableParquetOptions;
+use datafusion::dataframe::{DataFrame, DataFrameWriteOptions};
 use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
 use datafusion::execution::{SendableRecordBatchStream, SessionStateBuilder};
+use datafusion::logical_expr::Expr;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use lensflow_core::dialect::{decoding_state, restore_functions, spark_config, spark_state};
 
@@ -242,6 +244,42 @@ impl Engine {
         }
         Ok(())
     }
+
+    /// Runs `sql` and writes its rows (as `select` gives them, if given) as Parquet: with
+    /// `file_rows`, as files of about that many rows each, one at a time, in the folder `url`
+    /// (ending in `/`); without, as the one file `url`. Returns the rows written. On a cluster
+    /// the executors write the files, so the rows never pass through this process: its memory
+    /// stays the same however many there are.
+    pub async fn write_parquet(
+        &self,
+        what: &str,
+        sql: &str,
+        select: Option<Vec<Expr>>,
+        url: &str,
+        file_rows: Option<usize>,
+        options: TableParquetOptions,
+    ) -> Result<u64> {
+        tracing::debug!(what, sql, "query");
+        self.bounded(what, async {
+            // Only this write's plan gets these settings: the tables `materialise` writes are
+            // better split four ways, for parallel scans.
+            let mut state = self.ctx.state();
+            if let Some(rows) = file_rows {
+                let settings = state.config_mut().options_mut();
+                settings.set("datafusion.execution.soft_max_rows_per_output_file", &rows.to_string()).map_err(engine_err(what))?;
+                settings.set("datafusion.execution.minimum_parallel_output_files", "1").map_err(engine_err(what))?;
+            }
+            let plan = state.create_logical_plan(sql).await.map_err(engine_err(what))?;
+            let mut df = DataFrame::new(state, plan);
+            if let Some(select) = select {
+                df = df.select(select).map_err(engine_err(what))?;
+            }
+            let write = DataFrameWriteOptions::new().with_single_file_output(file_rows.is_none());
+            let counts = df.write_parquet(url, write, Some(options)).await.map_err(engine_err(what))?;
+            Ok(counts.iter().flat_map(|b| (0..b.num_rows()).map(move |r| number(b, 0, r).unwrap_or(0.0) as u64)).sum())
+        })
+        .await
+    }
 }
 
 /// Column `col` of row `row` as `f64`, whatever numeric type it has; NULL reads as 0.
@@ -258,4 +296,48 @@ pub fn number(batch: &RecordBatch, col: usize, row: usize) -> Option<f64> {
     }
     let cast = datafusion::arrow::compute::cast(array, &arrow_schema::DataType::Float64).ok()?;
     cast.as_any().downcast_ref::<Float64Array>().map(|a| a.value(row))
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::prelude::{col, lit};
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_write_makes_files_and_row_groups_of_the_sizes_asked_and_says_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::local(2).unwrap();
+        let url = format!("file://{}/out/", dir.path().display());
+        let mut options = TableParquetOptions::default();
+        options.global.max_row_group_size = 1000;
+        let select = vec![col("n"), (col("n") * lit(2i64)).alias("twice")];
+        let sql = "SELECT value AS n FROM generate_series(1, 25000)";
+        let written = engine.write_parquet("test write", sql, Some(select), &url, Some(10_000), options).await.unwrap();
+        assert_eq!(written, 25_000);
+
+        let mut files: Vec<_> = std::fs::read_dir(dir.path().join("out")).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        assert!(files.len() >= 2, "25000 rows in files of about 10000 went to {files:?}");
+        let mut seen = Vec::new();
+        for file in &files {
+            let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(file).unwrap()).unwrap();
+            let groups = reader.metadata().row_groups().iter().map(|g| g.num_rows()).collect::<Vec<_>>();
+            assert!(groups.iter().all(|&g| g <= 1000), "{file:?} has row groups of {groups:?} rows");
+            // A file is closed once it passes the limit, so it holds at most one batch more.
+            let rows = reader.metadata().file_metadata().num_rows();
+            assert!(rows <= 10_000 + 8192, "{file:?} holds {rows} rows");
+            for batch in reader.build().unwrap() {
+                let batch = batch.unwrap();
+                for r in 0..batch.num_rows() {
+                    let (n, twice) = (number(&batch, 0, r).unwrap(), number(&batch, 1, r).unwrap());
+                    assert_eq!(twice, 2.0 * n);
+                    seen.push(n as i64);
+                }
+            }
+        }
+        seen.sort();
+        assert_eq!(seen, (1..=25_000).collect::<Vec<i64>>());
+    }
 }

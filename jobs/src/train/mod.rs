@@ -7,8 +7,9 @@
 //! - [`metrics`]: the trainer's Prometheus metrics (rounds, failures, seconds per stage).
 //! - [`state`]: the feature SQL's per-event state rows, carried from round to round so a round
 //!   computes only its new events and the stored ones late events change.
-//! - [`upload`]: Parquet files streamed into the model store as they are encoded (state
-//!   segments, lookup tables), so that the trainer holds no table whole.
+//! - [`written`]: what the trainer records of the Parquet files the engine writes into the
+//!   model store (state segments, lookup tables): on a cluster the executors write them, and
+//!   the trainer reads each back once to checksum it, so it holds no table whole.
 //! - this module: a round from start to `LATEST`.
 //!
 //! A round: register the round's batch files as the pipeline's events table; keep the fitting
@@ -26,14 +27,14 @@ pub mod metrics;
 pub mod segments;
 pub mod solve;
 pub mod state;
-pub mod upload;
+pub mod written;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use arrow_array::RecordBatch;
 use bytes::Bytes;
-use futures::StreamExt;
+use datafusion::config::TableParquetOptions;
 use lensflow_core::model::{
     ARTIFACT_FORMAT_VERSION, LATEST, LatestPointer, Lineage, LinearModel, LookupTable, MODEL_FILE, ModelArtifact, RoundMetrics, Scaling, lookup_file,
     round_dir, sha256_hex,
@@ -44,11 +45,10 @@ use lensflow_core::pipeline::{KAFKA_OFFSET, KAFKA_PARTITION, substitute};
 use lensflow_core::{BatchManifest, Lake, OffsetRange, Pipeline, StorageOptions, StoreError};
 use object_store::ObjectStoreExt;
 use object_store::path::Path;
-use parquet::file::properties::WriterProperties;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use self::engine::{Engine, EngineChoice, engine_err, number};
+use self::engine::{Engine, EngineChoice, number};
 use crate::{JobError, Result};
 
 /// What to train, from where, to where.
@@ -591,31 +591,23 @@ impl Trainer<'_> {
         })
     }
 
-    /// Runs a lookup table's SQL and streams its rows into the round's file `path`.
-    async fn write_lookup(&self, what: &str, sql: &str, path: &str) -> Result<upload::Uploaded> {
-        self.engine
-            .bounded(what, async {
-                let mut stream = self.engine.stream(what, sql).await?;
-                let mut file: Option<upload::ParquetUpload> = None;
-                while let Some(batch) = stream.next().await.transpose().map_err(engine_err(what))? {
-                    let file = match file.as_mut() {
-                        Some(file) => file,
-                        // The first batch's schema, as the rows carry it (the planned one may
-                        // differ in nullability).
-                        None => {
-                            // Row groups of 8k rows bound what the writer buffers at any entity count.
-                            let props = WriterProperties::builder().set_max_row_group_row_count(Some(8192)).build();
-                            file.insert(upload::ParquetUpload::new(self.store, path, batch.schema(), props)?)
-                        }
-                    };
-                    file.write(self.store, &batch).await?;
-                }
-                match file {
-                    Some(file) => file.finish(self.store).await,
-                    None => Err(JobError::Internal(format!("{what}: the query returned no batches"))),
-                }
-            })
-            .await
+    /// Runs a lookup table's SQL, which the engine writes as the round's file `path` (on a
+    /// cluster, an executor does), and reads the file back once to checksum it.
+    async fn write_lookup(&self, what: &str, sql: &str, path: &str) -> Result<written::WrittenFile> {
+        // Row groups of 8k rows bound what a reader or writer holds at any entity count; the
+        // file is left uncompressed, as serving loads it whole each round.
+        let mut options = TableParquetOptions::default();
+        options.global.compression = Some("uncompressed".into());
+        options.global.max_row_group_size = 8192;
+        let written = self.engine.write_parquet(what, sql, None, &self.store.url_of(path), None, options).await?;
+        let done = written::read_back(self.store, path).await?;
+        if done.rows != written {
+            return Err(JobError::Engine {
+                what: what.into(),
+                reason: format!("{} holds {} rows, but the query wrote {written}", self.store.url_of(path), done.rows),
+            });
+        }
+        Ok(done)
     }
 
     /// Evaluates serving's compiled feature expressions on a sample of the SQL's own rows

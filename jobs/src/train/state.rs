@@ -28,23 +28,23 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use arrow_array::{Int64Array, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use bytes::Bytes;
 use datafusion::common::tree_node::TreeNode;
+use datafusion::config::TableParquetOptions;
 use datafusion::logical_expr::LogicalPlan;
-use futures::StreamExt;
+use datafusion::prelude::{cast, ident, lit};
+use futures::TryStreamExt;
 use lensflow_core::BatchManifest;
-use lensflow_core::model::{hex, sha256_hex};
+use lensflow_core::model::sha256_hex;
 use lensflow_core::pipeline::incremental::{BatchPlan, CARRIED, RAW, Shape, lookup_plan};
 use object_store::ObjectStoreExt;
 use object_store::path::Path;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::Trainer;
 use super::engine::engine_err;
-use super::upload::ParquetUpload;
+use super::written::{checksum, read_back};
 use crate::{JobError, Result};
 
 /// The state folder, in a pipeline's model-store folder.
@@ -55,11 +55,11 @@ pub const STATE_FILE: &str = "_state/STATE.json";
 const FORMAT: u32 = 2;
 /// The column of a state row that names its segment.
 const SEGMENT: &str = "__lensflow_segment";
-/// Rows per segment file.
-const FILE_ROWS: u64 = 1_000_000;
+/// Rows per segment file (about: the writer starts the next file once one passes it).
+const FILE_ROWS: usize = 1_000_000;
 /// Rows per row group of a segment file. The writer holds a row group's encoded pages, and a
-/// zstd context per column sized to them, until the group is full: 128k rows put the trainer's
-/// peak 27 MiB higher than 16k does (1M ratings on a cluster), for files 0.4% smaller.
+/// zstd context per column sized to them, until the group is full: 128k rows cost 27 MiB more
+/// than 16k do (1M ratings), for files 0.4% smaller.
 const ROW_GROUP_ROWS: usize = 16 * 1024;
 /// The closure of changed rows settles in a few steps on real data; a chain longer than this
 /// means the late events reach nearly everything anyway.
@@ -294,7 +294,7 @@ async fn carry_lookups(
         }
         let sql = if parts.is_empty() { from_state.partial.clone() } else { from_state.merge_sql(&parts) };
         let what = format!("{what} partials");
-        let files = t.engine.bounded(&what, write_files(t, &what, &sql, &format!("l{i}-{round:05}"), round, &schema)).await?;
+        let files = write_files(t, &what, &sql, &format!("l{i}-{round:05}"), round, &schema).await?;
         register_files(t, &table, &files, &schema).await?;
         finishes.insert(l.name.clone(), from_state.finish.clone());
         carried.push(CarriedLookup { name: l.name.clone(), sql: from_state.partial, files });
@@ -323,16 +323,8 @@ async fn load(t: &Trainer<'_>, fingerprint: &str, manifests: &[BatchManifest]) -
     let verified = |f: &SegmentFile| t.verified.lock().is_ok_and(|v| v.contains(&f.sha256));
     let lookup_files = state.lookups.iter().flat_map(|l| &l.files);
     for f in state.files.iter().chain(state.totals.iter().flatten()).chain(lookup_files.clone()).filter(|f| !verified(f)) {
-        // Hashed as it streams in: a file costs one chunk of memory, not its size.
-        let missing = |e: object_store::Error| format!("state segment {} is missing: {e}", f.path);
-        let mut chunks = store.store().get(&Path::from(f.path.as_str())).await.map_err(missing)?.into_stream();
-        let (mut sha, mut bytes) = (Sha256::new(), 0u64);
-        while let Some(chunk) = chunks.next().await {
-            let chunk = chunk.map_err(missing)?;
-            sha.update(&chunk);
-            bytes += chunk.len() as u64;
-        }
-        if bytes != f.bytes || hex(&sha.finalize()) != f.sha256 {
+        let (bytes, sha256) = checksum(store, &f.path).await.map_err(|e| format!("state segment {} is missing: {e}", f.path))?;
+        if bytes != f.bytes || sha256 != f.sha256 {
             return Err(format!("state segment {} is damaged: its bytes do not match the checksum in {STATE_FILE}", f.path));
         }
         remember(t, f);
@@ -384,7 +376,7 @@ fn nullable_fields(planned: &datafusion::dataframe::DataFrame) -> Vec<Field> {
 /// Writes entity column `j`'s totals, the rows of `sql`, as files of round `round`.
 async fn write_totals(t: &Trainer<'_>, j: usize, sql: &str, round: u64, schema: &SchemaRef) -> Result<Vec<SegmentFile>> {
     let what = "entity totals";
-    t.engine.bounded(what, write_files(t, what, sql, &format!("t{j}-{round:05}"), round, schema)).await
+    write_files(t, what, sql, &format!("t{j}-{round:05}"), round, schema).await
 }
 
 /// The totals table of entity column `j`.
@@ -623,47 +615,50 @@ async fn register_files(t: &Trainer<'_>, name: &str, files: &[SegmentFile], sche
 
 /// Runs `sql` and writes its rows as segment `segment`'s files, in the state schema.
 async fn write_segment(t: &Trainer<'_>, what: &str, sql: &str, segment: u64, schema: &SchemaRef) -> Result<Vec<SegmentFile>> {
-    t.engine.bounded(what, write_files(t, what, sql, &format!("s{segment:05}"), segment, schema)).await
+    write_files(t, what, sql, &format!("s{segment:05}"), segment, schema).await
 }
 
-/// Streams `sql`'s rows into files `_state/{name}-…` of segment `segment`, in `schema`.
+/// Writes `sql`'s rows, in `schema`, as segment `segment`'s files in the folder
+/// `_state/{name}-…/`. The engine writes them (on a cluster, the executors), and the trainer
+/// reads each back once to checksum it: no state row is held here, whatever the lake's size.
 async fn write_files(t: &Trainer<'_>, what: &str, sql: &str, name: &str, segment: u64, schema: &SchemaRef) -> Result<Vec<SegmentFile>> {
-    let mut stream = t.engine.stream(what, sql).await?;
-    let stamp = lensflow_core::now_ms();
+    let folder = format!("{STATE_DIR}/{name}-{}", lensflow_core::now_ms());
+    let select = schema
+        .fields()
+        .iter()
+        .map(|f| match f.name() == SEGMENT {
+            true => lit(segment as i64).alias(SEGMENT),
+            false => cast(ident(f.name()), f.data_type().clone()).alias(f.name()),
+        })
+        .collect();
+    // State columns are mostly distinct doubles: dictionary pages would be tried and thrown
+    // away for each. Small row groups give the pruning by time that late events rely on
+    // finer steps, and bound what the writer holds.
+    let mut options = TableParquetOptions::default();
+    options.global.compression = Some("zstd(1)".into());
+    options.global.dictionary_enabled = Some(false);
+    options.global.max_row_group_size = ROW_GROUP_ROWS;
+    let url = format!("{}/", t.store.url_of(&folder));
+    let written = t.engine.write_parquet(what, sql, Some(select), &url, Some(FILE_ROWS), options).await?;
+
+    let mut listed: Vec<object_store::ObjectMeta> =
+        t.store.store().list(Some(&Path::from(folder.as_str()))).try_collect().await.map_err(|e| JobError::Internal(format!("listing {url}: {e}")))?;
+    listed.sort_by(|a, b| a.location.cmp(&b.location));
     let mut files = Vec::new();
-    let mut pending: Option<(ParquetUpload, String)> = None;
-    loop {
-        let next = stream.next().await.transpose().map_err(engine_err(what))?;
-        let full = pending.as_ref().is_some_and(|(upload, _)| upload.rows() >= FILE_ROWS);
-        if (next.is_none() || full)
-            && let Some((upload, path)) = pending.take()
-        {
-            let done = upload.finish(t.store).await?;
-            let file = SegmentFile { segment, path, rows: done.rows, bytes: done.bytes, sha256: done.sha256, newest_batch: None };
-            remember(t, &file);
-            files.push(file);
-        }
-        let Some(batch) = next else { break };
-        if batch.num_rows() == 0 {
-            continue;
-        }
-        let batch = conform(&batch, schema, segment).map_err(|reason| JobError::Engine { what: what.into(), reason })?;
-        if pending.is_none() {
-            // State columns are mostly distinct doubles: dictionary pages would be tried and
-            // thrown away for each. Small row groups also give the pruning by time that late
-            // events rely on finer steps.
-            let props = parquet::file::properties::WriterProperties::builder()
-                .set_dictionary_enabled(false)
-                .set_compression(parquet::basic::Compression::ZSTD(parquet::basic::ZstdLevel::default()))
-                .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
-                .build();
-            let path = format!("{STATE_DIR}/{name}-{stamp}-{:03}.parquet", files.len());
-            pending = Some((ParquetUpload::new(t.store, &path, schema.clone(), props)?, path));
-        }
-        if let Some((upload, _)) = pending.as_mut() {
-            upload.write(t.store, &batch).await?;
-        }
+    for meta in listed {
+        let path = meta.location.to_string();
+        let done = read_back(t.store, &path).await?;
+        let file = SegmentFile { segment, path, rows: done.rows, bytes: done.bytes, sha256: done.sha256, newest_batch: None };
+        remember(t, &file);
+        files.push(file);
     }
+    // A write tried twice (an executor lost mid-way) could leave a second copy of some rows.
+    let found: u64 = files.iter().map(|f| f.rows).sum();
+    if found != written {
+        return Err(JobError::Engine { what: what.into(), reason: format!("{url} holds {found} rows, but the query wrote {written}") });
+    }
+    // An empty result may leave an empty file, which no reader needs.
+    files.retain(|f| f.rows > 0);
     Ok(files)
 }
 
@@ -677,20 +672,6 @@ fn remember(t: &Trainer<'_>, file: &SegmentFile) {
     if let Ok(mut v) = t.verified.lock() {
         v.insert(file.sha256.clone());
     }
-}
-
-/// `batch` in the state schema: columns by name, cast where the types differ, and its segment.
-fn conform(batch: &RecordBatch, schema: &SchemaRef, segment: u64) -> std::result::Result<RecordBatch, String> {
-    let mut columns = Vec::with_capacity(schema.fields().len());
-    for field in schema.fields() {
-        if field.name() == SEGMENT {
-            columns.push(Arc::new(Int64Array::from(vec![segment as i64; batch.num_rows()])) as arrow_array::ArrayRef);
-            continue;
-        }
-        let column = batch.column_by_name(field.name()).ok_or_else(|| format!("the state rows lack column {}", field.name()))?;
-        columns.push(datafusion::arrow::compute::cast(column, field.data_type()).map_err(|e| format!("column {}: {e}", field.name()))?);
-    }
-    RecordBatch::try_new(schema.clone(), columns).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
