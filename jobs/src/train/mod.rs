@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 use arrow_array::RecordBatch;
 use bytes::Bytes;
 use datafusion::config::TableParquetOptions;
+use futures::StreamExt;
 use lensflow_core::model::{
     ARTIFACT_FORMAT_VERSION, LATEST, LatestPointer, Lineage, LinearModel, LookupTable, MODEL_FILE, ModelArtifact, RoundMetrics, Scaling, lookup_file,
     round_dir, sha256_hex,
@@ -48,7 +49,7 @@ use object_store::path::Path;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use self::engine::{Engine, EngineChoice, number};
+use self::engine::{Engine, EngineChoice, engine_err, number};
 use crate::{JobError, Result};
 
 /// What to train, from where, to where.
@@ -674,21 +675,27 @@ impl Trainer<'_> {
         if test_rows < 1.0 {
             return Err(JobError::Engine { what: "evaluate".into(), reason: "the hold-out is empty".into() });
         }
+        // The bins stream in and are added into a fixed array: the same memory at any size of
+        // hold-out, where collecting them grew with it up to the bin count.
+        let what = "AUC histogram";
+        let sql = format!(
+            "{scored} SELECT CAST(FLOOR(prob * {AUC_BINS}) AS BIGINT) AS bin, SUM(label), COUNT(*) FROM p GROUP BY CAST(FLOOR(prob * {AUC_BINS}) AS BIGINT)"
+        );
         let bins = self
             .engine
-            .query(
-                "AUC histogram",
-                &format!(
-                    "{scored} SELECT CAST(FLOOR(prob * 100000) AS BIGINT) AS bin, SUM(label), COUNT(*) FROM p GROUP BY CAST(FLOOR(prob * 100000) AS BIGINT)"
-                ),
-            )
+            .bounded(what, async {
+                let mut bins = vec![(0.0, 0.0); AUC_BINS + 1];
+                let mut stream = self.engine.stream(what, &sql).await?;
+                while let Some(b) = stream.next().await.transpose().map_err(engine_err(what))? {
+                    for r in 0..b.num_rows() {
+                        let bin = (number(&b, 0, r).unwrap_or(0.0) as usize).min(AUC_BINS);
+                        bins[bin].0 += number(&b, 1, r).unwrap_or(0.0);
+                        bins[bin].1 += number(&b, 2, r).unwrap_or(0.0);
+                    }
+                }
+                Ok(bins)
+            })
             .await?;
-        let mut hist: Vec<(i64, f64, f64)> = Vec::new();
-        for b in &bins {
-            for r in 0..b.num_rows() {
-                hist.push((number(b, 0, r).unwrap_or(0.0) as i64, number(b, 1, r).unwrap_or(0.0), number(b, 2, r).unwrap_or(0.0)));
-            }
-        }
         let positive_share = e[5] / test_rows;
         let majority_positive = prep.label_share >= 0.5;
         Ok(RoundMetrics {
@@ -698,7 +705,7 @@ impl Trainer<'_> {
             mae: e[2] / test_rows,
             rmse_baseline: (e[3] / test_rows).sqrt(),
             r2: if e[3] > 0.0 { 1.0 - e[1] / e[3] } else { 0.0 },
-            auc: auc_from_histogram(&mut hist),
+            auc: auc_from_bins(&bins),
             auc_baseline: 0.5,
             accuracy: e[4] / test_rows,
             accuracy_baseline: if majority_positive { positive_share } else { 1.0 - positive_share },
@@ -706,6 +713,9 @@ impl Trainer<'_> {
         })
     }
 }
+
+/// Score bins of the AUC histogram: a hold-out row's probability to five places.
+const AUC_BINS: usize = 100_000;
 
 /// The SQL name of an Arrow type serving rows use.
 fn sql_type(t: &arrow_schema::DataType) -> &'static str {
@@ -774,14 +784,21 @@ async fn remove_prefix(store: &Lake, prefix: &str) -> Result<()> {
 /// ROC AUC from (score bin, positives, total) counts; ties within a bin count half.
 pub fn auc_from_histogram(hist: &mut [(i64, f64, f64)]) -> f64 {
     hist.sort_by_key(|h| h.0);
-    let pos: f64 = hist.iter().map(|h| h.1).sum();
-    let neg: f64 = hist.iter().map(|h| h.2 - h.1).sum();
+    let bins: Vec<(f64, f64)> = hist.iter().map(|h| (h.1, h.2)).collect();
+    auc_from_bins(&bins)
+}
+
+/// ROC AUC from (positives, total) counts of score bins in ascending order; ties within a bin
+/// count half. Empty bins change nothing.
+pub fn auc_from_bins(bins: &[(f64, f64)]) -> f64 {
+    let pos: f64 = bins.iter().map(|b| b.0).sum();
+    let neg: f64 = bins.iter().map(|b| b.1 - b.0).sum();
     if pos == 0.0 || neg == 0.0 {
         return 0.5;
     }
     let mut neg_below = 0.0;
     let mut area = 0.0;
-    for &(_, p, total) in hist.iter() {
+    for &(p, total) in bins {
         let n = total - p;
         area += p * (neg_below + 0.5 * n);
         neg_below += n;
@@ -798,6 +815,12 @@ mod tests {
         assert_eq!(auc_from_histogram(&mut [(0, 0.0, 5.0), (1, 5.0, 5.0)]), 1.0);
         assert_eq!(auc_from_histogram(&mut [(0, 5.0, 10.0)]), 0.5);
         assert_eq!(auc_from_histogram(&mut [(1, 0.0, 5.0), (0, 5.0, 5.0)]), 0.0);
+        // Empty bins between the scores, as the fixed array of the round's histogram has them.
+        let sparse = auc_from_histogram(&mut [(7, 2.0, 5.0), (2, 1.0, 4.0), (40, 3.0, 3.0)]);
+        let mut dense = vec![(0.0, 0.0); 41];
+        (dense[2], dense[7], dense[40]) = ((1.0, 4.0), (2.0, 5.0), (3.0, 3.0));
+        assert_eq!(auc_from_bins(&dense), sparse);
+        assert!(sparse > 0.5 && sparse < 1.0, "{sparse}");
     }
 
     /// Rows of `features` matching `filter`: standardised features, target, label.
