@@ -600,15 +600,10 @@ impl Trainer<'_> {
         let mut options = TableParquetOptions::default();
         options.global.compression = Some("uncompressed".into());
         options.global.max_row_group_size = 8192;
-        let written = self.engine.write_parquet(what, sql, None, &self.store.url_of(path), None, options).await?;
-        let done = written::read_back(self.store, path).await?;
-        if done.rows != written {
-            return Err(JobError::Engine {
-                what: what.into(),
-                reason: format!("{} holds {} rows, but the query wrote {written}", self.store.url_of(path), done.rows),
-            });
-        }
-        Ok(done)
+        let url = self.store.url_of(path);
+        let written = self.engine.write_parquet(what, sql, None, &url, None, options).await?;
+        let mut files = written::read_back_write(self.store, what, &url, written, &[path.to_string()]).await?;
+        files.pop().ok_or_else(|| JobError::Internal(format!("{url} was not read back")))
     }
 
     /// Evaluates serving's compiled feature expressions on a sample of the SQL's own rows
@@ -733,23 +728,8 @@ async fn check_batch_file(lake: &Lake, round: u64, file: &lensflow_core::BatchFi
         JobError::Store(StoreError::BatchFile { path: lake.url_of(&file.path), reason: format!("an event file of batches 1..={round} but {reason}") })
     };
     let path = Path::from(file.path.as_str());
-    let store = lake.store();
-    let size = store.head(&path).await.map_err(|e| bad(format!("unreadable: {e}")))?.size;
-    if size < 12 {
-        return Err(bad(format!("unreadable: {size} bytes is too short for Parquet")));
-    }
-    // A Parquet file ends in its footer's length and the magic `PAR1`.
-    let tail = store.get_range(&path, size - 8..size).await.map_err(|e| bad(format!("unreadable: {e}")))?;
-    if &tail[4..] != b"PAR1" {
-        return Err(bad("unreadable: not a Parquet file".into()));
-    }
-    let footer_len = u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]) as u64;
-    if footer_len + 12 > size {
-        return Err(bad("unreadable: its Parquet footer is cut off".into()));
-    }
-    let footer = store.get_range(&path, size - 8 - footer_len..size - 8).await.map_err(|e| bad(format!("unreadable: {e}")))?;
-    let metadata = parquet::file::metadata::ParquetMetaDataReader::decode_metadata(&footer).map_err(|e| bad(format!("unreadable: {e}")))?;
-    let rows = metadata.file_metadata().num_rows() as u64;
+    let size = lake.store().head(&path).await.map_err(|e| bad(format!("unreadable: {e}")))?.size;
+    let rows = written::parquet_rows(lake, &path, size).await.map_err(|e| bad(format!("unreadable: {e}")))?;
     if rows != file.rows {
         return Err(bad(format!("holds {rows} rows, not {}", file.rows)));
     }

@@ -44,7 +44,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Trainer;
 use super::engine::engine_err;
-use super::written::{checksum, read_back};
+use super::written::{checksum, read_back_write};
 use crate::{JobError, Result};
 
 /// The state folder, in a pipeline's model-store folder.
@@ -641,21 +641,15 @@ async fn write_files(t: &Trainer<'_>, what: &str, sql: &str, name: &str, segment
     let url = format!("{}/", t.store.url_of(&folder));
     let written = t.engine.write_parquet(what, sql, Some(select), &url, Some(FILE_ROWS), options).await?;
 
-    let mut listed: Vec<object_store::ObjectMeta> =
+    let listed: Vec<object_store::ObjectMeta> =
         t.store.store().list(Some(&Path::from(folder.as_str()))).try_collect().await.map_err(|e| JobError::Internal(format!("listing {url}: {e}")))?;
-    listed.sort_by(|a, b| a.location.cmp(&b.location));
+    let mut paths: Vec<String> = listed.into_iter().map(|meta| meta.location.to_string()).collect();
+    paths.sort();
     let mut files = Vec::new();
-    for meta in listed {
-        let path = meta.location.to_string();
-        let done = read_back(t.store, &path).await?;
-        let file = SegmentFile { segment, path, rows: done.rows, bytes: done.bytes, sha256: done.sha256, newest_batch: None };
+    for done in read_back_write(t.store, what, &url, written, &paths).await? {
+        let file = SegmentFile { segment, path: done.path, rows: done.rows, bytes: done.bytes, sha256: done.sha256, newest_batch: None };
         remember(t, &file);
         files.push(file);
-    }
-    // A write tried twice (an executor lost mid-way) could leave a second copy of some rows.
-    let found: u64 = files.iter().map(|f| f.rows).sum();
-    if found != written {
-        return Err(JobError::Engine { what: what.into(), reason: format!("{url} holds {found} rows, but the query wrote {written}") });
     }
     // An empty result may leave an empty file, which no reader needs.
     files.retain(|f| f.rows > 0);
