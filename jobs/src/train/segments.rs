@@ -4,16 +4,15 @@
 //! A lookup entity (MovieLens users) is profiled on its state over the training events: the
 //! lookup's own SQL runs on the training rows, and the profile features' expressions (the same
 //! ones serving evaluates) turn each entity's state into its profile. An `event` entity (a
-//! smart-home device) is profiled on its own training row. The rows stream in and linfa
-//! clusters them here: all of them up to 10,000 entities, a uniform sample of that many beyond.
+//! smart-home device) is profiled on its own training row. The engine samples the entities
+//! (all of them up to 10,000, a uniform sample of that many beyond), and linfa clusters that
+//! sample here.
 
 use std::collections::BTreeMap;
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use arrow_array::{Array, RecordBatch};
 use arrow_schema::{DataType, Field, Schema};
-use datafusion::common::ScalarValue;
 use futures::StreamExt;
 use linfa::prelude::*;
 use linfa_clustering::KMeans;
@@ -36,14 +35,18 @@ pub async fn fit(engine: &Engine, pipeline: &Pipeline, prep: &Prepared) -> Resul
     let fail = |reason: String| JobError::Round { round, reason };
     let d = c.profile.len();
     let what = "segment profiles";
-    let sample = engine
+    let (x, seen) = engine
         .bounded(what, async {
-            let mut sample = Sample::new(d);
+            let mut values = Vec::new();
+            let mut seen = 0;
             match pipeline.definition.lookups.iter().find(|l| l.name == c.entity) {
                 Some(lookup) => {
                     // The lookup's SQL reads `features`; here a CTE of that name holds the training rows.
                     let training_rows = format!("SELECT * FROM features_round WHERE {}", prep.train_filter);
-                    let sql = with_features(&lensflow_core::pipeline::substitute(pipeline.sql_text(&lookup.sql), &prep.variables), &training_rows);
+                    let entities = with_features(&lensflow_core::pipeline::substitute(pipeline.sql_text(&lookup.sql), &prep.variables), &training_rows);
+                    // There are no more entities than lookup rows, so the one partition that
+                    // counts them holds no more than serving loads.
+                    let sql = sampled(&format!("SELECT *, COUNT(*) OVER () AS {ENTITIES} FROM ({entities}) entities"), &lookup.key);
                     let items = expr::final_select(pipeline.features_sql()).map_err(fail)?;
                     let mut stream = engine.stream(what, &sql).await?;
                     let mut exprs = None;
@@ -56,31 +59,31 @@ pub async fn fit(engine: &Engine, pipeline: &Pipeline, prep: &Prepared) -> Resul
                             ),
                         };
                         let cols = exprs.evaluate(&b).map_err(fail)?;
-                        // The lookup's first column is the entity's key.
+                        let count = b.schema().index_of(ENTITIES).map_err(|e| fail(e.to_string()))?;
                         for r in 0..b.num_rows() {
-                            let key = ScalarValue::try_from_array(b.column(0), r).map_err(|e| fail(format!("entity key: {e}")))?;
-                            let mut h = rustc_hash::FxHasher::default();
-                            key.hash(&mut h);
-                            sample.push(h.finish(), cols.iter().map(|col| col.value(r)));
+                            values.extend(cols.iter().map(|col| col.value(r)));
+                            seen = number(&b, count, r).unwrap_or(0.0) as u64;
                         }
                     }
                 }
                 None => {
-                    let sql = format!("SELECT {} FROM features WHERE {} ORDER BY {}", c.profile.join(", "), prep.train_filter, prep.order_by);
+                    // An event is identified by its place in the events' order, and by its
+                    // profile where events share a place (the same time).
+                    let profile = c.profile.join(", ");
+                    let sql = sampled(&format!("SELECT {profile} FROM features WHERE {}", prep.train_filter), &format!("{}, {profile}", prep.order_by));
+                    seen = engine.query_row(what, &format!("SELECT COUNT(*) FROM features WHERE {}", prep.train_filter)).await?[0] as u64;
                     let mut stream = engine.stream(what, &sql).await?;
                     while let Some(b) = stream.next().await.transpose().map_err(engine_err(what))? {
                         for r in 0..b.num_rows() {
-                            // Rows come in the ORDER BY's order: the position identifies one.
-                            let position = sample.seen;
-                            sample.push(position, (0..b.num_columns()).map(|col| number(&b, col, r).unwrap_or(0.0)));
+                            values.extend((0..d).map(|col| number(&b, col, r).unwrap_or(0.0)));
                         }
                     }
                 }
             }
-            Ok(sample)
+            let x = Array2::from_shape_vec((values.len() / d.max(1), d), values).map_err(|e| fail(format!("profiles: {e}")))?;
+            Ok((x, seen))
         })
         .await?;
-    let (x, seen) = sample.finish();
     if x.nrows() < c.k * 2 {
         return Err(fail(format!("{} entities are too few for {} segments", x.nrows(), c.k)));
     }
@@ -106,60 +109,20 @@ pub async fn fit(engine: &Engine, pipeline: &Pipeline, prep: &Prepared) -> Resul
     Ok((Segmentation { profile: c.profile.clone(), scaling, segments }, silhouette(&z, &labels, 1000)))
 }
 
-/// Most entities k-means is fitted on. Beyond it the trainer keeps a sample, so that its
-/// memory does not grow with the lake (on a cluster it holds no other table whole).
+/// Most entities k-means is fitted on. Beyond it the engine keeps a sample, so that the
+/// trainer's memory does not grow with the lake (on a cluster it holds no other table whole).
 const MAX_ENTITIES: usize = 10_000;
 
-/// The entities' profiles k-means is fitted on: every one, in the query's order, up to
-/// [`MAX_ENTITIES`]; beyond that the [`MAX_ENTITIES`] whose identities hash lowest, in hash
-/// order: a uniform sample that is the same whatever order the rows arrive in.
-struct Sample {
-    d: usize,
-    hashes: Vec<u64>,
-    values: Vec<f64>,
-    /// Entities pushed so far.
-    seen: u64,
-}
+/// The column [`sampled`]'s lookup rows count every entity in.
+const ENTITIES: &str = "lensflow_entities";
 
-impl Sample {
-    fn new(d: usize) -> Sample {
-        Sample { d, hashes: Vec::new(), values: Vec::new(), seen: 0 }
-    }
-
-    /// Adds an entity whose identity hashes to `identity` (mixed again here, so that a plain
-    /// position or a weak hash samples uniformly too).
-    fn push(&mut self, identity: u64, profile: impl Iterator<Item = f64>) {
-        self.seen += 1;
-        self.hashes.push(mix(identity));
-        self.values.extend(profile);
-        if self.hashes.len() >= 2 * MAX_ENTITIES {
-            self.keep_lowest();
-        }
-    }
-
-    fn keep_lowest(&mut self) {
-        let mut order: Vec<usize> = (0..self.hashes.len()).collect();
-        order.sort_unstable_by_key(|&i| self.hashes[i]);
-        order.truncate(MAX_ENTITIES);
-        self.values = order.iter().flat_map(|&i| self.values[i * self.d..(i + 1) * self.d].iter().copied()).collect();
-        self.hashes = order.iter().map(|&i| self.hashes[i]).collect();
-    }
-
-    /// The profiles as rows, and how many entities there were in all.
-    fn finish(mut self) -> (Array2<f64>, u64) {
-        if self.hashes.len() > MAX_ENTITIES {
-            self.keep_lowest();
-        }
-        let n = self.hashes.len();
-        (Array2::from_shape_vec((n, self.d), self.values).unwrap_or_else(|_| Array2::zeros((0, self.d))), self.seen)
-    }
-}
-
-/// splitmix64's finaliser: every input bit moves every output bit.
-fn mix(mut x: u64) -> u64 {
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
+/// `select`'s rows cut to those k-means is fitted on: every one up to [`MAX_ENTITIES`], beyond
+/// that the [`MAX_ENTITIES`] whose `identity` (columns `select` reads) hashes lowest. The sample is
+/// uniform, the same whatever order the rows arrive in, and taken by the engine (on a cluster,
+/// the executors), so that no more rows reach the trainer at any size of lake. The rows come in
+/// hash order, so the fit and its silhouette are reproducible.
+fn sampled(select: &str, identity: &str) -> String {
+    format!("{select} ORDER BY xxhash64({identity}), {identity} LIMIT {MAX_ENTITIES}")
 }
 
 /// Puts `rows` in a CTE named `features` in front of `sql` (which reads `features`); `rows`
@@ -251,33 +214,40 @@ mod tests {
         );
     }
 
-    #[test]
-    fn entities_beyond_the_cap_are_a_sample_that_ignores_arrival_order() {
-        // Up to the cap: every entity, in arrival order.
-        let mut few = Sample::new(2);
-        for i in 0..1000u64 {
-            few.push(i, [i as f64, 1.0].into_iter());
+    /// The keys and values of `sampled` over `rows` (columns `key`, `x`), and the entity count.
+    async fn sample_of(engine: &Engine, rows: &str) -> (Vec<(i64, f64)>, Vec<f64>) {
+        let sql = sampled(&format!("SELECT *, COUNT(*) OVER () AS {ENTITIES} FROM ({rows}) entities"), "key");
+        let (mut taken, mut counts) = (Vec::new(), Vec::new());
+        for b in engine.query("sample", &sql).await.unwrap() {
+            for r in 0..b.num_rows() {
+                taken.push((number(&b, 0, r).unwrap() as i64, number(&b, 1, r).unwrap()));
+                counts.push(number(&b, 2, r).unwrap());
+            }
         }
-        let (x, seen) = few.finish();
-        assert_eq!((x.nrows(), seen), (1000, 1000));
-        assert!(x.column(0).iter().enumerate().all(|(i, v)| *v == i as f64));
+        (taken, counts)
+    }
 
-        // Beyond it: the same MAX_ENTITIES entities, whichever order they come in.
-        let n = (MAX_ENTITIES * 5 / 2) as u64;
-        let forward = {
-            let mut s = Sample::new(1);
-            (0..n).for_each(|i| s.push(i, std::iter::once(i as f64)));
-            s.finish()
-        };
-        let backward = {
-            let mut s = Sample::new(1);
-            (0..n).rev().for_each(|i| s.push(i, std::iter::once(i as f64)));
-            s.finish()
-        };
-        assert_eq!((forward.0.nrows(), forward.1), (MAX_ENTITIES, n));
-        assert_eq!(forward.0, backward.0);
-        // Uniform: the sample's mean is near the population's ((n - 1) / 2).
-        let mean = forward.0.column(0).mean().unwrap();
-        assert!((mean / ((n - 1) as f64 / 2.0) - 1.0).abs() < 0.02, "sample mean {mean}");
+    #[tokio::test]
+    async fn entities_beyond_the_cap_are_a_uniform_sample_the_engine_takes_whatever_the_order() {
+        let engine = Engine::local(2).unwrap();
+        // Up to the cap: every entity, each row counting them all.
+        let (few, counts) = sample_of(&engine, "SELECT value AS key, value * 0.5 AS x FROM generate_series(1, 1000)").await;
+        let mut keys: Vec<i64> = few.iter().map(|(k, _)| *k).collect();
+        keys.sort();
+        assert_eq!(keys, (1..=1000).collect::<Vec<i64>>());
+        assert!(few.iter().all(|(k, x)| *x == *k as f64 * 0.5));
+        assert!(counts.iter().all(|c| *c == 1000.0), "{counts:?}");
+
+        // Beyond it: MAX_ENTITIES of them, the same ones in the same order whichever order the
+        // rows come in, and the count is of all of them.
+        let n = (MAX_ENTITIES * 5 / 2) as i64;
+        let (forward, counts) = sample_of(&engine, &format!("SELECT value AS key, value * 0.5 AS x FROM generate_series(1, {n})")).await;
+        let (backward, _) = sample_of(&engine, &format!("SELECT value AS key, value * 0.5 AS x FROM generate_series({n}, 1, -1)")).await;
+        assert_eq!(forward.len(), MAX_ENTITIES);
+        assert!(counts.iter().all(|c| *c == n as f64));
+        assert_eq!(forward, backward);
+        // Uniform: the sample's mean key is near the population's ((n + 1) / 2).
+        let mean = forward.iter().map(|(k, _)| *k as f64).sum::<f64>() / forward.len() as f64;
+        assert!((mean / ((n + 1) as f64 / 2.0) - 1.0).abs() < 0.02, "sample mean {mean}");
     }
 }
