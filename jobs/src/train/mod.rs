@@ -35,7 +35,6 @@ use std::time::{Duration, Instant};
 use arrow_array::RecordBatch;
 use bytes::Bytes;
 use datafusion::config::TableParquetOptions;
-use futures::StreamExt;
 use lensflow_core::model::{
     ARTIFACT_FORMAT_VERSION, LATEST, LatestPointer, Lineage, LinearModel, LookupTable, MODEL_FILE, ModelArtifact, RoundMetrics, Scaling, lookup_file,
     round_dir, sha256_hex,
@@ -49,7 +48,7 @@ use object_store::path::Path;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use self::engine::{Engine, EngineChoice, engine_err, number};
+use self::engine::{Engine, EngineChoice, number};
 use crate::{JobError, Result};
 
 /// What to train, from where, to where.
@@ -670,27 +669,7 @@ impl Trainer<'_> {
         if test_rows < 1.0 {
             return Err(JobError::Engine { what: "evaluate".into(), reason: "the hold-out is empty".into() });
         }
-        // The bins stream in and are added into a fixed array: the same memory at any size of
-        // hold-out, where collecting them grew with it up to the bin count.
-        let what = "AUC histogram";
-        let sql = format!(
-            "{scored} SELECT CAST(FLOOR(prob * {AUC_BINS}) AS BIGINT) AS bin, SUM(label), COUNT(*) FROM p GROUP BY CAST(FLOOR(prob * {AUC_BINS}) AS BIGINT)"
-        );
-        let bins = self
-            .engine
-            .bounded(what, async {
-                let mut bins = vec![(0.0, 0.0); AUC_BINS + 1];
-                let mut stream = self.engine.stream(what, &sql).await?;
-                while let Some(b) = stream.next().await.transpose().map_err(engine_err(what))? {
-                    for r in 0..b.num_rows() {
-                        let bin = (number(&b, 0, r).unwrap_or(0.0) as usize).min(AUC_BINS);
-                        bins[bin].0 += number(&b, 1, r).unwrap_or(0.0);
-                        bins[bin].1 += number(&b, 2, r).unwrap_or(0.0);
-                    }
-                }
-                Ok(bins)
-            })
-            .await?;
+        let auc = self.engine.query_row("AUC", &format!("{scored} {}", auc_sql("p", "prob", "label"))).await?;
         let positive_share = e[5] / test_rows;
         let majority_positive = prep.label_share >= 0.5;
         Ok(RoundMetrics {
@@ -700,7 +679,7 @@ impl Trainer<'_> {
             mae: e[2] / test_rows,
             rmse_baseline: (e[3] / test_rows).sqrt(),
             r2: if e[3] > 0.0 { 1.0 - e[1] / e[3] } else { 0.0 },
-            auc: auc_from_bins(&bins),
+            auc: auc[0],
             auc_baseline: 0.5,
             accuracy: e[4] / test_rows,
             accuracy_baseline: if majority_positive { positive_share } else { 1.0 - positive_share },
@@ -711,6 +690,20 @@ impl Trainer<'_> {
 
 /// Score bins of the AUC histogram: a hold-out row's probability to five places.
 const AUC_BINS: usize = 100_000;
+
+/// SQL giving, in one row, the ROC AUC of `score` against the 0/1 `label` over the rows of
+/// `table`, from a histogram of [`AUC_BINS`] score bins (ties within a bin count half), or 0.5
+/// when one class is missing. The engine sums the bins (on a cluster, an executor), so that only
+/// the one row reaches the trainer at any size of hold-out.
+fn auc_sql(table: &str, score: &str, label: &str) -> String {
+    let bin = format!("CAST(FLOOR({score} * {AUC_BINS}) AS BIGINT)");
+    format!(
+        "SELECT CASE WHEN SUM(pos) > 0 AND SUM(neg) > 0 THEN SUM(pos * (below + neg / 2)) / (SUM(pos) * SUM(neg)) ELSE 0.5 END \
+         FROM (SELECT pos, neg, SUM(neg) OVER (ORDER BY bin ROWS UNBOUNDED PRECEDING) - neg AS below \
+         FROM (SELECT {bin} AS bin, CAST(SUM({label}) AS DOUBLE) AS pos, CAST(COUNT(*) AS DOUBLE) - CAST(SUM({label}) AS DOUBLE) AS neg \
+         FROM {table} GROUP BY {bin}) bins) cumulative"
+    )
+}
 
 /// The SQL name of an Arrow type serving rows use.
 fn sql_type(t: &arrow_schema::DataType) -> &'static str {
@@ -761,46 +754,80 @@ async fn remove_prefix(store: &Lake, prefix: &str) -> Result<()> {
     Ok(())
 }
 
-/// ROC AUC from (score bin, positives, total) counts; ties within a bin count half.
-pub fn auc_from_histogram(hist: &mut [(i64, f64, f64)]) -> f64 {
-    hist.sort_by_key(|h| h.0);
-    let bins: Vec<(f64, f64)> = hist.iter().map(|h| (h.1, h.2)).collect();
-    auc_from_bins(&bins)
-}
-
-/// ROC AUC from (positives, total) counts of score bins in ascending order; ties within a bin
-/// count half. Empty bins change nothing.
-pub fn auc_from_bins(bins: &[(f64, f64)]) -> f64 {
-    let pos: f64 = bins.iter().map(|b| b.0).sum();
-    let neg: f64 = bins.iter().map(|b| b.1 - b.0).sum();
-    if pos == 0.0 || neg == 0.0 {
-        return 0.5;
-    }
-    let mut neg_below = 0.0;
-    let mut area = 0.0;
-    for &(p, total) in bins {
-        let n = total - p;
-        area += p * (neg_below + 0.5 * n);
-        neg_below += n;
-    }
-    area / (pos * neg)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// ROC AUC from (score bin, positives, total) counts; ties within a bin count half.
+    fn auc_from_histogram(hist: &mut [(i64, f64, f64)]) -> f64 {
+        hist.sort_by_key(|h| h.0);
+        let bins: Vec<(f64, f64)> = hist.iter().map(|h| (h.1, h.2)).collect();
+        auc_from_bins(&bins)
+    }
+
+    /// ROC AUC from (positives, total) counts of score bins in ascending order; ties within a bin
+    /// count half. Empty bins change nothing.
+    fn auc_from_bins(bins: &[(f64, f64)]) -> f64 {
+        let pos: f64 = bins.iter().map(|b| b.0).sum();
+        let neg: f64 = bins.iter().map(|b| b.1 - b.0).sum();
+        if pos == 0.0 || neg == 0.0 {
+            return 0.5;
+        }
+        let mut neg_below = 0.0;
+        let mut area = 0.0;
+        for &(p, total) in bins {
+            let n = total - p;
+            area += p * (neg_below + 0.5 * n);
+            neg_below += n;
+        }
+        area / (pos * neg)
+    }
 
     #[test]
     fn auc_of_perfect_random_and_reversed_scores() {
         assert_eq!(auc_from_histogram(&mut [(0, 0.0, 5.0), (1, 5.0, 5.0)]), 1.0);
         assert_eq!(auc_from_histogram(&mut [(0, 5.0, 10.0)]), 0.5);
         assert_eq!(auc_from_histogram(&mut [(1, 0.0, 5.0), (0, 5.0, 5.0)]), 0.0);
-        // Empty bins between the scores, as the fixed array of the round's histogram has them.
         let sparse = auc_from_histogram(&mut [(7, 2.0, 5.0), (2, 1.0, 4.0), (40, 3.0, 3.0)]);
-        let mut dense = vec![(0.0, 0.0); 41];
-        (dense[2], dense[7], dense[40]) = ((1.0, 4.0), (2.0, 5.0), (3.0, 3.0));
-        assert_eq!(auc_from_bins(&dense), sparse);
         assert!(sparse > 0.5 && sparse < 1.0, "{sparse}");
+    }
+
+    /// The engine's AUC of `scores` against `labels`.
+    async fn engine_auc(engine: &Engine, scores: Vec<f64>, labels: Vec<f64>) -> f64 {
+        use arrow_array::{Float64Array, RecordBatch};
+        let schema = std::sync::Arc::new(arrow_schema::Schema::new(vec![
+            arrow_schema::Field::new("prob", arrow_schema::DataType::Float64, false),
+            arrow_schema::Field::new("label", arrow_schema::DataType::Float64, false),
+        ]));
+        let batch =
+            RecordBatch::try_new(schema, vec![std::sync::Arc::new(Float64Array::from(scores)), std::sync::Arc::new(Float64Array::from(labels))]).unwrap();
+        let _ = engine.context().deregister_table("scored");
+        engine.context().register_batch("scored", batch).unwrap();
+        engine.query_row("AUC", &auc_sql("scored", "prob", "label")).await.unwrap()[0]
+    }
+
+    #[tokio::test]
+    async fn the_engine_sums_the_auc_histogram_as_the_reference_does() {
+        use rand::{Rng, SeedableRng};
+        let engine = Engine::local(2).unwrap();
+        // Labels that follow the score loosely, with many rows sharing a bin.
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let scores: Vec<f64> = (0..50_000).map(|_| (rng.random::<f64>() * 3000.0).floor() / 3000.0).collect();
+        let labels: Vec<f64> = scores.iter().map(|s| if rng.random::<f64>() < 0.2 + 0.6 * s { 1.0 } else { 0.0 }).collect();
+        let mut bins = std::collections::BTreeMap::<i64, (f64, f64)>::new();
+        for (s, l) in scores.iter().zip(&labels) {
+            let bin = bins.entry((s * AUC_BINS as f64).floor() as i64).or_default();
+            (bin.0, bin.1) = (bin.0 + l, bin.1 + 1.0);
+        }
+        let reference = auc_from_histogram(&mut bins.into_iter().map(|(b, (p, t))| (b, p, t)).collect::<Vec<_>>());
+        let ours = engine_auc(&engine, scores, labels).await;
+        assert!((ours - reference).abs() < 1e-12 && ours > 0.6 && ours < 0.9, "engine {ours}, reference {reference}");
+
+        assert_eq!(engine_auc(&engine, vec![0.1, 0.2, 0.8, 0.9], vec![0.0, 0.0, 1.0, 1.0]).await, 1.0);
+        assert_eq!(engine_auc(&engine, vec![0.1, 0.2, 0.8, 0.9], vec![1.0, 1.0, 0.0, 0.0]).await, 0.0);
+        assert_eq!(engine_auc(&engine, vec![0.3, 0.3, 0.3, 0.3], vec![1.0, 0.0, 1.0, 0.0]).await, 0.5);
+        // One class only.
+        assert_eq!(engine_auc(&engine, vec![0.1, 0.7], vec![1.0, 1.0]).await, 0.5);
     }
 
     /// Rows of `features` matching `filter`: standardised features, target, label.
