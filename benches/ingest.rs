@@ -2,7 +2,9 @@
 //! Parquet bytes per rating, and peak memory of producer and consumer.
 //!
 //! `cargo bench --bench ingest` (1M generated ratings; `LENSFLOW_BENCH_RATINGS=10000000` for more).
-//! Prints a report; nothing here is asserted on time.
+//! `LENSFLOW_BENCH_BROKERS=host:port` measures against a broker already running (the one a
+//! deployment will use) instead of a tansu started here, in a topic of its own. Prints a report;
+//! nothing here is asserted on time.
 //!
 //! Then backpressure: a second consumer lands the whole topic again as a backlog in small
 //! batches (`LENSFLOW_BENCH_BACKLOG_BATCH`, default 5000) while its resident memory is sampled
@@ -18,7 +20,11 @@ use common::*;
 
 fn main() {
     let n: u64 = std::env::var("LENSFLOW_BENCH_RATINGS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
-    let broker = Broker::start();
+    // A broker of the user's keeps what the bench writes: a fresh topic and group every run.
+    let external = std::env::var("LENSFLOW_BENCH_BROKERS").ok().filter(|b| !b.is_empty());
+    let tansu = external.is_none().then(Broker::start);
+    let brokers = external.clone().unwrap_or_else(|| tansu.as_ref().map(Broker::addr).unwrap_or_default());
+    let topic = format!("lensflow-bench-{}", std::process::id());
     let dir = tempfile::tempdir().unwrap();
 
     let started = Instant::now();
@@ -27,7 +33,7 @@ fn main() {
     let csv_bytes = std::fs::metadata(&input).unwrap().len();
 
     let (out, produce_time, produce_peak, _) =
-        run_measured(lensflow(["produce", "--brokers", &broker.addr(), "--topic", "bench", "--partitions", "3", "--json", "--input"]).arg(&input), &[]);
+        run_measured(lensflow(["produce", "--brokers", &brokers, "--topic", &topic, "--partitions", "3", "--json", "--input"]).arg(&input), &[]);
     let produced: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(produced["delivered"].as_u64(), Some(n));
 
@@ -37,11 +43,11 @@ fn main() {
         &mut lensflow([
             "consume",
             "--brokers",
-            &broker.addr(),
+            &brokers,
             "--topic",
-            "bench",
+            &topic,
             "--group",
-            "bench",
+            &topic,
             "--lake",
             &lake,
             "--batch-rows",
@@ -60,7 +66,8 @@ fn main() {
     let last_commit_ms = manifests.iter().map(|m| m.created_at_ms).max().unwrap_or(consume_start_ms);
     let landing = Duration::from_millis((last_commit_ms - consume_start_ms).max(1) as u64);
 
-    println!("\n## lensflow ingest benchmark: {n} generated ratings, tansu 0.6 (sqlite) on 127.0.0.1\n");
+    let broker = external.map(|b| format!("the broker at {b}")).unwrap_or_else(|| "tansu 0.6 (sqlite) on 127.0.0.1".into());
+    println!("\n## lensflow ingest benchmark: {n} generated ratings, {broker}\n");
     println!("| stage | time | throughput | peak RSS |");
     println!("|---|---|---|---|");
     println!("| generate | {:.2} s | {:.0} ratings/s | – |", gen_time.as_secs_f64(), n as f64 / gen_time.as_secs_f64());
@@ -85,16 +92,16 @@ fn main() {
         parquet_bytes as f64 / n as f64,
         csv_bytes as f64 / n as f64
     );
-    backlog(&broker, dir.path(), n);
+    backlog(&brokers, &topic, dir.path(), n);
 }
 
 /// Lands the topic's `n` messages again, as one backlog, in small batches; prints the
 /// consumer's RSS over the run.
-fn backlog(broker: &Broker, dir: &std::path::Path, n: u64) {
+fn backlog(brokers: &str, topic: &str, dir: &std::path::Path, n: u64) {
     let batch: u64 = std::env::var("LENSFLOW_BENCH_BACKLOG_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(5000);
     let lake = format!("file://{}", dir.join("backlog").display());
     let started = Instant::now();
-    let mut child = lensflow(["consume", "--brokers", &broker.addr(), "--topic", "bench", "--all-partitions", "--until-end", "--metrics-bind", ""])
+    let mut child = lensflow(["consume", "--brokers", brokers, "--topic", topic, "--all-partitions", "--until-end", "--metrics-bind", ""])
         .args(["--lake", &lake, "--batch-rows", &batch.to_string(), "--json"])
         .stdout(std::process::Stdio::piped())
         .spawn()
