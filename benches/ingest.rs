@@ -21,9 +21,14 @@ use common::*;
 fn main() {
     let n: u64 = std::env::var("LENSFLOW_BENCH_RATINGS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
     // A broker of the user's keeps what the bench writes: a fresh topic and group every run.
-    let external = std::env::var("LENSFLOW_BENCH_BROKERS").ok().filter(|b| !b.is_empty());
-    let tansu = external.is_none().then(Broker::start);
-    let brokers = external.clone().unwrap_or_else(|| tansu.as_ref().map(Broker::addr).unwrap_or_default());
+    let (tansu, brokers) = match std::env::var("LENSFLOW_BENCH_BROKERS") {
+        Ok(brokers) if !brokers.is_empty() => (None, brokers),
+        _ => {
+            let tansu = Broker::start();
+            let addr = tansu.addr();
+            (Some(tansu), addr)
+        }
+    };
     let topic = format!("lensflow-bench-{}", std::process::id());
     let dir = tempfile::tempdir().unwrap();
 
@@ -66,7 +71,7 @@ fn main() {
     let last_commit_ms = manifests.iter().map(|m| m.created_at_ms).max().unwrap_or(consume_start_ms);
     let landing = Duration::from_millis((last_commit_ms - consume_start_ms).max(1) as u64);
 
-    let broker = external.map(|b| format!("the broker at {b}")).unwrap_or_else(|| "tansu 0.6 (sqlite) on 127.0.0.1".into());
+    let broker = if tansu.is_some() { "tansu 0.6 (sqlite) on 127.0.0.1".to_string() } else { format!("the broker at {brokers}") };
     println!("\n## lensflow ingest benchmark: {n} generated ratings, {broker}\n");
     println!("| stage | time | throughput | peak RSS |");
     println!("|---|---|---|---|");

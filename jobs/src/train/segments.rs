@@ -112,8 +112,8 @@ pub async fn fit(engine: &Engine, pipeline: &Pipeline, prep: &Prepared) -> Resul
 /// Most entities k-means is fitted on. Beyond it the engine keeps a sample, so that the
 /// trainer's memory does not grow with the lake (on a cluster it holds no other table whole).
 /// Below the 5,307 users a 1M-rating lake's last round trains on, so that the trainer holds the
-/// same rows at every size from there up; a few thousand points fix four centroids in a few dimensions to well within
-/// the spread between rounds.
+/// same rows at every size from there up; a few thousand points fix four centroids in a few
+/// dimensions to well within the spread between rounds.
 const MAX_ENTITIES: usize = 5_000;
 
 /// The column [`sampled`]'s lookup rows count every entity in.
